@@ -1,0 +1,38 @@
+# One-command entry points. Each target installs what it needs on a fresh
+# Debian machine (as root: openssh-server via apt) and a local virtualenv.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PREFIX ?= /usr/local/gpbackup_sftp_plugin
+
+.PHONY: test lint deps system-deps install bench demo clean
+
+test: deps lint
+	@# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no test" >&2; exit 1; fi; exit $$rc
+
+lint: deps
+	$(VENV)/bin/ruff check sftp_plugin tests bench scripts
+
+deps: system-deps $(VENV)/.installed
+
+# OpenSSH server and client: the tests, demo and bench start a real sshd on 127.0.0.1.
+system-deps:
+	@if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null || ! command -v sftp >/dev/null; then \
+		echo "installing openssh-server and openssh-client"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client; \
+	fi
+
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# Install the plugin for Greenplum at $(PREFIX) (same path on every host).
+install:
+	scripts/install.sh $(PREFIX)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

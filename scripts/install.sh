@@ -1,0 +1,27 @@
+#!/bin/sh
+# Install gpbackup_sftp_plugin into its own virtualenv at PREFIX (default
+# /usr/local/gpbackup_sftp_plugin) and print the executablepath for the
+# plugin config. Run it with the same PREFIX on every host of the cluster.
+#
+# Greenplum's greenplum_path.sh sets PYTHONHOME and PYTHONPATH to its bundled
+# Python 2.7 before every plugin call; a Python 3 interpreter that honours
+# them cannot even start. pip writes console scripts with a bare
+# "#!<venv>/bin/python" line, so we add -I (isolated mode: ignore PYTHON*
+# variables and the user site) to the generated script.
+set -eu
+PREFIX=${1:-/usr/local/gpbackup_sftp_plugin}
+SOURCE=${2:-$(cd "$(dirname "$0")/.." && pwd)}
+PYTHON=${PYTHON:-python3}
+
+"$PYTHON" -m venv "$PREFIX"
+"$PREFIX/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$PREFIX/bin/python" -m pip install -q "$SOURCE"
+script="$PREFIX/bin/gpbackup_sftp_plugin"
+first=$(head -n 1 "$script")
+case "$first" in
+  *" -I") ;;
+  "#!/"*) sed -i "1s|\$| -I|" "$script" ;;
+  *) echo "install.sh: unexpected first line in $script: $first" >&2; exit 1 ;;
+esac
+"$script" --version >/dev/null
+echo "executablepath: $script"

@@ -1,0 +1,129 @@
+"""Command line entry point: argv -> command, and the only place that prints errors.
+
+The command table below is the whole API surface, each command with the
+number of arguments it accepts after the config path. Success exits 0 with
+nothing on stderr (gpbackup_helper treats any stderr byte as a failure);
+failure exits non-zero with exactly one line on stderr; tracebacks go only
+to the log file. Version commands answer before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sftp_plugin import API_VERSION, PLUGIN_NAME, __version__
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A command: its handler's name in commands.py and its accepted argument counts."""
+
+    handler: str
+    min_args: int
+    max_args: int
+
+
+# Argument counts exclude the config path that precedes them.
+COMMANDS: dict[str, Spec] = {
+    "setup_plugin_for_backup": Spec("setup_plugin_for_backup", 2, 3),
+    "setup_plugin_for_restore": Spec("setup_plugin_for_restore", 2, 3),
+    "cleanup_plugin_for_backup": Spec("cleanup_plugin_for_backup", 2, 3),
+    "cleanup_plugin_for_restore": Spec("cleanup_plugin_for_restore", 2, 3),
+    "backup_file": Spec("backup_file", 1, 1),
+    "restore_file": Spec("restore_file", 1, 1),
+    "backup_data": Spec("backup_data", 1, 1),
+    "restore_data": Spec("restore_data", 1, 1),
+    "restore_data_subset": Spec("restore_data_subset", 2, 2),
+    "delete_backup": Spec("delete_backup", 1, 1),
+    "list_directory": Spec("list_directory", 0, 1),
+    "delete_directory": Spec("delete_directory", 1, 1),
+}
+# Answered without a config; gpbackup may or may not pass one, so one extra argument is ignored.
+VERSION_COMMANDS: dict[str, Callable[[], str]] = {
+    "plugin_api_version": lambda: API_VERSION,
+    "--version": lambda: f"{PLUGIN_NAME} version {__version__}",
+}
+USAGE = f"usage: {PLUGIN_NAME} <command> <config.yaml> [args...]"
+
+
+def fail(command: str, message: str, code: int) -> int:
+    text = " ".join(message.split())  # exactly one line, whatever the message held
+    sys.stderr.write(f"{PLUGIN_NAME} {command}: {text}\n")
+    sys.stderr.flush()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return fail("", f"no command given; {USAGE}", 2)
+    command, rest = argv[0], argv[1:]
+    if command in VERSION_COMMANDS:
+        if len(rest) > 1:
+            return fail(command, f"takes no arguments, got {len(rest)}", 2)
+        sys.stdout.write(VERSION_COMMANDS[command]() + "\n")
+        return 0
+    spec = COMMANDS.get(command)
+    if spec is None:
+        return fail(command, f"unknown command; expected one of {', '.join([*VERSION_COMMANDS, *COMMANDS])}", 2)
+    if not rest:
+        return fail(command, f"no config file given; {USAGE}", 2)
+    config_path, args = rest[0], rest[1:]
+    if not spec.min_args <= len(args) <= spec.max_args:
+        expected = str(spec.min_args) if spec.min_args == spec.max_args else f"{spec.min_args} to {spec.max_args}"
+        return fail(command, f"expected {expected} arguments after the config file, got {len(args)}", 2)
+    return run(command, spec, config_path, args)
+
+
+def run(command: str, spec: Spec, config_path: str, args: list[str]) -> int:
+    # Imported here, not at the top: the version commands above must stay fast.
+    from sftp_plugin.config import load_config
+    from sftp_plugin.errors import PluginError
+    from sftp_plugin.log import log_file_path, mask, setup_logging
+
+    try:
+        cfg = load_config(config_path)
+    except PluginError as err:
+        return fail(command, str(err), err.exit_code)
+    try:
+        log_path = setup_logging(cfg.log_dir, cfg.log_level, command, cfg.secrets())
+    except OSError as err:
+        return fail(command, f"cannot write log file {log_file_path(cfg.log_dir)}: {err.strerror}; check log_dir", 1)
+    log = logging.getLogger("gpbackup_sftp_plugin")
+    started = time.monotonic()
+    log.info("start %s", " ".join(args))
+    remote = None
+    try:
+        from sftp_plugin import commands
+
+        remote = commands.Remote(cfg)
+        result = getattr(commands, spec.handler)(remote, args)
+        remote.close()
+    except PluginError as err:
+        log.error("failed after %.3fs: %s", time.monotonic() - started, err)
+        return fail(command, mask(str(err), cfg.secrets()), err.exit_code)
+    except BrokenPipeError:
+        log.error("failed: the reader of stdout went away")
+        # Point stdout at /dev/null so the interpreter's final flush cannot print a second error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return fail(command, "the process reading our output closed the pipe; see the gprestore log", 1)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return fail(command, "interrupted", 130)
+    except Exception as err:  # a bug or an unforeseen failure: traceback to the log only
+        log.exception("unexpected failure")
+        detail = mask(f"{type(err).__name__}: {err}", cfg.secrets())
+        return fail(command, f"unexpected error ({detail}); details in {log_path}", 1)
+    finally:
+        if remote is not None:
+            try:
+                remote.close()
+            except Exception:  # noqa: BLE001 - closing a broken session must not hide the result
+                log.debug("closing the session failed", exc_info=True)
+    log.info("ok bytes=%d seconds=%.3f %s", result.bytes, time.monotonic() - started, result.detail)
+    return 0

@@ -1,0 +1,58 @@
+"""The plugin's exception types.
+
+Every failure a user can act on is a `PluginError` carrying what failed and
+what to check; `cli.py` turns it into one line on stderr and an exit code.
+Anything else reaching `cli.py` is a bug and is reported as such.
+"""
+
+from __future__ import annotations
+
+
+class PluginError(Exception):
+    """A failure with a message for the admin: what failed, and what to check."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.hint}" if self.hint else self.message
+
+
+class UsageError(PluginError):
+    """Wrong command or arguments: nothing was touched."""
+
+    exit_code = 2
+
+
+class ConfigError(PluginError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    exit_code = 2
+
+
+class ConnectError(PluginError):
+    """The backup host could not be reached or the SSH session broke."""
+
+
+class HostKeyError(PluginError):
+    """The backup host's key is unknown, changed, or does not match the pin."""
+
+
+class AuthError(PluginError):
+    """The backup host refused every authentication method we tried."""
+
+
+class RemoteError(PluginError):
+    """An SFTP operation on the backup host failed."""
+
+
+class RemoteNotFound(RemoteError):
+    """A remote file or directory that must exist does not."""
+
+
+class IntegrityError(PluginError):
+    """Stored bytes do not match what was backed up."""

@@ -1,0 +1,68 @@
+"""File logging for every plugin call; nothing is ever logged to stderr.
+
+gpbackup_helper treats any byte on the plugin's stderr as a failure, so the
+log goes to ``<log_dir>/gpbackup_sftp_plugin_<YYYYMMDD>.log`` (the same place
+and naming gpbackup uses for its own logs). Secrets from the config are
+masked in every record, whatever logger emitted it (paramiko's included).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+LOGGER_NAME = "gpbackup_sftp_plugin"
+MASK = "******"
+log = logging.getLogger(LOGGER_NAME)
+
+
+class _MaskSecrets(logging.Filter):
+    """Replace every configured secret in a formatted record with a mask."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            message = record.getMessage()
+            for secret in self._secrets:
+                message = message.replace(secret, MASK)
+            record.msg, record.args = message, None
+        return True
+
+
+def mask(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def log_file_path(log_dir: str) -> str:
+    return os.path.join(os.path.expanduser(log_dir), f"{LOGGER_NAME}_{time.strftime('%Y%m%d')}.log")
+
+
+def setup_logging(log_dir: str, level: str, command: str, secrets: list[str]) -> str:
+    """Attach the daily log file to the root logger; return its path.
+
+    Raises OSError when the file cannot be opened: cli.py reports it, since a
+    plugin whose log cannot be written would fail silently at 2 a.m.
+    """
+    path = log_file_path(log_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    host = socket.gethostname()
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s {host} [%(process)d] %(levelname)s {command}: %(message)s")
+    )
+    handler.addFilter(_MaskSecrets(secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
+    log.setLevel(getattr(logging, level.upper()))
+    # paramiko is chatty at INFO (every connect and auth step); keep its warnings.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    return path

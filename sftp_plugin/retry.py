@@ -1,0 +1,92 @@
+"""The one retry policy: which failures a new connection can fix, and how long to wait.
+
+Built on tenacity: exponential backoff with full jitter (so hundreds of
+segments that failed together do not come back together), bounded by the
+``retries`` option (attempts in all). Authentication, host key, permission,
+missing-file and disk-full errors are never retried: a new connection cannot
+fix them, and retrying a bad password can lock an account.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import TypeVar
+
+import paramiko
+import tenacity
+
+from sftp_plugin.errors import ConnectError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# First backoff ceiling; doubles each attempt up to max_wait. One second lets a
+# MaxStartups burst (10 pending handshakes) drain before we knock again.
+INITIAL_WAIT = 1.0
+DEFAULT_MAX_WAIT = 30.0
+# OS errors a new connection can fix; everything else (EACCES, ENOSPC, ENOENT...) is final.
+TRANSIENT_ERRNOS = frozenset({
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN,
+})
+
+
+def is_connection_lost(error: BaseException) -> bool:
+    """True when the error means "the connection failed", not "the server answered no"."""
+    if isinstance(error, ConnectError):
+        return True
+    if isinstance(error, (paramiko.AuthenticationException, paramiko.BadHostKeyException)):
+        return False
+    if isinstance(error, (socket.timeout, TimeoutError, EOFError, paramiko.SSHException)):
+        return True
+    if isinstance(error, OSError):
+        return error.errno in TRANSIENT_ERRNOS or (error.errno is None and "closed" in str(error).lower())
+    return False
+
+
+def _log_before_sleep(what: str) -> Callable[[tenacity.RetryCallState], None]:
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("%s: attempt %d failed (%s); retrying in %.1fs", what, state.attempt_number,
+                    describe(error), state.next_action.sleep if state.next_action else 0.0)
+    return before_sleep
+
+
+def describe(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    return str(error) or type(error).__name__
+
+
+def call_with_retries(what: str, attempts: int, max_wait: float, action: Callable[[], T],
+                      on_retry: Callable[[], None] | None = None) -> T:
+    """Run ``action`` until it succeeds, fails for good, or ``attempts`` are used up.
+
+    ``on_retry`` runs before each new attempt (e.g. to drop a broken session).
+    The last error is re-raised as a ConnectError that says how many attempts were made.
+    """
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_random_exponential(multiplier=INITIAL_WAIT, max=max_wait),
+        retry=tenacity.retry_if_exception(is_connection_lost),
+        before_sleep=_log_before_sleep(what),
+        reraise=True,
+    )
+    first = True
+    try:
+        for attempt in retrying:
+            with attempt:
+                if not first and on_retry is not None:
+                    on_retry()
+                first = False
+                return action()
+    except BaseException as error:
+        if is_connection_lost(error) and attempts > 1:
+            message = getattr(error, "message", None) or describe(error)
+            raise ConnectError(f"{what} failed after {attempts} attempts: {message}",
+                               getattr(error, "hint", "") or "check the network and the backup host's sshd") from error
+        raise
+    raise AssertionError("unreachable: tenacity either returns or raises")

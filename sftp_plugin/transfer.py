@@ -1,0 +1,306 @@
+"""Streaming SFTP transfers and directory operations. Knows SFTP, not gpbackup.
+
+Reads and writes keep many requests in flight (pipelining) and check the
+server's reply to every one of them. Paramiko's own pipelined ``SFTPFile``
+write drops the status of replies it collects while waiting for another
+request, so a full disk could go unnoticed; this module therefore issues the
+requests itself through ``SFTPClient``'s request primitives and waits for each
+reply in order. That ties us to paramiko internals (``_async_request``,
+``_read_response``), hence the upper bound on paramiko in setup.cfg.
+
+Uploads always go to a temporary name in the target directory, are flushed to
+disk (fsync@openssh.com where offered) and renamed into place only when
+complete: a partial file never sits under its final name.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import posixpath
+import stat
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import paramiko
+from paramiko.sftp import CMD_EXTENDED, CMD_READ, CMD_STATUS, CMD_WRITE, int64
+
+from sftp_plugin import paths
+
+log = logging.getLogger(__name__)
+
+# Bytes per SFTP write/read request. OpenSSH's sftp-server accepts up to
+# 255 KiB; 32 KiB matches one SSH packet and is what every server accepts.
+REQUEST_SIZE = 32 * 1024
+# Requests in flight per stream: enough to fill a 20 ms link at several
+# hundred MB/s (depth * size = 8 MiB), small enough to bound memory.
+PIPELINE_DEPTH = 256
+# How much we read from a local source at once: few Python calls per MiB.
+LOCAL_CHUNK = 1024 * 1024
+
+Sink = Callable[[bytes], object]
+
+
+class _Replies:
+    """Holds replies that arrive while we wait for an earlier one.
+
+    Paramiko calls ``_async_response`` for every reply that is not the one
+    being waited for; keeping them here (instead of paramiko's default of
+    discarding write statuses) means no error reply is ever lost.
+    """
+
+    def __init__(self) -> None:
+        self.early: dict[int, tuple[int, paramiko.Message]] = {}
+
+    def _async_response(self, kind: int, msg: paramiko.Message, num: int) -> None:
+        self.early[num] = (kind, msg)
+
+
+class _Pipeline:
+    """Requests in flight on one SFTP handle, their replies consumed strictly in order."""
+
+    def __init__(self, sftp: paramiko.SFTPClient) -> None:
+        self.sftp = sftp
+        self.replies = _Replies()
+        self.pending: deque[tuple[int, int, int]] = deque()  # (request number, offset, length)
+
+    def send(self, kind: int, *args: object) -> int:
+        return self.sftp._async_request(self.replies, kind, *args)
+
+    def wait(self, num: int) -> tuple[int, paramiko.Message]:
+        """The reply to request ``num``; an error status raises (IOError/EOFError)."""
+        early = self.replies.early.pop(num, None)
+        if early is None:
+            return self.sftp._read_response(num)
+        kind, msg = early
+        if kind == CMD_STATUS:
+            self.sftp._convert_status(msg)
+        return kind, msg
+
+
+class PipelinedWriter:
+    """Writes a stream to an open remote handle with many writes in flight.
+
+    ``confirmed`` is the length of the prefix the server has acknowledged; a
+    reconnecting caller can truncate to it and resume from there.
+    """
+
+    def __init__(self, sftp: paramiko.SFTPClient, handle: bytes, offset: int = 0,
+                 request_size: int = REQUEST_SIZE, depth: int = PIPELINE_DEPTH) -> None:
+        self._pipe = _Pipeline(sftp)
+        self._handle = handle
+        self._request_size = request_size
+        self._depth = depth
+        self.sent = offset
+        self.confirmed = offset
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), self._request_size):
+            piece = view[start:start + self._request_size]
+            if len(self._pipe.pending) >= self._depth:
+                self._confirm_oldest()
+            num = self._pipe.send(CMD_WRITE, self._handle, int64(self.sent), bytes(piece))
+            self._pipe.pending.append((num, self.sent, len(piece)))
+            self.sent += len(piece)
+
+    def _confirm_oldest(self) -> None:
+        num, offset, length = self._pipe.pending.popleft()
+        self._pipe.wait(num)
+        self.confirmed = offset + length
+
+    def drain(self) -> None:
+        """Wait until every write so far is acknowledged."""
+        while self._pipe.pending:
+            self._confirm_oldest()
+
+
+def read_range(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int, sink: Sink,
+               request_size: int = REQUEST_SIZE, depth: int = PIPELINE_DEPTH) -> int:
+    """Send bytes ``[start, end)`` of a remote handle to ``sink``, in order; return bytes sent.
+
+    Raises EOFError if the file ends before ``end``.
+    """
+    pipe = _Pipeline(sftp)
+    next_offset = start
+    delivered = start
+    while pipe.pending or next_offset < end:
+        while next_offset < end and len(pipe.pending) < depth:
+            length = min(request_size, end - next_offset)
+            pipe.pending.append((pipe.send(CMD_READ, handle, int64(next_offset), length), next_offset, length))
+            next_offset += length
+        num, offset, length = pipe.pending.popleft()
+        try:
+            _, msg = pipe.wait(num)
+        except EOFError:
+            _abandon(pipe)
+            raise EOFError(f"remote file ends at byte {delivered}, expected {end}") from None
+        data = msg.get_binary()
+        sink(data)
+        delivered += len(data)
+        if len(data) < length:
+            # A short read is legal mid-file; fetch the rest of this request before going on.
+            _abandon(pipe)
+            delivered = _read_serially(sftp, handle, delivered, offset + length, sink)
+            next_offset = delivered
+    return delivered - start
+
+
+def _read_serially(sftp: paramiko.SFTPClient, handle: bytes, offset: int, end: int, sink: Sink) -> int:
+    while offset < end:
+        try:
+            _, msg = sftp._request(CMD_READ, handle, int64(offset), end - offset)
+        except EOFError:
+            raise EOFError(f"remote file ends at byte {offset}, expected {end}") from None
+        data = msg.get_binary()
+        sink(data)
+        offset += len(data)
+    return offset
+
+
+def _abandon(pipe: _Pipeline) -> None:
+    """Collect (and drop) replies to requests we no longer want, keeping the channel in sync."""
+    while pipe.pending:
+        num, _, _ = pipe.pending.popleft()
+        try:
+            pipe.wait(num)
+        except (EOFError, OSError):
+            pass
+
+
+def fsync(sftp: paramiko.SFTPClient, handle: bytes) -> None:
+    """Ask the server to flush the file to disk; servers without the extension are tolerated."""
+    try:
+        sftp._request(CMD_EXTENDED, "fsync@openssh.com", handle)
+    except OSError as err:
+        if "unsupported" not in str(err).lower():
+            raise
+
+
+def upload(sftp: paramiko.SFTPClient, read: Callable[[int], bytes], final_path: str,
+           on_chunk: Callable[[bytes], object] | None = None) -> int:
+    """Stream ``read(n)`` until it returns b'' into ``final_path`` atomically; return bytes stored."""
+    temp_path = paths.temp_name_for(final_path)
+    try:
+        with sftp.open(temp_path, "wb") as remote:
+            writer = PipelinedWriter(sftp, remote.handle)
+            while chunk := read(LOCAL_CHUNK):
+                if on_chunk is not None:
+                    on_chunk(chunk)
+                writer.write(chunk)
+            writer.drain()
+            fsync(sftp, remote.handle)
+        rename_into_place(sftp, temp_path, final_path)
+        return writer.confirmed
+    except BaseException:
+        remove_quietly(sftp, temp_path)
+        raise
+
+
+def rename_into_place(sftp: paramiko.SFTPClient, source: str, target: str) -> None:
+    """Atomic replace where the server offers posix-rename, remove-then-rename elsewhere."""
+    try:
+        sftp.posix_rename(source, target)
+    except OSError as err:
+        if "unsupported" not in str(err).lower():
+            raise
+        remove_quietly(sftp, target)
+        sftp.rename(source, target)
+
+
+def download(sftp: paramiko.SFTPClient, path: str, sink: Sink,
+             ranges: Iterable[tuple[int, int]] | None = None) -> int:
+    """Send the whole remote file, or just ``ranges``, to ``sink``; return bytes sent.
+
+    Raises FileNotFoundError for a missing file and EOFError if it is shorter
+    than the ranges ask for.
+    """
+    with sftp.open(path, "rb") as remote:
+        if ranges is None:
+            size = remote.stat().st_size
+            ranges = [(0, size)] if size else []
+        return sum(read_range(sftp, remote.handle, start, end, sink) for start, end in ranges)
+
+
+def makedirs(sftp: paramiko.SFTPClient, path: str, stop_at: str) -> None:
+    """mkdir -p ``path`` below the existing directory ``stop_at``; safe when many hosts race."""
+    missing: list[str] = []
+    current = path
+    while current != stop_at and not is_dir(sftp, current):
+        missing.append(current)
+        current = posixpath.dirname(current)
+    for directory in reversed(missing):
+        try:
+            sftp.mkdir(directory)
+        except OSError:
+            # Another segment may have created it between our stat and mkdir.
+            if not is_dir(sftp, directory):
+                raise
+
+
+def is_dir(sftp: paramiko.SFTPClient, path: str) -> bool:
+    try:
+        return stat.S_ISDIR(sftp.stat(path).st_mode or 0)
+    except FileNotFoundError:
+        return False
+
+
+def exists(sftp: paramiko.SFTPClient, path: str) -> bool:
+    try:
+        sftp.stat(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
+    """Best-effort removal (used while already failing): never masks the original error."""
+    try:
+        sftp.remove(path)
+    except Exception as err:  # noqa: BLE001 - the connection may be the thing that broke
+        log.debug("could not remove %s: %s", path, err)
+
+
+def walk_files(sftp: paramiko.SFTPClient, top: str) -> list[tuple[str, int]]:
+    """Every regular file under ``top`` as (path relative to top, size), sorted."""
+    found: list[tuple[str, int]] = []
+    stack = [""]
+    while stack:
+        relative = stack.pop()
+        for entry in sftp.listdir_attr(posixpath.join(top, relative) if relative else top):
+            child = posixpath.join(relative, entry.filename) if relative else entry.filename
+            if stat.S_ISDIR(entry.st_mode or 0):
+                stack.append(child)
+            else:
+                found.append((child, entry.st_size or 0))
+    return sorted(found)
+
+
+def rmtree(sftp: paramiko.SFTPClient, path: str) -> int:
+    """Remove ``path`` and everything below it (symlinks are removed, not followed); return files removed."""
+    removed = 0
+    for entry in sftp.listdir_attr(path):
+        child = posixpath.join(path, entry.filename)
+        if stat.S_ISDIR(entry.st_mode or 0):
+            removed += rmtree(sftp, child)
+        else:
+            sftp.remove(child)
+            removed += 1
+    sftp.rmdir(path)
+    return removed
+
+
+def rmdir_if_empty(sftp: paramiko.SFTPClient, path: str) -> bool:
+    """Remove an empty directory; leave a non-empty or missing one alone. True if removed."""
+    try:
+        if sftp.listdir(path):
+            return False
+        sftp.rmdir(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        # Another process may have put a file in it meanwhile: that is fine.
+        if getattr(err, "errno", None) in (errno.ENOTEMPTY, errno.EEXIST, None):
+            return False
+        raise

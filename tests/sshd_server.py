@@ -1,0 +1,117 @@
+"""A throwaway OpenSSH backup host on 127.0.0.1 for tests, `make demo` and the bench.
+
+Starts the real ``sshd`` through ``docker/backup-host/entrypoint.sh`` (the
+same script and config the docker backup-host uses) on a free port, with
+host and user keys generated into a private directory, and writes plugin
+configs that point at it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRYPOINT = REPO / "docker" / "backup-host" / "entrypoint.sh"
+# sshd answers within milliseconds; a slow CI machine gets ample margin.
+START_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def keygen(path: Path, key_type: str = "ed25519", passphrase: str = "") -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", passphrase, "-f", str(path)], check=True)
+    return path
+
+
+class SshServer:
+    """One sshd process and the client-side files to reach it."""
+
+    def __init__(self, workdir: Path, max_startups: str = "10:30:100") -> None:
+        self.workdir = workdir
+        self.server_dir = workdir / "server"
+        self.client_dir = workdir / "client"
+        self.remote_dir = workdir / "remote"
+        for directory in (self.server_dir, self.client_dir, self.remote_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.user_key = keygen(self.client_dir / "id_ed25519")
+        self.authorized_keys = self.server_dir / "authorized_keys"
+        shutil.copy(self.user_key.with_suffix(".pub"), self.authorized_keys)
+        self.port = free_port()
+        self.max_startups = max_startups
+        self.known_hosts = self.client_dir / "known_hosts"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "sshd.log"
+
+    def start(self) -> SshServer:
+        env = dict(os.environ, SSHD_DIR=str(self.server_dir), SSHD_PORT=str(self.port), SSHD_LISTEN="127.0.0.1",
+                   AUTHORIZED_KEYS=str(self.authorized_keys), BACKUP_USER="", REMOTE_DIR=str(self.remote_dir),
+                   SSHD_MAX_STARTUPS=self.max_startups)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self._wait_until_ready()
+        host_key = (self.server_dir / "ssh_host_ed25519_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
+        return self
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"sshd exited with {self.process.returncode}: {self.log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    if conn.recv(4).startswith(b"SSH-"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"sshd did not start within {START_TIMEOUT}s: {self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    @property
+    def host_fingerprint(self) -> str:
+        out = subprocess.run(["ssh-keygen", "-lf", str(self.server_dir / "ssh_host_ed25519_key.pub")],
+                             check=True, capture_output=True, text=True).stdout
+        return out.split()[1]
+
+    def options(self, **overrides: object) -> dict[str, object]:
+        options: dict[str, object] = {
+            "hostname": "127.0.0.1",
+            "port": self.port,
+            "username": os.environ.get("USER") or __import__("getpass").getuser(),
+            "remote_dir": str(self.remote_dir),
+            "identity_file": str(self.user_key),
+            "known_hosts_file": str(self.known_hosts),
+            "log_dir": str(self.workdir / "logs"),
+            "connect_timeout": 10,
+        }
+        options.update(overrides)
+        return {k: v for k, v in options.items() if v is not None}
+
+    def write_config(self, path: Path, executable: str = "gpbackup_sftp_plugin", **overrides: object) -> Path:
+        document = {"executablepath": executable, "options": self.options(**overrides)}
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        return path
+
+    def __enter__(self) -> SshServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
