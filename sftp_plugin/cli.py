@@ -48,6 +48,11 @@ VERSION_COMMANDS: dict[str, Callable[[], str]] = {
     "plugin_api_version": lambda: API_VERSION,
     "--version": lambda: f"{PLUGIN_NAME} version {__version__}",
 }
+# Human-facing commands (may print freely); each is admin.<name>(argv after the command) -> exit code.
+ADMIN_COMMANDS: dict[str, str] = {
+    "check": "check",
+    "list-backups": "list_backups",
+}
 USAGE = f"usage: {PLUGIN_NAME} <command> <config.yaml> [args...]"
 
 
@@ -68,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             return fail(command, f"takes no arguments, got {len(rest)}", 2)
         sys.stdout.write(VERSION_COMMANDS[command]() + "\n")
         return 0
+    if command in ADMIN_COMMANDS:
+        from sftp_plugin import admin
+
+        return getattr(admin, ADMIN_COMMANDS[command])(rest)
     spec = COMMANDS.get(command)
     if spec is None:
         return fail(command, f"unknown command; expected one of {', '.join([*VERSION_COMMANDS, *COMMANDS])}", 2)

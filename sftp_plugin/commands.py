@@ -179,6 +179,13 @@ def cleanup_plugin_for_backup(remote: Remote, args: list[str]) -> Result:
     return Result(detail=f"removed {removed} leftovers, pruned {len(pruned)} old backups")
 
 
+def cleanup_plugin_for_restore(remote: Remote, args: list[str]) -> Result:
+    # Restores leave nothing behind on the backup host; the arguments are still checked.
+    paths.parse_backup_dir(args[0])
+    parse_scope(args)
+    return Result(detail="nothing to clean up after a restore")
+
+
 def list_backups(remote: Remote) -> list[paths.BackupDir]:
     """Every backup directory under remote_dir/backups, by name only."""
     top = posixpath.join(remote.cfg.remote_dir, paths.BACKUPS)
