@@ -13,22 +13,23 @@ import os
 import posixpath
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
-from sftp_plugin import paths, retention, transfer
+from sftp_plugin import integrity, paths, retention, transfer
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.connection import Session, connect
-from sftp_plugin.errors import RemoteError, RemoteNotFound, UsageError
+from sftp_plugin.errors import IntegrityError, RemoteError, RemoteNotFound, UsageError
 from sftp_plugin.offsets import parse_offsets
-from sftp_plugin.retry import DEFAULT_MAX_WAIT, call_with_retries
+from sftp_plugin.retry import call_with_retries, is_connection_lost
 
 log = logging.getLogger(__name__)
 
 SCOPES = ("coordinator", "master", "segment_host", "segment")
 PROBE_PREFIX = ".gpbackup_sftp_plugin_probe"
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Result:
 
 
 class Remote:
-    """The session of one plugin call, opened on first use through the retry policy."""
+    """The session of one plugin call: opened on first use, dropped and reopened by `retrying`."""
 
     def __init__(self, cfg: PluginConfig) -> None:
         self.cfg = cfg
@@ -49,16 +50,28 @@ class Remote:
     @property
     def session(self) -> Session:
         if self._session is None:
-            self._session = call_with_retries(
-                f"connect to {self.cfg.hostname}", self.cfg.retries, DEFAULT_MAX_WAIT, lambda: connect(self.cfg))
+            self._session = connect(self.cfg)
         return self._session
 
     @property
     def sftp(self):  # -> paramiko.SFTPClient; not annotated to keep paramiko out of this module's imports
         return self.session.sftp
 
+    def retrying(self, what: str, step: Callable[[], T]) -> T:
+        """Run one remote step under the retry policy; a lost connection is dropped and reopened.
+
+        ``step`` must be safe to run again: idempotent, or resuming from its own progress.
+        """
+        return call_with_retries(what, self.cfg.retries, self.cfg.retry_max_wait, step, on_retry=self.drop)
+
     def where(self, path: str) -> str:
         return f"{self.cfg.hostname}:{path}"
+
+    def drop(self) -> None:
+        """Forget a broken session without waiting on it."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.transport.close()
 
     def close(self) -> None:
         if self._session is not None:
@@ -74,14 +87,14 @@ def remote_errors(remote: Remote, action: str, path: str) -> Iterator[None]:
     except FileNotFoundError:
         raise RemoteNotFound(f"{action}: {remote.where(path)} does not exist",
                              "check remote_dir and the backup timestamp") from None
-    except EOFError as err:
+    except transfer.ShortFileError as err:
         raise RemoteError(f"{action}: {remote.where(path)} is shorter than expected ({err})",
                           "the stored file may be truncated; check the backup host's disk") from None
     except PermissionError:
         raise RemoteError(f"{action}: permission denied on {remote.where(path)}",
                           f"check that {remote.cfg.effective_username()} may write there") from None
     except OSError as err:
-        if err.errno is not None or not str(err):
+        if err.errno is not None or not str(err) or is_connection_lost(err):
             raise
         # Paramiko maps the generic SFTP "Failure" status to a bare IOError: usually a full disk or quota.
         raise RemoteError(f"{action}: {remote.where(path)}: {err}",
@@ -105,7 +118,7 @@ def parse_scope(args: list[str]) -> str:
 def require_remote_dir(remote: Remote) -> None:
     root = remote.cfg.remote_dir
     with remote_errors(remote, "check remote_dir", root):
-        if not transfer.is_dir(remote.sftp, root):
+        if not remote.retrying("check remote_dir", lambda: transfer.is_dir(remote.sftp, root)):
             raise RemoteNotFound(f"remote_dir {remote.where(root)} does not exist or is not a directory",
                                  f"create it on the backup host for user {remote.session.endpoint.user}")
 
@@ -114,12 +127,14 @@ def check_writable(remote: Remote) -> None:
     """Prove remote_dir takes a file: write and remove a small probe."""
     require_remote_dir(remote)
     probe = posixpath.join(remote.cfg.remote_dir, f"{PROBE_PREFIX}.{os.getpid()}.{secrets.token_hex(4)}")
+
+    def write_probe() -> None:
+        transfer.put_bytes(remote.sftp, b"probe", probe)
+        transfer.remove_if_present(remote.sftp, probe)
+
     try:
-        with remote.sftp.open(probe, "wb") as handle:
-            handle.write(b"probe")
-        remote.sftp.remove(probe)
+        remote.retrying("write a probe file", write_probe)
     except OSError as err:
-        transfer.remove_quietly(remote.sftp, probe)
         raise RemoteError(
             f"remote_dir {remote.where(remote.cfg.remote_dir)} is not writable by "
             f"{remote.session.endpoint.user}: {err.strerror or err}",
@@ -133,7 +148,8 @@ def setup_plugin_for_backup(remote: Remote, args: list[str]) -> Result:
         require_remote_dir(remote)
         target = backup.remote(remote.cfg.remote_dir)
         with remote_errors(remote, "create backup directory", target):
-            transfer.makedirs(remote.sftp, target, stop_at=remote.cfg.remote_dir)
+            remote.retrying("create backup directory",
+                            lambda: transfer.makedirs(remote.sftp, target, stop_at=remote.cfg.remote_dir))
         return Result(detail=f"created {remote.where(target)}")
     if scope == "segment_host":
         check_writable(remote)
@@ -148,7 +164,7 @@ def setup_plugin_for_restore(remote: Remote, args: list[str]) -> Result:
     if scope == "coordinator":
         target = backup.remote(remote.cfg.remote_dir)
         with remote_errors(remote, "find backup", target):
-            if not transfer.is_dir(remote.sftp, target):
+            if not remote.retrying("find backup", lambda: transfer.is_dir(remote.sftp, target)):
                 raise RemoteNotFound(f"backup {backup.timestamp} not found: {remote.where(target)} does not exist",
                                      "check the --timestamp and remote_dir (list_directory shows what is stored)")
         return Result(detail=f"found {remote.where(target)}")
@@ -164,17 +180,22 @@ def cleanup_plugin_for_backup(remote: Remote, args: list[str]) -> Result:
         return Result(detail="nothing to do for this scope")
     root = remote.cfg.remote_dir
     target = backup.remote(root)
-    removed = 0
+
+    def remove_leftovers() -> int:
+        if not transfer.is_dir(remote.sftp, target):
+            return 0
+        removed = 0
+        for entry in remote.sftp.listdir(target):
+            if paths.is_temp_name(entry):
+                removed += transfer.remove_if_present(remote.sftp, posixpath.join(target, entry))
+                log.info("removed upload leftover %s", remote.where(posixpath.join(target, entry)))
+        if transfer.rmdir_if_empty(remote.sftp, target):
+            log.info("removed empty backup directory %s", remote.where(target))
+        transfer.rmdir_if_empty(remote.sftp, backup.remote_date_dir(root))
+        return removed
+
     with remote_errors(remote, "clean up backup directory", target):
-        if transfer.is_dir(remote.sftp, target):
-            for entry in remote.sftp.listdir(target):
-                if paths.is_temp_name(entry):
-                    remote.sftp.remove(posixpath.join(target, entry))
-                    log.info("removed upload leftover %s", remote.where(posixpath.join(target, entry)))
-                    removed += 1
-            if transfer.rmdir_if_empty(remote.sftp, target):
-                log.info("removed empty backup directory %s", remote.where(target))
-            transfer.rmdir_if_empty(remote.sftp, backup.remote_date_dir(root))
+        removed = remote.retrying("clean up backup directory", remove_leftovers)
     pruned = prune(remote, current=backup)
     return Result(detail=f"removed {removed} leftovers, pruned {len(pruned)} old backups")
 
@@ -189,17 +210,21 @@ def cleanup_plugin_for_restore(remote: Remote, args: list[str]) -> Result:
 def list_backups(remote: Remote) -> list[paths.BackupDir]:
     """Every backup directory under remote_dir/backups, by name only."""
     top = posixpath.join(remote.cfg.remote_dir, paths.BACKUPS)
-    found: list[paths.BackupDir] = []
-    with remote_errors(remote, "list backups", top):
+
+    def scan() -> list[paths.BackupDir]:
         if not transfer.is_dir(remote.sftp, top):
             return []
+        found: list[paths.BackupDir] = []
         for date in remote.sftp.listdir(top):
             if not paths.DATE_RE.fullmatch(date):
                 continue
             for timestamp in remote.sftp.listdir(posixpath.join(top, date)):
                 if paths.TIMESTAMP_RE.fullmatch(timestamp) and timestamp.startswith(date):
                     found.append(paths.BackupDir(date, timestamp))
-    return found
+        return found
+
+    with remote_errors(remote, "list backups", top):
+        return remote.retrying("list backups", scan)
 
 
 def prune(remote: Remote, current: paths.BackupDir) -> list[paths.BackupDir]:
@@ -215,12 +240,19 @@ def prune(remote: Remote, current: paths.BackupDir) -> list[paths.BackupDir]:
 def delete_backup_dir(remote: Remote, backup: paths.BackupDir, reason: str) -> int:
     root = remote.cfg.remote_dir
     target = backup.remote(root)
-    with remote_errors(remote, "delete backup", target):
+
+    def delete() -> int | None:
         if not transfer.is_dir(remote.sftp, target):
-            log.info("backup %s is not on the host (%s); nothing to delete", backup.timestamp, remote.where(target))
-            return 0
+            return None
         files = transfer.rmtree(remote.sftp, target)
         transfer.rmdir_if_empty(remote.sftp, backup.remote_date_dir(root))
+        return files
+
+    with remote_errors(remote, "delete backup", target):
+        files = remote.retrying(f"delete backup {backup.timestamp}", delete)
+    if files is None:
+        log.info("backup %s is not on the host (%s); nothing to delete", backup.timestamp, remote.where(target))
+        return 0
     log.info("deleted backup %s (%d files) at %s: %s", backup.timestamp, files, remote.where(target), reason)
     return files
 
@@ -239,12 +271,28 @@ def _local_source(path: str) -> BinaryIO:
 
 
 def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> int:
+    """Store a stream under its final name, with its checksum sidecar, resuming after resets."""
     root = remote.cfg.remote_dir
     target = target_file.remote(root)
+    digest = integrity.new_hash() if remote.cfg.verify_checksums else None
+    upload = transfer.ResumableUpload(source.read, target, remote.cfg.resume_buffer,
+                                      on_chunk=digest.update if digest else None)
+    require_remote_dir(remote)
     with remote_errors(remote, "upload", target):
-        require_remote_dir(remote)
-        transfer.makedirs(remote.sftp, posixpath.dirname(target), stop_at=root)
-        return transfer.upload(remote.sftp, source.read, target)
+        remote.retrying("create backup directory",
+                        lambda: transfer.makedirs(remote.sftp, posixpath.dirname(target), stop_at=root))
+        try:
+            size = remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp))
+            if digest is not None:
+                sidecar = integrity.format_sidecar(digest.hexdigest(), target_file.name)
+                remote.retrying("store checksum", lambda: transfer.put_bytes(
+                    remote.sftp, sidecar, integrity.sidecar_path(target)))
+            remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                upload.abandon(remote.sftp)
+            raise
+    return size
 
 
 def backup_file(remote: Remote, args: list[str]) -> Result:
@@ -260,6 +308,51 @@ def backup_data(remote: Remote, args: list[str]) -> Result:
     return Result(size, f"stdin -> {remote.where(target.remote(remote.cfg.remote_dir))}")
 
 
+def _expected_digest(remote: Remote, source: str) -> str | None:
+    """The stored checksum of ``source``, or None when verification is off or none was stored."""
+    if not remote.cfg.verify_checksums:
+        return None
+    sidecar = integrity.sidecar_path(source)
+
+    def read_sidecar() -> bytes | None:
+        try:
+            with remote.sftp.open(sidecar, "rb") as handle:
+                return handle.read(4096)
+        except FileNotFoundError:
+            return None
+
+    text = remote.retrying("read checksum", read_sidecar)
+    if text is None:
+        return None
+    expected = integrity.parse_sidecar(text)
+    if expected is None:
+        raise IntegrityError(f"checksum file {remote.where(sidecar)} is not in sha256sum format",
+                             "it may be damaged; compare it with sha256sum on the backup host")
+    return expected
+
+
+def _download(remote: Remote, source: str, sink: Callable[[bytes], object],
+              ranges: list[tuple[int, int]] | None = None) -> int:
+    """Stream ``source`` (or ranges of it) to ``sink``, resuming after resets; verify whole files."""
+    with remote_errors(remote, "download", source):
+        expected = _expected_digest(remote, source) if ranges is None else None
+        digest = integrity.new_hash() if expected else None
+
+        def deliver(data: bytes) -> None:
+            if digest is not None:
+                digest.update(data)
+            sink(data)
+
+        download = transfer.ResumableDownload(source, deliver, ranges)
+        size = remote.retrying(f"download {source}", lambda: download.attempt(remote.sftp))
+    if ranges is None and expected is None and remote.cfg.verify_checksums:
+        log.warning("no checksum stored for %s; its bytes were not verified", remote.where(source))
+    if digest is not None and digest.hexdigest() != expected:
+        raise IntegrityError(f"checksum mismatch for {remote.where(source)}: the stored bytes are not what was "
+                             "backed up", "the file on the backup host is damaged; restore from another backup")
+    return size
+
+
 def restore_file(remote: Remote, args: list[str]) -> Result:
     local = args[0]
     source = paths.parse_backup_file(local).remote(remote.cfg.remote_dir)
@@ -267,8 +360,8 @@ def restore_file(remote: Remote, args: list[str]) -> Result:
     os.makedirs(directory, exist_ok=True)
     temp = os.path.join(directory, f".{os.path.basename(local)}.{secrets.token_hex(8)}{paths.TEMP_SUFFIX}")
     try:
-        with open(temp, "wb") as sink, remote_errors(remote, "download", source):
-            size = transfer.download(remote.sftp, source, sink.write)
+        with open(temp, "wb") as sink:
+            size = _download(remote, source, sink.write)
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(temp, local)
@@ -280,8 +373,7 @@ def restore_file(remote: Remote, args: list[str]) -> Result:
 
 def restore_data(remote: Remote, args: list[str]) -> Result:
     source = paths.parse_backup_file(args[0]).remote(remote.cfg.remote_dir)
-    with remote_errors(remote, "download", source):
-        size = transfer.download(remote.sftp, source, sys.stdout.buffer.write)
+    size = _download(remote, source, sys.stdout.buffer.write)
     sys.stdout.buffer.flush()
     return Result(size, f"{remote.where(source)} -> stdout")
 
@@ -293,8 +385,7 @@ def restore_data_subset(remote: Remote, args: list[str]) -> Result:
             ranges = parse_offsets(handle.read(), source=f"offsets file {args[1]}")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read offsets file {args[1]}: {err}", "check the path gprestore passed") from None
-    with remote_errors(remote, "download", source):
-        size = transfer.download(remote.sftp, source, sys.stdout.buffer.write, ranges)
+    size = _download(remote, source, sys.stdout.buffer.write, ranges)
     sys.stdout.buffer.flush()
     return Result(size, f"{len(ranges)} ranges of {remote.where(source)} -> stdout")
 
@@ -309,7 +400,7 @@ def list_directory(remote: Remote, args: list[str]) -> Result:
     root = remote.cfg.remote_dir
     top = paths.under_remote_dir(root, args[0] if args else None)
     with remote_errors(remote, "list directory", top):
-        entries = transfer.walk_files(remote.sftp, top)
+        entries = remote.retrying("list directory", lambda: transfer.walk_files(remote.sftp, top))
     prefix = posixpath.relpath(top, root)
     lines = [f"{posixpath.normpath(posixpath.join(prefix, name))}\t{size}" for name, size in entries]
     sys.stdout.write("".join(line + "\n" for line in lines))
@@ -321,9 +412,15 @@ def delete_directory(remote: Remote, args: list[str]) -> Result:
     target = paths.under_remote_dir(root, args[0])
     if target == posixpath.normpath(root):
         raise UsageError(f"refusing to delete remote_dir {root} itself", "name a directory below it")
-    with remote_errors(remote, "delete directory", target):
+
+    def delete() -> int | None:
         if not transfer.exists(remote.sftp, target):
-            log.info("%s does not exist; nothing to delete", remote.where(target))
-            return Result(detail="already absent")
-        files = transfer.rmtree(remote.sftp, target)
+            return None
+        return transfer.rmtree(remote.sftp, target)
+
+    with remote_errors(remote, "delete directory", target):
+        files = remote.retrying("delete directory", delete)
+    if files is None:
+        log.info("%s does not exist; nothing to delete", remote.where(target))
+        return Result(detail="already absent")
     return Result(detail=f"removed {files} files under {remote.where(target)}")

@@ -26,6 +26,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Keys gpbackup/gprestore write into the per-host copy of the config; never ours to reject.
 GPBACKUP_KEYS = frozenset({"pgport", "backup_plugin_version"})
 FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}=?")
+MIB = 1024 * 1024
+# Smallest resume buffer: one local read (1 MiB) must fit, or nothing could be resent.
+MIN_RESUME_BUFFER = MIB
+SIZE_RE = re.compile(r"(\d+)\s*([kmg]i?b?)?", re.IGNORECASE)
+SIZE_UNITS = {"k": 1024, "m": MIB, "g": 1024 * MIB}
 TRUE_WORDS = frozenset({"yes", "on", "true", "1", "y"})
 FALSE_WORDS = frozenset({"no", "off", "false", "0", "n"})
 
@@ -48,6 +53,10 @@ class PluginConfig:
     retries: int = 6
     keep_last: int | None = None
     keep_days: int | None = None
+    retry_max_wait: int = 30
+    resume_buffer: int = 64 * MIB
+    io_timeout: int = 60
+    verify_checksums: bool = True
     log_dir: str = "~/gpAdminLogs"
     log_level: str = "info"
     restore_subset: bool = False
@@ -138,6 +147,18 @@ def _fingerprint(value: Any) -> str:
     return text.rstrip("=")
 
 
+def _size(value: Any) -> int:
+    """A byte size: a bare number means MiB; K/M/G suffixes (binary, optional 'iB') are accepted."""
+    match = SIZE_RE.fullmatch(_text(value))
+    if not match:
+        raise _Invalid(f"expected a size such as 64, 64MiB or 1GiB, got {value!r}")
+    unit = (match.group(2) or "m")[0].lower()
+    size = int(match.group(1)) * SIZE_UNITS[unit]
+    if size < MIN_RESUME_BUFFER:
+        raise _Invalid(f"must be at least 1MiB, got {value!r}")
+    return size
+
+
 def _log_level(value: Any) -> str:
     word = _text(value).lower()
     if word not in LOG_LEVELS:
@@ -161,6 +182,10 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "retries": _int_at_least(1),
     "keep_last": _int_at_least(1),
     "keep_days": _int_at_least(1),
+    "retry_max_wait": _int_at_least(1),
+    "resume_buffer": _size,
+    "io_timeout": _int_at_least(1),
+    "verify_checksums": parse_bool,
     "log_dir": _local_path,
     "log_level": _log_level,
     "restore_subset": parse_bool,

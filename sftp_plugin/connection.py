@@ -32,6 +32,9 @@ WINDOW_SIZE = 64 * 1024 * 1024
 # Largest SSH packet we accept; OpenSSH sends at most 32 KiB of channel data
 # per packet, so more buys nothing and less costs packets.
 MAX_PACKET_SIZE = 32 * 1024
+# Seconds between SSH keepalives: well inside the idle timeouts of common
+# firewalls and NAT gateways (minutes), so a paused stream is not dropped.
+KEEPALIVE_INTERVAL = 15
 SSH_CONFIG_PATH = "~/.ssh/config"
 DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 DEFAULT_PORT = 22
@@ -265,6 +268,10 @@ def connect(cfg: PluginConfig, endpoint: Endpoint | None = None) -> Session:
         sftp = paramiko.SFTPClient.from_transport(transport, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
         if sftp is None:
             raise ConnectError(f"{endpoint.host} refused the SFTP subsystem", "enable 'Subsystem sftp' in sshd_config")
+        transport.set_keepalive(KEEPALIVE_INTERVAL)
+        # A read or a send that makes no progress for io_timeout seconds raises
+        # socket.timeout, which the retry policy turns into a reconnect.
+        sftp.get_channel().settimeout(cfg.io_timeout)
         log.debug("connected to %s (%s, %s, cipher %s)", endpoint, host_key_status, auth_method, transport.remote_cipher)
         return Session(transport, sftp, endpoint, host_key_status, auth_method)
     except BaseException:

@@ -177,21 +177,109 @@ def fsync(sftp: paramiko.SFTPClient, handle: bytes) -> None:
             raise
 
 
-def upload(sftp: paramiko.SFTPClient, read: Callable[[int], bytes], final_path: str,
-           on_chunk: Callable[[bytes], object] | None = None) -> int:
-    """Stream ``read(n)`` until it returns b'' into ``final_path`` atomically; return bytes stored."""
+class ShortFileError(Exception):
+    """The remote file ended before the bytes we were asked for (not a connection failure)."""
+
+
+class ResumableUpload:
+    """Stream a source into ``final_path`` atomically, resuming after a lost connection.
+
+    Bytes the server has not yet acknowledged stay in a bounded buffer; after a
+    reconnect, ``attempt`` truncates the temporary file to the acknowledged
+    length and resends from the buffer, so a source that cannot be re-read
+    (stdin) still arrives whole. Memory stays within ``buffer_limit`` plus one
+    read, whatever the stream size.
+    """
+
+    def __init__(self, read: Callable[[int], bytes], final_path: str, buffer_limit: int,
+                 on_chunk: Callable[[bytes], object] | None = None) -> None:
+        self.read = read
+        self.final_path = final_path
+        self.temp_path = paths.temp_name_for(final_path)
+        self.buffer_limit = buffer_limit
+        self.on_chunk = on_chunk
+        self.confirmed = 0  # bytes acknowledged by the server
+        self._buffer: deque[bytes] = deque()  # unacknowledged bytes, starting at offset self._buffer_start
+        self._buffer_start = 0
+        self._buffered = 0
+        self._started = False
+        self._source_done = False
+
+    def attempt(self, sftp: paramiko.SFTPClient) -> int:
+        """One try: (re)open the temporary file, resend what is unconfirmed, stream the rest, flush."""
+        with self._open(sftp) as remote:
+            writer = PipelinedWriter(sftp, remote.handle, offset=self.confirmed)
+            skip = self.confirmed - self._buffer_start
+            for chunk in list(self._buffer):
+                if skip < len(chunk):
+                    writer.write(memoryview(chunk)[max(skip, 0):])
+                skip -= len(chunk)
+            while not self._source_done:
+                if self._buffered >= self.buffer_limit:
+                    writer.drain()
+                    self._trim(writer.confirmed)
+                chunk = self.read(LOCAL_CHUNK)
+                if not chunk:
+                    self._source_done = True
+                    break
+                if self.on_chunk is not None:
+                    self.on_chunk(chunk)
+                self._buffer.append(chunk)
+                self._buffered += len(chunk)
+                writer.write(chunk)
+                self._trim(writer.confirmed)
+            writer.drain()
+            self._trim(writer.confirmed)
+            fsync(sftp, remote.handle)
+        return self.confirmed
+
+    def _open(self, sftp: paramiko.SFTPClient) -> paramiko.SFTPFile:
+        if not self._started:
+            self._started = True
+            return sftp.open(self.temp_path, "wb")
+        try:
+            durable = sftp.stat(self.temp_path).st_size or 0
+        except FileNotFoundError:
+            durable = -1
+        if durable < self.confirmed:
+            raise ShortFileError(
+                f"{self.temp_path} holds {max(durable, 0)} bytes after reconnecting, "
+                f"but the server had acknowledged {self.confirmed}; the stream cannot be resumed")
+        remote = sftp.open(self.temp_path, "r+b")
+        remote.truncate(self.confirmed)
+        log.info("resuming upload of %s at byte %d", self.final_path, self.confirmed)
+        return remote
+
+    def _trim(self, confirmed: int) -> None:
+        """Forget buffered chunks the server has acknowledged in full."""
+        self.confirmed = confirmed
+        while self._buffer and self._buffer_start + len(self._buffer[0]) <= confirmed:
+            chunk = self._buffer.popleft()
+            self._buffer_start += len(chunk)
+            self._buffered -= len(chunk)
+
+    def finish(self, sftp: paramiko.SFTPClient) -> None:
+        """Rename into place; a rename whose reply was lost (temp gone, target complete) counts as done."""
+        try:
+            rename_into_place(sftp, self.temp_path, self.final_path)
+        except FileNotFoundError:
+            if exists(sftp, self.temp_path) or sftp.stat(self.final_path).st_size != self.confirmed:
+                raise
+
+    def abandon(self, sftp: paramiko.SFTPClient) -> None:
+        remove_quietly(sftp, self.temp_path)
+
+
+def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str) -> None:
+    """Store a small object atomically (temp name, fsync, rename); safe to repeat."""
     temp_path = paths.temp_name_for(final_path)
     try:
         with sftp.open(temp_path, "wb") as remote:
             writer = PipelinedWriter(sftp, remote.handle)
-            while chunk := read(LOCAL_CHUNK):
-                if on_chunk is not None:
-                    on_chunk(chunk)
-                writer.write(chunk)
+            writer.write(data)
             writer.drain()
             fsync(sftp, remote.handle)
         rename_into_place(sftp, temp_path, final_path)
-        return writer.confirmed
     except BaseException:
         remove_quietly(sftp, temp_path)
         raise
@@ -208,18 +296,36 @@ def rename_into_place(sftp: paramiko.SFTPClient, source: str, target: str) -> No
         sftp.rename(source, target)
 
 
-def download(sftp: paramiko.SFTPClient, path: str, sink: Sink,
-             ranges: Iterable[tuple[int, int]] | None = None) -> int:
-    """Send the whole remote file, or just ``ranges``, to ``sink``; return bytes sent.
+class ResumableDownload:
+    """Send a remote file, or byte ranges of it, to ``sink``; after a reconnect, continue at
+    the first byte not yet delivered, so no byte is repeated or skipped."""
 
-    Raises FileNotFoundError for a missing file and EOFError if it is shorter
-    than the ranges ask for.
-    """
-    with sftp.open(path, "rb") as remote:
-        if ranges is None:
-            size = remote.stat().st_size
-            ranges = [(0, size)] if size else []
-        return sum(read_range(sftp, remote.handle, start, end, sink) for start, end in ranges)
+    def __init__(self, path: str, sink: Sink, ranges: Iterable[tuple[int, int]] | None = None) -> None:
+        self.path = path
+        self.sink = sink
+        self.remaining: list[list[int]] | None = None if ranges is None else [[s, e] for s, e in ranges]
+        self.delivered = 0
+
+    def _deliver(self, data: bytes) -> None:
+        assert self.remaining is not None
+        self.sink(data)
+        self.delivered += len(data)
+        self.remaining[0][0] += len(data)
+
+    def attempt(self, sftp: paramiko.SFTPClient) -> int:
+        with sftp.open(self.path, "rb") as remote:
+            if self.remaining is None:
+                size = remote.stat().st_size or 0
+                self.remaining = [[0, size]] if size else []
+            while self.remaining:
+                start, end = self.remaining[0]
+                if start < end:
+                    try:
+                        read_range(sftp, remote.handle, start, end, self._deliver)
+                    except EOFError as err:
+                        raise ShortFileError(str(err)) from None
+                self.remaining.pop(0)
+        return self.delivered
 
 
 def makedirs(sftp: paramiko.SFTPClient, path: str, stop_at: str) -> None:
@@ -284,10 +390,21 @@ def rmtree(sftp: paramiko.SFTPClient, path: str) -> int:
         if stat.S_ISDIR(entry.st_mode or 0):
             removed += rmtree(sftp, child)
         else:
-            sftp.remove(child)
-            removed += 1
-    sftp.rmdir(path)
+            removed += remove_if_present(sftp, child)
+    try:
+        sftp.rmdir(path)
+    except FileNotFoundError:
+        pass  # removed by an earlier attempt whose reply was lost
     return removed
+
+
+def remove_if_present(sftp: paramiko.SFTPClient, path: str) -> int:
+    """Remove a file; 0 if it was already gone (e.g. an earlier attempt's reply was lost)."""
+    try:
+        sftp.remove(path)
+        return 1
+    except FileNotFoundError:
+        return 0
 
 
 def rmdir_if_empty(sftp: paramiko.SFTPClient, path: str) -> bool:
