@@ -19,6 +19,10 @@ PYTHON=${PYTHON:-python3}
 script="$PREFIX/bin/gpbackup_sftp_plugin"
 first=$(head -n 1 "$script")
 case "$first" in
+  "#!/bin/sh")
+    # pip's trampoline for interpreter paths too long or spaced for a shebang:
+    #   '''exec' "/prefix/bin/python" "$0" "$@"
+    grep -q -- '-I "$0"' "$script" || sed -i '2s| "$0" "$@"| -I "$0" "$@"|' "$script" ;;
   *" -I") ;;
   "#!/"*) sed -i "1s|\$| -I|" "$script" ;;
   *) echo "install.sh: unexpected first line in $script: $first" >&2; exit 1 ;;

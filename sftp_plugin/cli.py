@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(admin, ADMIN_COMMANDS[command])(rest)
     spec = COMMANDS.get(command)
     if spec is None:
-        return fail(command, f"unknown command; expected one of {', '.join([*VERSION_COMMANDS, *COMMANDS])}", 2)
+        known = ", ".join([*VERSION_COMMANDS, *COMMANDS, *ADMIN_COMMANDS])
+        return fail(command, f"unknown command; expected one of {known}", 2)
     if not rest:
         return fail(command, f"no config file given; {USAGE}", 2)
     config_path, args = rest[0], rest[1:]

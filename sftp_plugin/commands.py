@@ -227,11 +227,31 @@ def list_backups(remote: Remote) -> list[paths.BackupDir]:
         return remote.retrying("list backups", scan)
 
 
+def backup_succeeded(remote: Remote, backup: paths.BackupDir) -> bool:
+    """Whether gpbackup's report for ``backup`` is stored and says it succeeded."""
+    report = posixpath.join(backup.remote(remote.cfg.remote_dir), retention.report_name(backup))
+
+    def read_report() -> str:
+        try:
+            with remote.sftp.open(report, "rb") as handle:
+                return handle.read(1024 * 1024).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    with remote_errors(remote, "read backup report", report):
+        return retention.report_succeeded(remote.retrying("read backup report", read_report))
+
+
 def prune(remote: Remote, current: paths.BackupDir) -> list[paths.BackupDir]:
     cfg = remote.cfg
     if cfg.keep_last is None and cfg.keep_days is None:
         return []
-    doomed = retention.select_for_pruning(list_backups(remote), current, cfg.keep_last, cfg.keep_days, datetime.now())
+    if not backup_succeeded(remote, current):
+        log.warning("backup %s has no successful report; not pruning old backups", current.timestamp)
+        return []
+    backups = list_backups(remote)
+    succeeded = {b for b in backups if backup_succeeded(remote, b)}
+    doomed = retention.select_for_pruning(backups, succeeded, current, cfg.keep_last, cfg.keep_days, datetime.now())
     for backup in doomed:
         delete_backup_dir(remote, backup, reason=f"retention (keep_last={cfg.keep_last}, keep_days={cfg.keep_days})")
     return doomed

@@ -29,6 +29,9 @@ FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}=?")
 MIB = 1024 * 1024
 # Smallest resume buffer: one local read (1 MiB) must fit, or nothing could be resent.
 MIN_RESUME_BUFFER = MIB
+# Largest: one plugin process per segment runs at once; more than 4 GiB each is
+# surely a unit mistake (a bare number means MiB, not bytes).
+MAX_RESUME_BUFFER = 4096 * MIB
 SIZE_RE = re.compile(r"(\d+)\s*([kmg]i?b?)?", re.IGNORECASE)
 SIZE_UNITS = {"k": 1024, "m": MIB, "g": 1024 * MIB}
 TRUE_WORDS = frozenset({"yes", "on", "true", "1", "y"})
@@ -154,8 +157,8 @@ def _size(value: Any) -> int:
         raise _Invalid(f"expected a size such as 64, 64MiB or 1GiB, got {value!r}")
     unit = (match.group(2) or "m")[0].lower()
     size = int(match.group(1)) * SIZE_UNITS[unit]
-    if size < MIN_RESUME_BUFFER:
-        raise _Invalid(f"must be at least 1MiB, got {value!r}")
+    if size < MIN_RESUME_BUFFER or size > MAX_RESUME_BUFFER:
+        raise _Invalid(f"must be between 1MiB and 4GiB (a bare number means MiB), got {value!r}")
     return size
 
 

@@ -61,8 +61,10 @@ def setup_logging(log_dir: str, level: str, command: str, secrets: list[str]) ->
     handler.addFilter(_MaskSecrets(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
-    log.setLevel(getattr(logging, level.upper()))
+    root.setLevel(getattr(logging, level.upper()))
     # paramiko is chatty at INFO (every connect and auth step); keep its warnings.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # Python warnings (e.g. a library's deprecation notice) would otherwise go to
+    # stderr, which gpbackup_helper counts as a failure.
+    logging.captureWarnings(True)
     return path

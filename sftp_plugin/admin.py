@@ -1,0 +1,573 @@
+"""Commands for the administrator, not for gpbackup: ``check`` (a preflight) and ``list-backups``.
+
+Both print freely to stdout: they are run by a person (or a script, with
+``list-backups --json``), never by gpbackup, so the "nothing on stderr"
+contract of the API commands does not bind them. They never show a
+traceback: every failure is a line saying what failed and what to do, and
+the exit code says whether anything failed. Secrets from the config are
+masked in everything printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
+from typing import Any
+
+from sftp_plugin import PLUGIN_NAME
+from sftp_plugin.errors import AuthError, HostKeyError, PluginError
+
+log = logging.getLogger("gpbackup_sftp_plugin")
+
+MIB = 1024 * 1024
+DEFAULT_PROBE_MIB = 8
+# Below this much free space the check warns: one segment's data alone is usually more.
+LOW_SPACE_WARNING = 1024 * MIB
+SECRET_OPTIONS = ("password", "identity_passphrase")
+# The SFTP extension that reports file system usage, and its reply fields (OpenSSH PROTOCOL, section 4.4).
+STATVFS_EXTENSION = "statvfs@openssh.com"
+STATVFS_FIELDS = ("bsize", "frsize", "blocks", "bfree", "bavail", "files", "ffree", "favail", "fsid", "flag", "namemax")
+
+
+class _ArgumentError(Exception):
+    """argparse wanted to exit; carries the code (its message is already on stderr)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2): argparse has printed why
+        raise _ArgumentError(exit_.code if isinstance(exit_.code, int) else 2) from None
+
+
+def _quiet_logging(cfg: Any, command: str) -> str | None:
+    """Log to the plugin's log file like every other command; never let a record reach the terminal.
+
+    Returns the log file path, or None when log_dir is not writable (``check`` reports that).
+    """
+    from sftp_plugin.log import setup_logging
+
+    try:
+        return setup_logging(cfg.log_dir, cfg.log_level, command, cfg.secrets())
+    except OSError:
+        root = logging.getLogger()
+        root.handlers[:] = [logging.NullHandler()]
+        return None
+
+
+def _raw_secrets(config_path: str) -> list[str]:
+    """Secret values straight from the YAML, to mask them even when the config does not validate."""
+    try:
+        import yaml
+
+        with open(config_path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+        options = document.get("options") if isinstance(document, dict) else None
+        if not isinstance(options, dict):
+            return []
+        return [str(options[name]) for name in SECRET_OPTIONS if options.get(name) not in (None, "")]
+    except Exception:  # noqa: BLE001 - unreadable or invalid: load_config reports it properly
+        return []
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    if seconds < 0:
+        return "in future"
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m"
+
+
+# --------------------------------------------------------------------------- check
+
+
+@dataclass
+class CheckLine:
+    status: str  # OK, WARN, FAIL or SKIP
+    name: str
+    detail: str
+    advice: str = ""
+
+
+@dataclass
+class Report:
+    """The check lines, printed as they are made (a slow step shows where it is)."""
+
+    secrets: list[str] = field(default_factory=list)
+    lines: list[CheckLine] = field(default_factory=list)
+
+    def add(self, status: str, name: str, detail: str, advice: str = "") -> None:
+        from sftp_plugin.log import mask
+
+        line = CheckLine(status, name, mask(detail, self.secrets), mask(advice, self.secrets))
+        self.lines.append(line)
+        print(f"{line.status:<4}  {line.name:<11} {line.detail}", flush=True)
+        if line.advice:
+            print(f"{'':<4}  {'':<11} -> {line.advice}", flush=True)
+
+    def ok(self, name: str, detail: str) -> None:
+        self.add("OK", name, detail)
+
+    def warn(self, name: str, detail: str, advice: str = "") -> None:
+        self.add("WARN", name, detail, advice)
+
+    def fail(self, name: str, detail: str, advice: str) -> None:
+        self.add("FAIL", name, detail, advice)
+
+    def skip(self, name: str, why: str) -> None:
+        self.add("SKIP", name, why)
+
+    def fail_from(self, name: str, error: BaseException, log_path: str | None) -> None:
+        """A FAIL line for any exception: a PluginError's own advice, or a pointer to the log."""
+        if isinstance(error, PluginError):
+            self.fail(name, error.message, error.hint or "see the message above")
+        elif isinstance(error, OSError):
+            self.fail(name, str(error) or type(error).__name__, "check the backup host and the network")
+        else:
+            log.error("check %s: unexpected failure", name, exc_info=error)
+            where = f"details in {log_path}" if log_path else "set log_dir to a writable directory for details"
+            self.fail(name, f"unexpected error: {type(error).__name__}: {error}", f"please report this; {where}")
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for line in self.lines if line.status == "FAIL")
+
+
+@dataclass(frozen=True)
+class FsUsage:
+    """The statvfs@openssh.com reply, field names as in OpenSSH's PROTOCOL file."""
+
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    favail: int
+    fsid: int
+    flag: int
+    namemax: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.blocks * self.frsize
+
+    @property
+    def available_bytes(self) -> int:
+        return self.bavail * self.frsize
+
+
+def statvfs(sftp: Any, path: str) -> FsUsage | None:
+    """File system usage of ``path`` on the server; None when the server lacks the extension.
+
+    paramiko has no public call for it, so the extended request goes through
+    the SFTPClient's own request machinery (as transfer.fsync does).
+    """
+    from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
+
+    try:
+        kind, msg = sftp._request(CMD_EXTENDED, STATVFS_EXTENSION, path)
+    except OSError as err:
+        if "unsupported" in str(err).lower():
+            return None
+        raise
+    if kind != CMD_EXTENDED_REPLY:
+        raise OSError(f"unexpected reply type {kind} to {STATVFS_EXTENSION}")
+    return FsUsage(**{name: msg.get_int64() for name in STATVFS_FIELDS})
+
+
+def _print_options(cfg: Any, config_path: str) -> None:
+    from sftp_plugin.connection import resolve_endpoint
+    from sftp_plugin.log import MASK
+
+    print(f"Effective options of {config_path} (defaults filled in, secrets masked):")
+    for option in fields(cfg):
+        value = getattr(cfg, option.name)
+        if value is None:
+            shown = "(not set)"
+        elif option.name in SECRET_OPTIONS:
+            shown = MASK
+        elif isinstance(value, bool):
+            shown = "yes" if value else "no"
+        else:
+            shown = str(value)
+        print(f"  {option.name:<26} {shown}")
+    try:
+        endpoint = resolve_endpoint(cfg)
+    except PluginError:
+        return  # the connect check reports it
+    identities = ", ".join(endpoint.identity_files) or "ssh-agent, then the default keys in ~/.ssh"
+    print(f"  {'-> connects to':<26} {endpoint} (after ~/.ssh/config), keys: {identities}")
+
+
+def _throughput(size: int, seconds: float) -> str:
+    return f"{size / MIB / max(seconds, 1e-6):.1f} MiB/s"
+
+
+def _check_free_space(remote: Any, report: Report, probe_size: int) -> None:
+    root = remote.cfg.remote_dir
+    usage = statvfs(remote.sftp, root)
+    if usage is None:
+        report.warn("free space", f"the server does not offer {STATVFS_EXTENSION}: free space unknown",
+                    f"check it on the backup host with: df -h {root}")
+        return
+    free, total = usage.available_bytes, usage.total_bytes
+    percent = 100.0 * free / total if total else 0.0
+    detail = f"{human_size(free)} free of {human_size(total)} ({percent:.0f}%) on {remote.where(root)}"
+    if usage.files:
+        detail += f", {usage.favail} inodes free"
+    if free < max(probe_size, 1):
+        report.fail("free space", detail, "free space on the backup host's file system, or point remote_dir elsewhere")
+    elif usage.files and usage.favail == 0:
+        report.fail("free space", detail, "the file system has no free inodes; remove files on the backup host")
+    elif free < LOW_SPACE_WARNING:
+        report.warn("free space", detail, "a backup needs room for every segment's data; free space first")
+    else:
+        report.ok("free space", detail)
+
+
+def _check_round_trip(remote: Any, report: Report, size: int) -> None:
+    """Write ``size`` random bytes the way backup_data does, read them back, compare, delete."""
+    from sftp_plugin import transfer
+    from sftp_plugin.commands import PROBE_PREFIX
+
+    sftp = remote.sftp
+    probe = posixpath.join(remote.cfg.remote_dir, f"{PROBE_PREFIX}.{os.getpid()}.{secrets.token_hex(4)}")
+    data = os.urandom(size)
+    try:
+        started = time.monotonic()
+        with sftp.open(probe, "wb") as handle:
+            writer = transfer.PipelinedWriter(sftp, handle.handle)
+            writer.write(data)
+            writer.drain()
+            transfer.fsync(sftp, handle.handle)
+        write_seconds = time.monotonic() - started
+        digest = hashlib.sha256()
+        started = time.monotonic()
+        with sftp.open(probe, "rb") as handle:
+            read = transfer.read_range(sftp, handle.handle, 0, size, digest.update)
+        read_seconds = time.monotonic() - started
+        sftp.remove(probe)
+    except BaseException:
+        transfer.remove_quietly(sftp, probe)
+        raise
+    if read != size or digest.digest() != hashlib.sha256(data).digest():
+        report.fail("round trip", f"the {human_size(size)} probe file read back differs from what was written",
+                    "the backup host's storage is corrupting data; do not use it for backups")
+        return
+    report.ok("round trip", f"{human_size(size)} probe written at {_throughput(size, write_seconds)}, "
+                            f"read back at {_throughput(size, read_seconds)}, identical, deleted")
+
+
+def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
+    from sftp_plugin.commands import Remote, check_writable, require_remote_dir
+    from sftp_plugin.config import load_config
+    from sftp_plugin.connection import fingerprint, resolve_endpoint
+
+    try:
+        cfg = load_config(config_path)
+    except PluginError as err:
+        report.fail("config", err.message, err.hint)
+        return
+    report.secrets = [*report.secrets, *cfg.secrets()]
+    _print_options(cfg, config_path)
+    print(flush=True)
+    report.ok("config", f"{config_path} is valid")
+
+    log_path = _quiet_logging(cfg, "check")
+    if log_path is None:
+        from sftp_plugin.log import log_file_path
+
+        report.fail("log_dir", f"cannot write the log file {log_file_path(cfg.log_dir)}",
+                    "create log_dir writable for this user, or set log_dir elsewhere; every plugin call logs there")
+    else:
+        report.ok("log_dir", f"plugin calls log to {log_path}")
+
+    # One attempt only: a person waiting on a preflight wants the first error, not a minute of backoff.
+    remote = Remote(replace(cfg, retries=1))
+    try:
+        try:
+            endpoint = resolve_endpoint(cfg)
+            session = remote.session
+        except HostKeyError as err:
+            report.ok("connect", f"SSH handshake with {endpoint.host}:{endpoint.port} done")
+            report.fail("host key", err.message, err.hint)
+            report.skip("auth", "not attempted: no credential is sent to an unverified host")
+            return
+        except AuthError as err:
+            report.ok("connect", f"SSH handshake with {endpoint.host}:{endpoint.port} done")
+            report.ok("host key", "verified before authentication")
+            report.fail("auth", err.message, err.hint)
+            return
+        except Exception as err:  # noqa: BLE001 - every failure becomes a FAIL line
+            report.fail_from("connect", err, log_path)
+            return
+        transport = session.transport
+        report.ok("connect", f"{session.endpoint}, server {transport.remote_version}")
+        key = transport.get_remote_server_key()
+        key_text = f"{key.get_name()} {fingerprint(key)}"
+        if session.host_key_status.startswith("not verified"):
+            report.warn("host key", f"{key_text}, {session.host_key_status}",
+                        f"pin it: host_key_fingerprint: {fingerprint(key)} (after checking it on the backup host "
+                        "with ssh-keygen -lf), or add it to known_hosts_file")
+        else:
+            report.ok("host key", f"{key_text}, verified by {session.host_key_status}")
+        report.ok("auth", f"{session.auth_method} as {session.endpoint.user}")
+        integrity = "authenticated encryption" if session.cipher.endswith("-gcm@openssh.com") else \
+            f"MAC {transport.remote_mac}"
+        report.ok("cipher", f"{session.cipher} ({integrity})")
+
+        def remote_dir_exists() -> None:
+            require_remote_dir(remote)
+            report.ok("remote_dir", f"{remote.where(cfg.remote_dir)} is a directory")
+
+        def writable() -> None:
+            check_writable(remote)
+            report.ok("writable", f"{session.endpoint.user} can create and delete files there")
+
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("remote_dir", remote_dir_exists),
+            ("writable", writable),
+            ("free space", lambda: _check_free_space(remote, report, probe_size)),
+        ]
+        if probe_size:
+            steps.append(("round trip", lambda: _check_round_trip(remote, report, probe_size)))
+        for index, (name, step) in enumerate(steps):
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - every failure becomes a FAIL line
+                report.fail_from(name, err, log_path)
+                if name in ("remote_dir", "writable"):
+                    for later, _ in steps[index + 1:]:
+                        report.skip(later, f"needs a writable remote_dir ({name} failed)")
+                    return
+    finally:
+        try:
+            remote.close()
+        except Exception:  # noqa: BLE001 - closing a broken session must not hide the report
+            log.debug("closing the session failed", exc_info=True)
+
+
+def _probe_mib(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of MiB, got {text!r}") from None
+    if not 0 <= value <= 4096:
+        raise argparse.ArgumentTypeError("must be between 0 and 4096")
+    return value * MIB
+
+
+def check(argv: list[str]) -> int:
+    """``check <config> [--probe-mib N]``: preflight of a config, one OK/WARN/FAIL line per check."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PLUGIN_NAME} check",
+        description="Check a plugin config against its backup host: options, connection, host key, "
+                    "authentication, cipher, remote_dir, free space and a write/read/delete round trip.")
+    parser.add_argument("config", help="the plugin config file (YAML) given to gpbackup --plugin-config")
+    parser.add_argument("--probe-mib", type=_probe_mib, default=DEFAULT_PROBE_MIB * MIB, metavar="N",
+                        help=f"size of the round-trip probe file in MiB (default {DEFAULT_PROBE_MIB}; 0 skips it)")
+    try:
+        args = _parse(parser, argv)
+    except _ArgumentError as err:
+        return err.code
+    report = Report(secrets=_raw_secrets(args.config))
+    print(f"{PLUGIN_NAME} check {args.config}", flush=True)
+    try:
+        _run_checks(args.config, args.probe_mib, report)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        return 130
+    except Exception as err:  # noqa: BLE001 - never a traceback
+        report.fail_from("check", err, None)
+    print()
+    total = len(report.lines)
+    if report.failed:
+        print(f"{report.failed} of {total} checks FAILED: fix them (see the -> lines) and run check again.")
+        return 1
+    warned = sum(1 for line in report.lines if line.status == "WARN")
+    print(f"All checks passed{f' ({warned} with warnings)' if warned else ''}: this config is ready for gpbackup.")
+    return 0
+
+
+# --------------------------------------------------------------------------- list-backups
+
+
+@dataclass
+class BackupSummary:
+    timestamp: str
+    path: str
+    files: int
+    bytes: int
+    age_seconds: int
+    temporary_files: list[str]
+    has_report: bool
+
+    @property
+    def reasons(self) -> list[str]:
+        found: list[str] = []
+        if self.temporary_files:
+            count = len(self.temporary_files)
+            found.append(f"{count} leftover temporary file{'s' if count != 1 else ''} (an interrupted upload)")
+        if not self.has_report:
+            found.append("no coordinator report (gpbackup did not finish)")
+        return found
+
+    @property
+    def complete(self) -> bool:
+        return not self.reasons
+
+    @property
+    def state(self) -> str:
+        return "complete" if self.complete else "incomplete: " + "; ".join(self.reasons)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "timestamp": self.timestamp,
+            "path": self.path,
+            "files": self.files,
+            "bytes": self.bytes,
+            "age_seconds": self.age_seconds,
+            "complete": self.complete,
+            "state": "complete" if self.complete else "incomplete",
+            "reasons": self.reasons,
+            "temporary_files": self.temporary_files,
+            "has_report": self.has_report,
+        }
+
+
+def report_name(timestamp: str) -> str:
+    """The file gpbackup writes from the coordinator when a backup ends."""
+    return f"gpbackup_{timestamp}_report"
+
+
+def summarize(timestamp: str, path: str, entries: list[tuple[str, int]], now: datetime) -> BackupSummary:
+    """One backup from its file listing (relative paths and sizes)."""
+    from sftp_plugin import paths
+    from sftp_plugin.integrity import is_sidecar
+
+    names = [posixpath.basename(name) for name, _ in entries]
+    temporary = sorted(name for name in names if paths.is_temp_name(name))
+    data_files = [name for name in names if not paths.is_temp_name(name) and not is_sidecar(name)]
+    started = datetime.strptime(timestamp, "%Y%m%d%H%M%S")  # gpbackup timestamps are the coordinator's local time
+    return BackupSummary(
+        timestamp=timestamp,
+        path=path,
+        files=len(data_files),
+        bytes=sum(size for _, size in entries),
+        age_seconds=int((now - started).total_seconds()),
+        temporary_files=temporary,
+        has_report=report_name(timestamp) in names,
+    )
+
+
+def _print_table(host: str, root: str, backups: list[BackupSummary]) -> None:
+    if not backups:
+        print(f"No backups under {host}:{posixpath.join(root, 'backups')}")
+        return
+    rows = [("TIMESTAMP", "FILES", "SIZE", "AGE", "STATE")]
+    rows += [(b.timestamp, str(b.files), human_size(b.bytes), human_age(b.age_seconds), b.state) for b in backups]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}")
+    incomplete = sum(1 for b in backups if not b.complete)
+    total = sum(b.bytes for b in backups)
+    print(f"\n{len(backups)} backup{'s' if len(backups) != 1 else ''}, {human_size(total)} on "
+          f"{host}:{root}; {incomplete} incomplete")
+
+
+def _error(message: str, code: int) -> int:
+    text = " ".join(message.split())
+    sys.stderr.write(f"{PLUGIN_NAME} list-backups: {text}\n")
+    return code
+
+
+def list_backups(argv: list[str]) -> int:
+    """``list-backups <config> [--json]``: the backups on the host, their size, age and completeness."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PLUGIN_NAME} list-backups",
+        description="List the backups stored on the backup host: timestamp, files, total size, age, and whether "
+                    "each is complete.")
+    parser.add_argument("config", help="the plugin config file (YAML)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+    try:
+        args = _parse(parser, argv)
+    except _ArgumentError as err:
+        return err.code
+
+    from sftp_plugin.config import load_config
+    from sftp_plugin.log import mask
+
+    try:
+        cfg = load_config(args.config)
+    except PluginError as err:
+        return _error(mask(str(err), _raw_secrets(args.config)), err.exit_code)
+    _quiet_logging(cfg, "list-backups")
+    try:
+        summaries = _collect(cfg)
+    except PluginError as err:
+        log.error("list-backups failed: %s", err)
+        return _error(mask(str(err), cfg.secrets()), err.exit_code)
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+    except Exception as err:  # noqa: BLE001 - never a traceback
+        log.exception("list-backups: unexpected failure")
+        return _error(mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
+    if args.json:
+        document = {"host": cfg.hostname, "remote_dir": cfg.remote_dir,
+                    "backups": [summary.as_json() for summary in summaries]}
+        print(json.dumps(document, indent=2))
+    else:
+        _print_table(cfg.hostname, cfg.remote_dir, summaries)
+    return 0
+
+
+def _collect(cfg: Any) -> list[BackupSummary]:
+    from sftp_plugin import transfer
+    from sftp_plugin.commands import Remote, remote_errors
+    from sftp_plugin.commands import list_backups as backup_dirs
+
+    # Two attempts at most: enough for a dropped handshake, short enough for a person waiting.
+    remote = Remote(replace(cfg, retries=min(cfg.retries, 2)))
+    try:
+        now = datetime.now()
+        summaries: list[BackupSummary] = []
+        for backup in sorted(backup_dirs(remote), key=lambda b: b.timestamp):
+            path = backup.remote(cfg.remote_dir)
+            with remote_errors(remote, "list backup", path):
+                entries = transfer.walk_files(remote.sftp, path)
+            summaries.append(summarize(backup.timestamp, path, entries, now))
+        return summaries
+    finally:
+        try:
+            remote.close()
+        except Exception:  # noqa: BLE001 - closing a broken session must not hide the result
+            log.debug("closing the session failed", exc_info=True)
