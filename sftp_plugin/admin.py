@@ -236,8 +236,11 @@ def _check_free_space(remote: Any, report: Report, probe_size: int) -> None:
     root = remote.cfg.remote_dir
     usage = statvfs(remote.sftp, root)
     if usage is None:
-        report.warn("free space", f"the server does not offer {STATVFS_EXTENSION}: free space unknown",
-                    f"check it on the backup host with: df -h {root}")
+        report.warn(
+            "free space",
+            f"the server does not offer {STATVFS_EXTENSION}: free space unknown",
+            f"check it on the backup host with: df -h {root}",
+        )
         return
     free, total = usage.available_bytes, usage.total_bytes
     percent = 100.0 * free / total if total else 0.0
@@ -280,11 +283,17 @@ def _check_round_trip(remote: Any, report: Report, size: int) -> None:
         transfer.remove_quietly(sftp, probe)
         raise
     if read != size or digest.digest() != hashlib.sha256(data).digest():
-        report.fail("round trip", f"the {human_size(size)} probe file read back differs from what was written",
-                    "the backup host's storage is corrupting data; do not use it for backups")
+        report.fail(
+            "round trip",
+            f"the {human_size(size)} probe file read back differs from what was written",
+            "the backup host's storage is corrupting data; do not use it for backups",
+        )
         return
-    report.ok("round trip", f"{human_size(size)} probe written at {_throughput(size, write_seconds)}, "
-                            f"read back at {_throughput(size, read_seconds)}, identical, deleted")
+    report.ok(
+        "round trip",
+        f"{human_size(size)} probe written at {_throughput(size, write_seconds)}, "
+        f"read back at {_throughput(size, read_seconds)}, identical, deleted",
+    )
 
 
 def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
@@ -306,8 +315,11 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
     if log_path is None:
         from sftp_plugin.log import log_file_path
 
-        report.fail("log_dir", f"cannot write the log file {log_file_path(cfg.log_dir)}",
-                    "create log_dir writable for this user, or set log_dir elsewhere; every plugin call logs there")
+        report.fail(
+            "log_dir",
+            f"cannot write the log file {log_file_path(cfg.log_dir)}",
+            "create log_dir writable for this user, or set log_dir elsewhere; every plugin call logs there",
+        )
     else:
         report.ok("log_dir", f"plugin calls log to {log_path}")
 
@@ -335,14 +347,18 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
         key = transport.get_remote_server_key()
         key_text = f"{key.get_name()} {fingerprint(key)}"
         if session.host_key_status.startswith("not verified"):
-            report.warn("host key", f"{key_text}, {session.host_key_status}",
-                        f"pin it: host_key_fingerprint: {fingerprint(key)} (after checking it on the backup host "
-                        "with ssh-keygen -lf), or add it to known_hosts_file")
+            report.warn(
+                "host key",
+                f"{key_text}, {session.host_key_status}",
+                f"pin it: host_key_fingerprint: {fingerprint(key)} (after checking it on the backup host "
+                "with ssh-keygen -lf), or add it to known_hosts_file",
+            )
         else:
             report.ok("host key", f"{key_text}, verified by {session.host_key_status}")
         report.ok("auth", f"{session.auth_method} as {session.endpoint.user}")
-        integrity = "authenticated encryption" if session.cipher.endswith("-gcm@openssh.com") else \
-            f"MAC {transport.remote_mac}"
+        integrity = (
+            "authenticated encryption" if session.cipher.endswith("-gcm@openssh.com") else f"MAC {transport.remote_mac}"
+        )
         report.ok("cipher", f"{session.cipher} ({integrity})")
 
         def remote_dir_exists() -> None:
@@ -366,7 +382,7 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
             except Exception as err:  # noqa: BLE001 - every failure becomes a FAIL line
                 report.fail_from(name, err, log_path)
                 if name in ("remote_dir", "writable"):
-                    for later, _ in steps[index + 1:]:
+                    for later, _ in steps[index + 1 :]:
                         report.skip(later, f"needs a writable remote_dir ({name} failed)")
                     return
     finally:
@@ -391,10 +407,16 @@ def check(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PLUGIN_NAME} check",
         description="Check a plugin config against its backup host: options, connection, host key, "
-                    "authentication, cipher, remote_dir, free space and a write/read/delete round trip.")
+        "authentication, cipher, remote_dir, free space and a write/read/delete round trip.",
+    )
     parser.add_argument("config", help="the plugin config file (YAML) given to gpbackup --plugin-config")
-    parser.add_argument("--probe-mib", type=_probe_mib, default=DEFAULT_PROBE_MIB * MIB, metavar="N",
-                        help=f"size of the round-trip probe file in MiB (default {DEFAULT_PROBE_MIB}; 0 skips it)")
+    parser.add_argument(
+        "--probe-mib",
+        type=_probe_mib,
+        default=DEFAULT_PROBE_MIB * MIB,
+        metavar="N",
+        help=f"size of the round-trip probe file in MiB (default {DEFAULT_PROBE_MIB}; 0 skips it)",
+    )
     try:
         args = _parse(parser, argv)
     except _ArgumentError as err:
@@ -500,8 +522,10 @@ def _print_table(host: str, root: str, backups: list[BackupSummary]) -> None:
         print(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}")
     incomplete = sum(1 for b in backups if not b.complete)
     total = sum(b.bytes for b in backups)
-    print(f"\n{len(backups)} backup{'s' if len(backups) != 1 else ''}, {human_size(total)} on "
-          f"{host}:{root}; {incomplete} incomplete")
+    print(
+        f"\n{len(backups)} backup{'s' if len(backups) != 1 else ''}, {human_size(total)} on "
+        f"{host}:{root}; {incomplete} incomplete"
+    )
 
 
 def _error(message: str, code: int) -> int:
@@ -515,7 +539,8 @@ def list_backups(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PLUGIN_NAME} list-backups",
         description="List the backups stored on the backup host: timestamp, files, total size, age, and whether "
-                    "each is complete.")
+        "each is complete.",
+    )
     parser.add_argument("config", help="the plugin config file (YAML)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     try:
@@ -542,8 +567,11 @@ def list_backups(argv: list[str]) -> int:
         log.exception("list-backups: unexpected failure")
         return _error(mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
     if args.json:
-        document = {"host": cfg.hostname, "remote_dir": cfg.remote_dir,
-                    "backups": [summary.as_json() for summary in summaries]}
+        document = {
+            "host": cfg.hostname,
+            "remote_dir": cfg.remote_dir,
+            "backups": [summary.as_json() for summary in summaries],
+        }
         print(json.dumps(document, indent=2))
     else:
         _print_table(cfg.hostname, cfg.remote_dir, summaries)

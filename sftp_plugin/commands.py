@@ -85,20 +85,26 @@ def remote_errors(remote: Remote, action: str, path: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:
-        raise RemoteNotFound(f"{action}: {remote.where(path)} does not exist",
-                             "check remote_dir and the backup timestamp") from None
+        raise RemoteNotFound(
+            f"{action}: {remote.where(path)} does not exist", "check remote_dir and the backup timestamp"
+        ) from None
     except transfer.ShortFileError as err:
-        raise RemoteError(f"{action}: {remote.where(path)} is shorter than expected ({err})",
-                          "the stored file may be truncated; check the backup host's disk") from None
+        raise RemoteError(
+            f"{action}: {remote.where(path)} is shorter than expected ({err})",
+            "the stored file may be truncated; check the backup host's disk",
+        ) from None
     except PermissionError:
-        raise RemoteError(f"{action}: permission denied on {remote.where(path)}",
-                          f"check that {remote.cfg.effective_username()} may write there") from None
+        raise RemoteError(
+            f"{action}: permission denied on {remote.where(path)}",
+            f"check that {remote.cfg.effective_username()} may write there",
+        ) from None
     except OSError as err:
         if err.errno is not None or not str(err) or is_connection_lost(err):
             raise
         # Paramiko maps the generic SFTP "Failure" status to a bare IOError: usually a full disk or quota.
-        raise RemoteError(f"{action}: {remote.where(path)}: {err}",
-                          "check free space, quotas and permissions on the backup host") from None
+        raise RemoteError(
+            f"{action}: {remote.where(path)}: {err}", "check free space, quotas and permissions on the backup host"
+        ) from None
 
 
 def parse_scope(args: list[str]) -> str:
@@ -119,8 +125,10 @@ def require_remote_dir(remote: Remote) -> None:
     root = remote.cfg.remote_dir
     with remote_errors(remote, "check remote_dir", root):
         if not remote.retrying("check remote_dir", lambda: transfer.is_dir(remote.sftp, root)):
-            raise RemoteNotFound(f"remote_dir {remote.where(root)} does not exist or is not a directory",
-                                 f"create it on the backup host for user {remote.session.endpoint.user}")
+            raise RemoteNotFound(
+                f"remote_dir {remote.where(root)} does not exist or is not a directory",
+                f"create it on the backup host for user {remote.session.endpoint.user}",
+            )
 
 
 def check_writable(remote: Remote) -> None:
@@ -138,7 +146,8 @@ def check_writable(remote: Remote) -> None:
         raise RemoteError(
             f"remote_dir {remote.where(remote.cfg.remote_dir)} is not writable by "
             f"{remote.session.endpoint.user}: {err.strerror or err}",
-            "fix its ownership or permissions on the backup host") from None
+            "fix its ownership or permissions on the backup host",
+        ) from None
 
 
 def setup_plugin_for_backup(remote: Remote, args: list[str]) -> Result:
@@ -148,8 +157,9 @@ def setup_plugin_for_backup(remote: Remote, args: list[str]) -> Result:
         require_remote_dir(remote)
         target = backup.remote(remote.cfg.remote_dir)
         with remote_errors(remote, "create backup directory", target):
-            remote.retrying("create backup directory",
-                            lambda: transfer.makedirs(remote.sftp, target, stop_at=remote.cfg.remote_dir))
+            remote.retrying(
+                "create backup directory", lambda: transfer.makedirs(remote.sftp, target, stop_at=remote.cfg.remote_dir)
+            )
         return Result(detail=f"created {remote.where(target)}")
     if scope == "segment_host":
         check_writable(remote)
@@ -165,8 +175,10 @@ def setup_plugin_for_restore(remote: Remote, args: list[str]) -> Result:
         target = backup.remote(remote.cfg.remote_dir)
         with remote_errors(remote, "find backup", target):
             if not remote.retrying("find backup", lambda: transfer.is_dir(remote.sftp, target)):
-                raise RemoteNotFound(f"backup {backup.timestamp} not found: {remote.where(target)} does not exist",
-                                     "check the --timestamp and remote_dir (list_directory shows what is stored)")
+                raise RemoteNotFound(
+                    f"backup {backup.timestamp} not found: {remote.where(target)} does not exist",
+                    "check the --timestamp and remote_dir (list_directory shows what is stored)",
+                )
         return Result(detail=f"found {remote.where(target)}")
     if scope == "segment_host":
         require_remote_dir(remote)
@@ -295,18 +307,21 @@ def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> 
     root = remote.cfg.remote_dir
     target = target_file.remote(root)
     digest = integrity.new_hash() if remote.cfg.verify_checksums else None
-    upload = transfer.ResumableUpload(source.read, target, remote.cfg.resume_buffer,
-                                      on_chunk=digest.update if digest else None)
+    upload = transfer.ResumableUpload(
+        source.read, target, remote.cfg.resume_buffer, on_chunk=digest.update if digest else None
+    )
     require_remote_dir(remote)
     with remote_errors(remote, "upload", target):
-        remote.retrying("create backup directory",
-                        lambda: transfer.makedirs(remote.sftp, posixpath.dirname(target), stop_at=root))
+        remote.retrying(
+            "create backup directory", lambda: transfer.makedirs(remote.sftp, posixpath.dirname(target), stop_at=root)
+        )
         try:
             size = remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp))
             if digest is not None:
                 sidecar = integrity.format_sidecar(digest.hexdigest(), target_file.name)
-                remote.retrying("store checksum", lambda: transfer.put_bytes(
-                    remote.sftp, sidecar, integrity.sidecar_path(target)))
+                remote.retrying(
+                    "store checksum", lambda: transfer.put_bytes(remote.sftp, sidecar, integrity.sidecar_path(target))
+                )
             remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
         except BaseException:
             with contextlib.suppress(Exception):
@@ -346,13 +361,16 @@ def _expected_digest(remote: Remote, source: str) -> str | None:
         return None
     expected = integrity.parse_sidecar(text)
     if expected is None:
-        raise IntegrityError(f"checksum file {remote.where(sidecar)} is not in sha256sum format",
-                             "it may be damaged; compare it with sha256sum on the backup host")
+        raise IntegrityError(
+            f"checksum file {remote.where(sidecar)} is not in sha256sum format",
+            "it may be damaged; compare it with sha256sum on the backup host",
+        )
     return expected
 
 
-def _download(remote: Remote, source: str, sink: Callable[[bytes], object],
-              ranges: list[tuple[int, int]] | None = None) -> int:
+def _download(
+    remote: Remote, source: str, sink: Callable[[bytes], object], ranges: list[tuple[int, int]] | None = None
+) -> int:
     """Stream ``source`` (or ranges of it) to ``sink``, resuming after resets; verify whole files."""
     with remote_errors(remote, "download", source):
         expected = _expected_digest(remote, source) if ranges is None else None
@@ -368,8 +386,10 @@ def _download(remote: Remote, source: str, sink: Callable[[bytes], object],
     if ranges is None and expected is None and remote.cfg.verify_checksums:
         log.warning("no checksum stored for %s; its bytes were not verified", remote.where(source))
     if digest is not None and digest.hexdigest() != expected:
-        raise IntegrityError(f"checksum mismatch for {remote.where(source)}: the stored bytes are not what was "
-                             "backed up", "the file on the backup host is damaged; restore from another backup")
+        raise IntegrityError(
+            f"checksum mismatch for {remote.where(source)}: the stored bytes are not what was backed up",
+            "the file on the backup host is damaged; restore from another backup",
+        )
     return size
 
 

@@ -14,16 +14,9 @@ import hashlib
 import logging
 import os
 import socket
-import sys
 from dataclasses import dataclass
 
-# paramiko imports `invoke` at import time only to run ssh_config "Match exec"
-# lines, and that import alone costs ~180 ms of every plugin call (measured:
-# 437 ms -> 174 ms to import commands). Blocking it makes Match exec
-# unsupported, which is documented.
-sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
-
-import paramiko  # noqa: E402 - must follow the invoke block above
+import paramiko
 
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.errors import AuthError, ConfigError, ConnectError, HostKeyError
@@ -75,7 +68,7 @@ def resolve_endpoint(cfg: PluginConfig) -> Endpoint:
     if os.path.isfile(path):
         try:
             found = paramiko.SSHConfig.from_path(path).lookup(cfg.hostname)
-        except Exception as err:  # a broken ssh_config must name itself, not crash
+        except Exception as err:  # noqa: BLE001 - a broken ssh_config must name itself, not crash
             raise ConfigError(f"cannot parse {path}: {err}", "fix or move that file") from None
     port = cfg.port or int(found.get("port", DEFAULT_PORT))
     if cfg.identity_file:
@@ -181,7 +174,9 @@ def _load_key(path: str, passphrase: str | None, required: bool) -> paramiko.PKe
     except paramiko.PasswordRequiredException:
         if not required:
             return None
-        raise AuthError(f"identity_file {path} is encrypted", "set identity_passphrase or load it into ssh-agent") from None
+        raise AuthError(
+            f"identity_file {path} is encrypted", "set identity_passphrase or load it into ssh-agent"
+        ) from None
     except FileNotFoundError:
         raise AuthError(f"identity_file {path} does not exist", "check the identity_file option") from None
     except (OSError, ValueError, paramiko.SSHException) as err:
@@ -218,8 +213,14 @@ def authenticate(transport: paramiko.Transport, cfg: PluginConfig, endpoint: End
 class Session:
     """One SSH transport with one SFTP channel; close() releases both."""
 
-    def __init__(self, transport: paramiko.Transport, sftp: paramiko.SFTPClient, endpoint: Endpoint,
-                 host_key_status: str, auth_method: str) -> None:
+    def __init__(
+        self,
+        transport: paramiko.Transport,
+        sftp: paramiko.SFTPClient,
+        endpoint: Endpoint,
+        host_key_status: str,
+        auth_method: str,
+    ) -> None:
         self.transport = transport
         self.sftp = sftp
         self.endpoint = endpoint
@@ -258,13 +259,16 @@ def connect(cfg: PluginConfig, endpoint: Endpoint | None = None) -> Session:
     try:
         options = transport.get_security_options()
         offered = list(options.ciphers)
-        options.ciphers = [c for c in PREFERRED_CIPHERS if c in offered] + [c for c in offered if c not in PREFERRED_CIPHERS]
+        options.ciphers = [c for c in PREFERRED_CIPHERS if c in offered] + [
+            c for c in offered if c not in PREFERRED_CIPHERS
+        ]
         known_types = list((known.lookup(endpoint.known_hosts_name) or {}).keys())
         if known_types and not cfg.host_key_fingerprint:
             # Ask for the key type we already trust, as ssh does, so a server with
             # several host keys is checked against the one on file.
             options.key_types = [t for t in options.key_types if t in known_types] + [
-                t for t in options.key_types if t not in known_types]
+                t for t in options.key_types if t not in known_types
+            ]
         transport.banner_timeout = cfg.connect_timeout
         transport.auth_timeout = cfg.connect_timeout
         try:
@@ -283,7 +287,9 @@ def connect(cfg: PluginConfig, endpoint: Endpoint | None = None) -> Session:
         # A read or a send that makes no progress for io_timeout seconds raises
         # socket.timeout, which the retry policy turns into a reconnect.
         sftp.get_channel().settimeout(cfg.io_timeout)
-        log.debug("connected to %s (%s, %s, cipher %s)", endpoint, host_key_status, auth_method, transport.remote_cipher)
+        log.debug(
+            "connected to %s (%s, %s, cipher %s)", endpoint, host_key_status, auth_method, transport.remote_cipher
+        )
         return Session(transport, sftp, endpoint, host_key_status, auth_method)
     except BaseException:
         transport.close()

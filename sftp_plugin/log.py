@@ -55,9 +55,7 @@ def setup_logging(log_dir: str, level: str, command: str, secrets: list[str]) ->
     os.makedirs(os.path.dirname(path), exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     host = socket.gethostname()
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s {host} [%(process)d] %(levelname)s {command}: %(message)s")
-    )
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {host} [%(process)d] %(levelname)s {command}: %(message)s"))
     handler.addFilter(_MaskSecrets(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]

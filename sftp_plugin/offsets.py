@@ -32,6 +32,8 @@ def parse_offsets(text: str, source: str = "offsets file") -> list[Range]:
         if start < 0 or start >= end:
             raise UsageError(f"{source}: range [{start}, {end}) is empty or negative", "each start must be < its end")
         if start < previous_end:
-            raise UsageError(f"{source}: range [{start}, {end}) overlaps or precedes the one before", "ranges must ascend")
+            raise UsageError(
+                f"{source}: range [{start}, {end}) overlaps or precedes the one before", "ranges must ascend"
+            )
         previous_end = end
     return ranges

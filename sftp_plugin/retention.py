@@ -40,8 +40,14 @@ def backup_time(backup: BackupDir) -> datetime | None:
         return None
 
 
-def select_for_pruning(backups: list[BackupDir], succeeded: set[BackupDir], current: BackupDir,
-                       keep_last: int | None, keep_days: int | None, now: datetime) -> list[BackupDir]:
+def select_for_pruning(
+    backups: list[BackupDir],
+    succeeded: set[BackupDir],
+    current: BackupDir,
+    keep_last: int | None,
+    keep_days: int | None,
+    now: datetime,
+) -> list[BackupDir]:
     """The backups to delete, oldest first. No rule set means nothing is deleted."""
     if keep_last is None and keep_days is None:
         return []

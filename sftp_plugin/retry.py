@@ -28,10 +28,19 @@ T = TypeVar("T")
 INITIAL_WAIT = 1.0
 DEFAULT_MAX_WAIT = 30.0
 # OS errors a new connection can fix; everything else (EACCES, ENOSPC, ENOENT...) is final.
-TRANSIENT_ERRNOS = frozenset({
-    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
-    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN,
-})
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+    }
+)
 
 
 def is_connection_lost(error: BaseException) -> bool:
@@ -50,8 +59,14 @@ def is_connection_lost(error: BaseException) -> bool:
 def _log_before_sleep(what: str) -> Callable[[tenacity.RetryCallState], None]:
     def before_sleep(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
-        log.warning("%s: attempt %d failed (%s); retrying in %.1fs", what, state.attempt_number,
-                    describe(error), state.next_action.sleep if state.next_action else 0.0)
+        log.warning(
+            "%s: attempt %d failed (%s); retrying in %.1fs",
+            what,
+            state.attempt_number,
+            describe(error),
+            state.next_action.sleep if state.next_action else 0.0,
+        )
+
     return before_sleep
 
 
@@ -61,8 +76,9 @@ def describe(error: BaseException | None) -> str:
     return str(error) or type(error).__name__
 
 
-def call_with_retries(what: str, attempts: int, max_wait: float, action: Callable[[], T],
-                      on_retry: Callable[[], None] | None = None) -> T:
+def call_with_retries(
+    what: str, attempts: int, max_wait: float, action: Callable[[], T], on_retry: Callable[[], None] | None = None
+) -> T:
     """Run ``action`` until it succeeds, fails for good, or ``attempts`` are used up.
 
     ``on_retry`` runs before each new attempt (e.g. to drop a broken session).
@@ -86,7 +102,9 @@ def call_with_retries(what: str, attempts: int, max_wait: float, action: Callabl
     except BaseException as error:
         if is_connection_lost(error) and attempts > 1:
             message = getattr(error, "message", None) or describe(error)
-            raise ConnectError(f"{what} failed after {attempts} attempts: {message}",
-                               getattr(error, "hint", "") or "check the network and the backup host's sshd") from error
+            raise ConnectError(
+                f"{what} failed after {attempts} attempts: {message}",
+                getattr(error, "hint", "") or "check the network and the backup host's sshd",
+            ) from error
         raise
     raise AssertionError("unreachable: tenacity either returns or raises")

@@ -86,8 +86,14 @@ class PipelinedWriter:
     reconnecting caller can truncate to it and resume from there.
     """
 
-    def __init__(self, sftp: paramiko.SFTPClient, handle: bytes, offset: int = 0,
-                 request_size: int = REQUEST_SIZE, depth: int = PIPELINE_DEPTH) -> None:
+    def __init__(
+        self,
+        sftp: paramiko.SFTPClient,
+        handle: bytes,
+        offset: int = 0,
+        request_size: int = REQUEST_SIZE,
+        depth: int = PIPELINE_DEPTH,
+    ) -> None:
         self._pipe = _Pipeline(sftp)
         self._handle = handle
         self._request_size = request_size
@@ -98,7 +104,7 @@ class PipelinedWriter:
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         for start in range(0, len(view), self._request_size):
-            piece = view[start:start + self._request_size]
+            piece = view[start : start + self._request_size]
             if len(self._pipe.pending) >= self._depth:
                 self._confirm_oldest()
             num = self._pipe.send(CMD_WRITE, self._handle, int64(self.sent), bytes(piece))
@@ -116,8 +122,15 @@ class PipelinedWriter:
             self._confirm_oldest()
 
 
-def read_range(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int, sink: Sink,
-               request_size: int = REQUEST_SIZE, depth: int = PIPELINE_DEPTH) -> int:
+def read_range(
+    sftp: paramiko.SFTPClient,
+    handle: bytes,
+    start: int,
+    end: int,
+    sink: Sink,
+    request_size: int = REQUEST_SIZE,
+    depth: int = PIPELINE_DEPTH,
+) -> int:
     """Send bytes ``[start, end)`` of a remote handle to ``sink``, in order; return bytes sent.
 
     Raises EOFError if the file ends before ``end``.
@@ -192,8 +205,13 @@ class ResumableUpload:
     read, whatever the stream size.
     """
 
-    def __init__(self, read: Callable[[int], bytes], final_path: str, buffer_limit: int,
-                 on_chunk: Callable[[bytes], object] | None = None) -> None:
+    def __init__(
+        self,
+        read: Callable[[int], bytes],
+        final_path: str,
+        buffer_limit: int,
+        on_chunk: Callable[[bytes], object] | None = None,
+    ) -> None:
         self.read = read
         self.final_path = final_path
         self.temp_path = paths.temp_name_for(final_path)
@@ -213,7 +231,7 @@ class ResumableUpload:
             skip = self.confirmed - self._buffer_start
             for chunk in list(self._buffer):
                 if skip < len(chunk):
-                    writer.write(memoryview(chunk)[max(skip, 0):])
+                    writer.write(memoryview(chunk)[max(skip, 0) :])
                 skip -= len(chunk)
             while not self._source_done:
                 if self._buffered >= self.buffer_limit:
@@ -245,7 +263,8 @@ class ResumableUpload:
         if durable < self.confirmed:
             raise ShortFileError(
                 f"{self.temp_path} holds {max(durable, 0)} bytes after reconnecting, "
-                f"but the server had acknowledged {self.confirmed}; the stream cannot be resumed")
+                f"but the server had acknowledged {self.confirmed}; the stream cannot be resumed"
+            )
         remote = sftp.open(self.temp_path, "r+b")
         remote.truncate(self.confirmed)
         log.info("resuming upload of %s at byte %d", self.final_path, self.confirmed)
