@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from sftp_plugin import PLUGIN_NAME
-from sftp_plugin.errors import AuthError, HostKeyError, PluginError
+from sftp_plugin.errors import AuthError, HostKeyError, PluginError, RemoteNotFound
 
 log = logging.getLogger("gpbackup_sftp_plugin")
 
@@ -204,9 +204,9 @@ def statvfs(sftp: Any, path: str) -> FsUsage | None:
     return FsUsage(**{name: msg.get_int64() for name in STATVFS_FIELDS})
 
 
-def _print_options(cfg: Any, config_path: str) -> None:
+def _print_options(cfg: Any, config_path: str, secrets: list[str]) -> None:
     from sftp_plugin.connection import resolve_endpoint
-    from sftp_plugin.log import MASK
+    from sftp_plugin.log import MASK, mask
 
     print(f"Effective options of {config_path} (defaults filled in, secrets masked):")
     for option in fields(cfg):
@@ -219,13 +219,13 @@ def _print_options(cfg: Any, config_path: str) -> None:
             shown = "yes" if value else "no"
         else:
             shown = str(value)
-        print(f"  {option.name:<26} {shown}")
+        print(f"  {option.name:<26} {mask(shown, secrets)}")
     try:
         endpoint = resolve_endpoint(cfg)
     except PluginError:
         return  # the connect check reports it
     identities = ", ".join(endpoint.identity_files) or "ssh-agent, then the default keys in ~/.ssh"
-    print(f"  {'-> connects to':<26} {endpoint} (after ~/.ssh/config), keys: {identities}")
+    print(mask(f"  {'-> connects to':<26} {endpoint} (after ~/.ssh/config), keys: {identities}", secrets))
 
 
 def _throughput(size: int, seconds: float) -> str:
@@ -307,7 +307,7 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
         report.fail("config", err.message, err.hint)
         return
     report.secrets = [*report.secrets, *cfg.secrets()]
-    _print_options(cfg, config_path)
+    _print_options(cfg, config_path, report.secrets)
     print(flush=True)
     report.ok("config", f"{config_path} is valid")
 
@@ -590,8 +590,11 @@ def _collect(cfg: Any) -> list[BackupSummary]:
         summaries: list[BackupSummary] = []
         for backup in sorted(backup_dirs(remote), key=lambda b: b.timestamp):
             path = backup.remote(cfg.remote_dir)
-            with remote_errors(remote, "list backup", path):
-                entries = transfer.walk_files(remote.sftp, path)
+            try:
+                with remote_errors(remote, "list backup", path):
+                    entries = transfer.walk_files(remote.sftp, path)
+            except RemoteNotFound:
+                continue  # deleted (delete_backup, retention) since we listed the backups
             summaries.append(summarize(backup.timestamp, path, entries, now))
         return summaries
     finally:

@@ -137,7 +137,7 @@ def check_writable(remote: Remote) -> None:
     probe = posixpath.join(remote.cfg.remote_dir, f"{PROBE_PREFIX}.{os.getpid()}.{secrets.token_hex(4)}")
 
     def write_probe() -> None:
-        transfer.put_bytes(remote.sftp, b"probe", probe)
+        transfer.put_bytes(remote.sftp, b"probe", probe, temp_path=probe + paths.TEMP_SUFFIX)
         transfer.remove_if_present(remote.sftp, probe)
 
     try:
@@ -315,17 +315,21 @@ def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> 
         remote.retrying(
             "create backup directory", lambda: transfer.makedirs(remote.sftp, posixpath.dirname(target), stop_at=root)
         )
+        sidecar_path = integrity.sidecar_path(target)
+        sidecar_temp = paths.temp_name_for(sidecar_path)  # one name for every attempt: no leftovers
         try:
             size = remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp))
             if digest is not None:
                 sidecar = integrity.format_sidecar(digest.hexdigest(), target_file.name)
                 remote.retrying(
-                    "store checksum", lambda: transfer.put_bytes(remote.sftp, sidecar, integrity.sidecar_path(target))
+                    "store checksum", lambda: transfer.put_bytes(remote.sftp, sidecar, sidecar_path, sidecar_temp)
                 )
             remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
         except BaseException:
+            # Best effort on a session that may be the thing that broke; cleanup catches the rest.
             with contextlib.suppress(Exception):
                 upload.abandon(remote.sftp)
+                transfer.remove_quietly(remote.sftp, sidecar_temp)
             raise
     return size
 

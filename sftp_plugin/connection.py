@@ -121,8 +121,10 @@ def verify_host_key(cfg: PluginConfig, endpoint: Endpoint, key: paramiko.PKey, k
         if seen == cfg.host_key_fingerprint:
             return "pinned fingerprint"
         raise HostKeyError(
-            f"host key of {endpoint.host}:{endpoint.port} is {seen}, not the pinned {cfg.host_key_fingerprint}",
-            "if the server's key really changed, update host_key_fingerprint",
+            f"host key of {endpoint.host}:{endpoint.port} ({key.get_name()}) is {seen}, "
+            f"not the pinned {cfg.host_key_fingerprint}",
+            f"pin the server's {key.get_name()} key (the type negotiated, preferring ed25519): "
+            "ssh-keygen -lf on its public key file; if that key really changed, update host_key_fingerprint",
         )
     if cfg.strict_host_key_checking == "no":
         log.warning("host key of %s not verified (strict_host_key_checking: no): %s", endpoint.host, seen)
@@ -170,9 +172,14 @@ def _candidate_keys(cfg: PluginConfig, endpoint: Endpoint) -> list[tuple[str, pa
 
 def _load_key(path: str, passphrase: str | None, required: bool) -> paramiko.PKey | None:
     try:
-        return paramiko.PKey.from_path(path, passphrase)
-    except paramiko.PasswordRequiredException:
+        # paramiko 5 hands the passphrase to cryptography, which takes bytes only.
+        return paramiko.PKey.from_path(path, passphrase.encode() if passphrase else None)
+    except (paramiko.PasswordRequiredException, TypeError) as err:
+        # paramiko 5 reports a missing passphrase as TypeError("...password-protected...").
+        if isinstance(err, TypeError) and "password" not in str(err).lower():
+            raise
         if not required:
+            log.info("skipping encrypted default key %s", path)
             return None
         raise AuthError(
             f"identity_file {path} is encrypted", "set identity_passphrase or load it into ssh-agent"

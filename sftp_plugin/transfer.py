@@ -259,10 +259,16 @@ class ResumableUpload:
         try:
             durable = sftp.stat(self.temp_path).st_size or 0
         except FileNotFoundError:
-            durable = -1
+            if self.confirmed == 0:
+                # The connection broke before the server created the file: start afresh.
+                return sftp.open(self.temp_path, "wb")
+            raise ShortFileError(
+                f"{self.temp_path} vanished after reconnecting, but the server had acknowledged "
+                f"{self.confirmed} bytes of it; the stream cannot be resumed"
+            ) from None
         if durable < self.confirmed:
             raise ShortFileError(
-                f"{self.temp_path} holds {max(durable, 0)} bytes after reconnecting, "
+                f"{self.temp_path} holds {durable} bytes after reconnecting, "
                 f"but the server had acknowledged {self.confirmed}; the stream cannot be resumed"
             )
         remote = sftp.open(self.temp_path, "r+b")
@@ -290,19 +296,18 @@ class ResumableUpload:
         remove_quietly(sftp, self.temp_path)
 
 
-def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str) -> None:
-    """Store a small object atomically (temp name, fsync, rename); safe to repeat."""
-    temp_path = paths.temp_name_for(final_path)
-    try:
-        with sftp.open(temp_path, "wb") as remote:
-            writer = PipelinedWriter(sftp, remote.handle)
-            writer.write(data)
-            writer.drain()
-            fsync(sftp, remote.handle)
-        rename_into_place(sftp, temp_path, final_path)
-    except BaseException:
-        remove_quietly(sftp, temp_path)
-        raise
+def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path: str) -> None:
+    """Store a small object atomically through ``temp_path`` (write, fsync, rename).
+
+    Repeating it with the same ``temp_path`` after a lost connection is safe: the
+    temporary file is rewritten, so retries leave no leftovers behind.
+    """
+    with sftp.open(temp_path, "wb") as remote:
+        writer = PipelinedWriter(sftp, remote.handle)
+        writer.write(data)
+        writer.drain()
+        fsync(sftp, remote.handle)
+    rename_into_place(sftp, temp_path, final_path)
 
 
 def rename_into_place(sftp: paramiko.SFTPClient, source: str, target: str) -> None:

@@ -1,0 +1,79 @@
+"""Fixtures: one real sshd for the session, the installed plugin in an isolated environment, per-test configs."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import LocalBackup, Plugin, SiteConfig, make_local_backup
+from tests.sshd_server import SshServer
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """One OpenSSH server on 127.0.0.1 for the whole session; tests keep to their own remote subdirectory."""
+    server = SshServer(tmp_path_factory.mktemp("sshd")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """A server of its own, for a test that changes server state (e.g. authorized_keys)."""
+    server = SshServer(tmp_path_factory.mktemp("sshd_fresh")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def plugin(tmp_path: Path) -> Plugin:
+    home = tmp_path / "home"
+    home.mkdir()
+    return Plugin(home)
+
+
+def _site(server: SshServer, tmp_path: Path, request: pytest.FixtureRequest) -> SiteConfig:
+    label = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:60]
+    remote_dir = server.remote_dir / f"{label}-{secrets.token_hex(4)}"
+    remote_dir.mkdir()
+    directory = tmp_path / "config"
+    directory.mkdir(exist_ok=True)
+    site = SiteConfig(server=server, directory=directory, remote_dir=remote_dir, log_dir=tmp_path / "logs",
+                      path=directory / "plugin_config.yaml")
+    site.write(site.path.name)
+    return site
+
+
+@pytest.fixture
+def config(sshd: SshServer, tmp_path: Path, request: pytest.FixtureRequest) -> SiteConfig:
+    """A plugin config for the session server with this test's own (existing) remote_dir and log_dir."""
+    return _site(sshd, tmp_path, request)
+
+
+@pytest.fixture
+def fresh_config(fresh_sshd: SshServer, tmp_path: Path, request: pytest.FixtureRequest) -> SiteConfig:
+    return _site(fresh_sshd, tmp_path, request)
+
+
+@pytest.fixture
+def make_backup(tmp_path: Path) -> Callable[..., LocalBackup]:
+    """Factory: make_backup(timestamp=None, segment="gpseg0") -> a local backups/<date>/<timestamp> dir."""
+
+    def make(timestamp: str | None = None, segment: str = "gpseg0", create: bool = True) -> LocalBackup:
+        return make_local_backup(tmp_path / "local", timestamp, segment, create)
+
+    return make
+
+
+@pytest.fixture
+def backup(make_backup: Callable[..., LocalBackup]) -> LocalBackup:
+    """A local gpbackup-shaped directory with a random timestamp."""
+    return make_backup()
