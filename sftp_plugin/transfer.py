@@ -42,6 +42,14 @@ LOCAL_CHUNK = 1024 * 1024
 Sink = Callable[[bytes], object]
 
 
+class ShortFileError(Exception):
+    """The remote file ended before the bytes we were asked for (not a connection failure)."""
+
+
+class _EndOfFile(Exception):
+    """The server answered a read with SFTP's EOF status."""
+
+
 class _Replies:
     """Holds replies that arrive while we wait for an earlier one.
 
@@ -69,14 +77,23 @@ class _Pipeline:
         return self.sftp._async_request(self.replies, kind, *args)
 
     def wait(self, num: int) -> tuple[int, paramiko.Message]:
-        """The reply to request ``num``; an error status raises (IOError/EOFError)."""
-        early = self.replies.early.pop(num, None)
-        if early is None:
-            return self.sftp._read_response(num)
-        kind, msg = early
-        if kind == CMD_STATUS:
-            self.sftp._convert_status(msg)
-        return kind, msg
+        """The reply to request ``num``; an error status raises IOError, SFTP's EOF status _EndOfFile.
+
+        paramiko raises a bare EOFError both for the SFTP EOF status and for a
+        connection lost while *sending*; only here, converting a reply, does it
+        mean end of file. Anything else must reach the retry policy as a lost
+        connection, not be mistaken for a truncated file.
+        """
+        try:
+            early = self.replies.early.pop(num, None)
+            if early is None:
+                return self.sftp._read_response(num)
+            kind, msg = early
+            if kind == CMD_STATUS:
+                self.sftp._convert_status(msg)
+            return kind, msg
+        except EOFError:
+            raise _EndOfFile() from None
 
 
 class PipelinedWriter:
@@ -133,7 +150,7 @@ def read_range(
 ) -> int:
     """Send bytes ``[start, end)`` of a remote handle to ``sink``, in order; return bytes sent.
 
-    Raises EOFError if the file ends before ``end``.
+    Raises ShortFileError if the file ends before ``end``.
     """
     pipe = _Pipeline(sftp)
     next_offset = start
@@ -146,9 +163,9 @@ def read_range(
         num, offset, length = pipe.pending.popleft()
         try:
             _, msg = pipe.wait(num)
-        except EOFError:
+        except _EndOfFile:
             _abandon(pipe)
-            raise EOFError(f"remote file ends at byte {delivered}, expected {end}") from None
+            raise ShortFileError(f"remote file ends at byte {delivered}, expected {end}") from None
         data = msg.get_binary()
         sink(data)
         delivered += len(data)
@@ -161,11 +178,12 @@ def read_range(
 
 
 def _read_serially(sftp: paramiko.SFTPClient, handle: bytes, offset: int, end: int, sink: Sink) -> int:
+    pipe = _Pipeline(sftp)
     while offset < end:
         try:
-            _, msg = sftp._request(CMD_READ, handle, int64(offset), end - offset)
-        except EOFError:
-            raise EOFError(f"remote file ends at byte {offset}, expected {end}") from None
+            _, msg = pipe.wait(pipe.send(CMD_READ, handle, int64(offset), end - offset))
+        except _EndOfFile:
+            raise ShortFileError(f"remote file ends at byte {offset}, expected {end}") from None
         data = msg.get_binary()
         sink(data)
         offset += len(data)
@@ -178,7 +196,7 @@ def _abandon(pipe: _Pipeline) -> None:
         num, _, _ = pipe.pending.popleft()
         try:
             pipe.wait(num)
-        except (EOFError, OSError):
+        except (_EndOfFile, OSError):
             pass
 
 
@@ -189,10 +207,6 @@ def fsync(sftp: paramiko.SFTPClient, handle: bytes) -> None:
     except OSError as err:
         if "unsupported" not in str(err).lower():
             raise
-
-
-class ShortFileError(Exception):
-    """The remote file ended before the bytes we were asked for (not a connection failure)."""
 
 
 class ResumableUpload:
@@ -345,10 +359,7 @@ class ResumableDownload:
             while self.remaining:
                 start, end = self.remaining[0]
                 if start < end:
-                    try:
-                        read_range(sftp, remote.handle, start, end, self._deliver)
-                    except EOFError as err:
-                        raise ShortFileError(str(err)) from None
+                    read_range(sftp, remote.handle, start, end, self._deliver)
                 self.remaining.pop(0)
         return self.delivered
 
