@@ -262,6 +262,11 @@ def connect(cfg: PluginConfig, endpoint: Endpoint | None = None) -> Session:
             f"cannot connect to {endpoint.host}:{endpoint.port}: {err.strerror or err}",
             "check hostname and port, that sshd runs there, and any firewall between",
         ) from err
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        # paramiko retries a send that times out for ever; with this, the kernel fails the
+        # socket once sent data stays unacknowledged for io_timeout (a dead peer or a
+        # black-holing firewall), and the retry policy reconnects.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, cfg.io_timeout * 1000)
     transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE)
     try:
         options = transport.get_security_options()
