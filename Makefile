@@ -30,6 +30,15 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
+# Plugin vs OpenSSH sftp on a throwaway sshd (tmpfs); e.g. make bench BENCH_ARGS="--size-mib 64 --rounds 1".
+bench: deps
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Back up and restore a simulated cluster through the plugin exactly as gpbackup/gprestore
+# call it, against a throwaway sshd on 127.0.0.1, verify every byte, then remove it all.
+demo: deps
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
 # Install the plugin for Greenplum at $(PREFIX) (same path on every host).
 install:
 	scripts/install.sh $(PREFIX)

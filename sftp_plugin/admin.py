@@ -26,6 +26,7 @@ from typing import Any
 
 from sftp_plugin import PLUGIN_NAME
 from sftp_plugin.errors import AuthError, HostKeyError, PluginError, RemoteNotFound
+from sftp_plugin.retention import SUCCESS, report_name
 
 log = logging.getLogger("gpbackup_sftp_plugin")
 
@@ -452,6 +453,7 @@ class BackupSummary:
     age_seconds: int
     temporary_files: list[str]
     has_report: bool
+    report_status: str | None = None  # what the report says ("Success", "Failure"); None without one
 
     @property
     def reasons(self) -> list[str]:
@@ -461,6 +463,8 @@ class BackupSummary:
             found.append(f"{count} leftover temporary file{'s' if count != 1 else ''} (an interrupted upload)")
         if not self.has_report:
             found.append("no coordinator report (gpbackup did not finish)")
+        elif self.report_status != SUCCESS:
+            found.append(f"gpbackup reported it as {self.report_status or 'without a status'}")
         return found
 
     @property
@@ -483,16 +487,14 @@ class BackupSummary:
             "reasons": self.reasons,
             "temporary_files": self.temporary_files,
             "has_report": self.has_report,
+            "report_status": self.report_status,
         }
 
 
-def report_name(timestamp: str) -> str:
-    """The file gpbackup writes from the coordinator when a backup ends."""
-    return f"gpbackup_{timestamp}_report"
-
-
-def summarize(timestamp: str, path: str, entries: list[tuple[str, int]], now: datetime) -> BackupSummary:
-    """One backup from its file listing (relative paths and sizes)."""
+def summarize(
+    timestamp: str, path: str, entries: list[tuple[str, int]], now: datetime, report_status: str | None = None
+) -> BackupSummary:
+    """One backup from its file listing (relative paths and sizes) and what its report says."""
     from sftp_plugin import paths
     from sftp_plugin.integrity import is_sidecar
 
@@ -507,7 +509,8 @@ def summarize(timestamp: str, path: str, entries: list[tuple[str, int]], now: da
         bytes=sum(size for _, size in entries),
         age_seconds=int((now - started).total_seconds()),
         temporary_files=temporary,
-        has_report=report_name(timestamp) in names,
+        has_report=report_name(paths.BackupDir(timestamp[:8], timestamp)) in names,
+        report_status=report_status,
     )
 
 
@@ -580,7 +583,7 @@ def list_backups(argv: list[str]) -> int:
 
 def _collect(cfg: Any) -> list[BackupSummary]:
     from sftp_plugin import transfer
-    from sftp_plugin.commands import Remote, remote_errors
+    from sftp_plugin.commands import Remote, read_report_status, remote_errors
     from sftp_plugin.commands import list_backups as backup_dirs
 
     # Two attempts at most: enough for a dropped handshake, short enough for a person waiting.
@@ -595,7 +598,8 @@ def _collect(cfg: Any) -> list[BackupSummary]:
                     entries = transfer.walk_files(remote.sftp, path)
             except RemoteNotFound:
                 continue  # deleted (delete_backup, retention) since we listed the backups
-            summaries.append(summarize(backup.timestamp, path, entries, now))
+            status = read_report_status(remote, backup) if report_name(backup) in {n for n, _ in entries} else None
+            summaries.append(summarize(backup.timestamp, path, entries, now, status))
         return summaries
     finally:
         try:

@@ -241,6 +241,11 @@ def list_backups(remote: Remote) -> list[paths.BackupDir]:
 
 def backup_succeeded(remote: Remote, backup: paths.BackupDir) -> bool:
     """Whether gpbackup's report for ``backup`` is stored and says it succeeded."""
+    return read_report_status(remote, backup) == retention.SUCCESS
+
+
+def read_report_status(remote: Remote, backup: paths.BackupDir) -> str | None:
+    """What gpbackup's report for ``backup`` says ("Success", "Failure"); None if there is none."""
     report = posixpath.join(backup.remote(remote.cfg.remote_dir), retention.report_name(backup))
 
     def read_report() -> str:
@@ -251,7 +256,7 @@ def backup_succeeded(remote: Remote, backup: paths.BackupDir) -> bool:
             return ""
 
     with remote_errors(remote, "read backup report", report):
-        return retention.report_succeeded(remote.retrying("read backup report", read_report))
+        return retention.report_status(remote.retrying("read backup report", read_report))
 
 
 def prune(remote: Remote, current: paths.BackupDir) -> list[paths.BackupDir]:

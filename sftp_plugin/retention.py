@@ -27,10 +27,15 @@ def report_name(backup: BackupDir) -> str:
     return f"gpbackup_{backup.timestamp}_report"
 
 
+def report_status(text: str) -> str | None:
+    """The status a gpbackup report gives ("Success", "Failure"), or None if it names none."""
+    match = _STATUS_RE.search(text)
+    return match.group(1) if match else None
+
+
 def report_succeeded(text: str) -> bool:
     """True if a gpbackup report says the backup succeeded."""
-    match = _STATUS_RE.search(text)
-    return bool(match) and match.group(1) == SUCCESS
+    return report_status(text) == SUCCESS
 
 
 def backup_time(backup: BackupDir) -> datetime | None:

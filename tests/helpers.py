@@ -45,7 +45,7 @@ def assert_failed(result: subprocess.CompletedProcess[bytes]) -> str:
     assert "Traceback" not in text, text
     assert text.endswith("\n") and text.count("\n") == 1, f"expected exactly one line on stderr, got {text!r}"
     assert text.strip(), "failure without a message on stderr"
-    return text
+    return text.strip()
 
 
 class Plugin:

@@ -17,7 +17,6 @@ import re
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +28,9 @@ from typing import IO
 import pytest
 
 from tests.faultproxy import Action, Direction, FaultProxy, Plan
+from tests.helpers import PLUGIN_EXE, assert_failed, assert_ok, isolated_env
 from tests.sshd_server import SshServer, keygen
 
-PLUGIN_EXE = os.path.join(os.path.dirname(sys.executable), "gpbackup_sftp_plugin")
 # A hung plugin must fail its test, not hang the suite. Not a timing assertion.
 RUN_TIMEOUT = 60
 KIB = 1024
@@ -125,9 +124,7 @@ class Site:
         return self.server.write_config(self.root / name, **options)
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, HOME=str(self.home))
-        env.pop("SSH_AUTH_SOCK", None)
-        return env
+        return isolated_env(self.home)
 
     def run(self, *args: str | Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
@@ -157,22 +154,6 @@ class Site:
         stored = self.remote(name)
         assert sha256(stored.read_bytes()) == sha256(data)
         return stored
-
-
-def assert_ok(result: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:
-    """Success per the plugin API: exit 0 and not one byte on stderr."""
-    assert result.returncode == 0, f"exit {result.returncode}, stderr: {result.stderr!r}"
-    assert result.stderr == b"", f"stderr on success: {result.stderr!r}"
-    return result
-
-
-def assert_failed(result: subprocess.CompletedProcess[bytes]) -> str:
-    """Failure per the plugin API: non-zero exit and exactly one human line on stderr. Returns the line."""
-    assert result.returncode != 0, f"expected a failure, got exit 0 (stdout {result.stdout[:100]!r})"
-    text = result.stderr.decode("utf-8", errors="replace")
-    assert "Traceback" not in text, text
-    assert text.endswith("\n") and text.count("\n") == 1, f"expected exactly one line on stderr, got {text!r}"
-    return text.strip()
 
 
 def assert_stored(site: Site, name: str, data: bytes) -> None:

@@ -10,6 +10,8 @@
 #   BACKUP_USER       user to create if missing (only when running as root); empty = none
 #   REMOTE_DIR        directory to create for backups, owned by BACKUP_USER; empty = none
 #   SSHD_MAX_STARTUPS sshd MaxStartups (OpenSSH default 10:30:100)
+#   HOST_KEYS_PUBLISH_DIR  copy the PUBLIC host keys there, for clients to build known_hosts
+#                     without ever seeing the private keys (docker-compose.yml); empty = none
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 SSHD_DIR=${SSHD_DIR:-/var/lib/backup-host}
@@ -19,12 +21,20 @@ AUTHORIZED_KEYS=${AUTHORIZED_KEYS:-/etc/backup-host/authorized_keys}
 BACKUP_USER=${BACKUP_USER:-}
 REMOTE_DIR=${REMOTE_DIR:-}
 SSHD_MAX_STARTUPS=${SSHD_MAX_STARTUPS:-10:30:100}
+HOST_KEYS_PUBLISH_DIR=${HOST_KEYS_PUBLISH_DIR:-}
 
 mkdir -p "$SSHD_DIR"
 # Host keys are made once and kept, so clients' known_hosts stay valid across restarts.
 for type in ed25519 ecdsa; do
   [ -f "$SSHD_DIR/ssh_host_${type}_key" ] || ssh-keygen -q -t "$type" -N '' -f "$SSHD_DIR/ssh_host_${type}_key"
 done
+if [ -n "$HOST_KEYS_PUBLISH_DIR" ]; then
+  mkdir -p "$HOST_KEYS_PUBLISH_DIR"
+  for type in ed25519 ecdsa; do
+    cp "$SSHD_DIR/ssh_host_${type}_key.pub" "$HOST_KEYS_PUBLISH_DIR/"
+    chmod 644 "$HOST_KEYS_PUBLISH_DIR/ssh_host_${type}_key.pub"
+  done
+fi
 
 if [ "$(id -u)" = 0 ]; then
   mkdir -p /run/sshd  # privilege separation directory sshd insists on as root

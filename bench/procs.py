@@ -1,0 +1,259 @@
+"""Start, time and check the child processes the bench compares: the plugin and OpenSSH's ``sftp``.
+
+Every transfer is a fresh process, as gpbackup runs it. A child is timed from
+just before it is spawned until ``os.wait4`` reaps it, and ``wait4`` also gives
+its peak RSS. The plugin's ``restore_data`` output goes through a pipe that a
+thread splices into /dev/null while counting the bytes (or hashes them), so a
+plugin that writes too little, or the wrong bytes, cannot look fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+# Bytes moved per splice/read when draining a child's stdout: large enough that
+# the drain thread costs a few syscalls per MiB, small enough to stay in cache.
+DRAIN_CHUNK = 1 << 20
+# Pipe capacity for restore_data's stdout. Linux defaults to 64 KiB; 1 MiB lets
+# the plugin write many chunks per wake-up of the drain thread, so reading the
+# stream costs about as little as writing it to /dev/null would.
+PIPE_SIZE = 1 << 20
+# Chunk size for hashing files: one read per MiB keeps Python overhead negligible.
+HASH_CHUNK = 1 << 20
+
+StdoutMode = Literal["discard", "count", "sha256"]
+
+
+class BenchError(Exception):
+    """A transfer failed or produced the wrong result; the metric it belongs to is not reported."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One sshd the clients talk to, and the files both clients need to reach it."""
+
+    label: str
+    host: str
+    port: int
+    user: str
+    identity_file: Path
+    known_hosts: Path
+    plugin_config: Path
+    remote_dir: Path  # the backup host's remote_dir, also readable locally: both run on this machine
+
+
+@dataclass
+class Outcome:
+    """What one child did: wall time, exit code, peak RSS and, if captured, what it wrote."""
+
+    argv: list[str]
+    seconds: float
+    returncode: int
+    maxrss_kib: int
+    stderr: str
+    stdout_bytes: int | None = None
+    stdout_sha256: str | None = None
+
+    def check(self, what: str, allow_stderr: bool = False) -> Outcome:
+        """Raise BenchError unless the child exited 0 (and, for the plugin, wrote nothing on stderr)."""
+        if self.returncode != 0:
+            raise BenchError(f"{what} exited {self.returncode}: {self.stderr.strip() or '(no stderr)'}")
+        if self.stderr.strip() and not allow_stderr:
+            # gpbackup_helper treats any stderr byte from the plugin as a failure.
+            raise BenchError(f"{what} exited 0 but wrote to stderr: {self.stderr.strip()}")
+        return self
+
+
+class Child:
+    """One child process, started now and reaped (and timed) by finish()."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], stderr_path: Path,
+                 stdin_path: Path | None = None, stdout: StdoutMode = "discard") -> None:
+        self.argv = argv
+        self.stdout_mode = stdout
+        self._stderr = open(stderr_path, "w+b")  # a file, not a pipe: nothing to drain while timing
+        self._bytes = 0
+        self._hash = hashlib.sha256() if stdout == "sha256" else None
+        self._thread: threading.Thread | None = None
+        self.on_exit: Callable[[Child], None] | None = None  # told when the child has been reaped
+        read_end: int | None = None
+        write_end: int | None = None
+        stdin: IO[bytes] | int = subprocess.DEVNULL
+        if stdin_path is not None:
+            stdin = open(stdin_path, "rb")
+        try:
+            if stdout != "discard":
+                read_end, write_end = os.pipe()
+                with contextlib.suppress(OSError):  # an unprivileged pipe-size limit only costs speed
+                    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            self.started = time.perf_counter()
+            self.process = subprocess.Popen(argv, stdin=stdin, env=env, stderr=self._stderr,
+                                            stdout=subprocess.DEVNULL if write_end is None else write_end)
+        finally:
+            if write_end is not None:
+                os.close(write_end)
+            if not isinstance(stdin, int):
+                stdin.close()
+        if read_end is not None:
+            self._thread = threading.Thread(target=self._drain, args=(read_end,), daemon=True)
+            self._thread.start()
+
+    def _drain(self, fd: int) -> None:
+        try:
+            if self._hash is None and hasattr(os, "splice"):
+                with open(os.devnull, "wb") as sink:
+                    while moved := os.splice(fd, sink.fileno(), DRAIN_CHUNK):
+                        self._bytes += moved
+            else:
+                while chunk := os.read(fd, DRAIN_CHUNK):
+                    self._bytes += len(chunk)
+                    if self._hash is not None:
+                        self._hash.update(chunk)
+        finally:
+            os.close(fd)
+
+    def finish(self) -> Outcome:
+        """Wait for the child; its time ends when it exits."""
+        _, status, usage = os.wait4(self.process.pid, 0)
+        seconds = time.perf_counter() - self.started
+        self.process.returncode = os.waitstatus_to_exitcode(status)
+        if self.on_exit is not None:
+            self.on_exit(self)
+        if self._thread is not None:
+            self._thread.join()
+        self._stderr.seek(0)
+        stderr = self._stderr.read().decode(errors="replace")
+        self._stderr.close()
+        return Outcome(
+            argv=self.argv, seconds=seconds, returncode=self.process.returncode,
+            maxrss_kib=usage.ru_maxrss,  # KiB on Linux
+            stderr=stderr,
+            stdout_bytes=None if self.stdout_mode == "discard" else self._bytes,
+            stdout_sha256=None if self._hash is None else self._hash.hexdigest(),
+        )
+
+    def kill(self) -> None:
+        """Stop a child that will not be finished (an error or Ctrl-C elsewhere)."""
+        if self.process.returncode is None:
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.process.pid, 0)
+            self.process.returncode = -9
+        if self.on_exit is not None:
+            self.on_exit(self)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._stderr.close()
+
+
+def run_all(children: list[Child]) -> tuple[float, list[Outcome]]:
+    """Finish already-started children; return the wall time from the first start to the last exit."""
+    try:
+        outcomes = [child.finish() for child in children]
+    except BaseException:
+        for child in children:
+            child.kill()
+        raise
+    wall = max(o.seconds + c.started for o, c in zip(outcomes, children)) - min(c.started for c in children)
+    return wall, outcomes
+
+
+class Runner:
+    """Builds the plugin and sftp command lines for a target and runs them."""
+
+    def __init__(self, plugin: Path, workdir: Path) -> None:
+        self.plugin = plugin
+        self.scratch = workdir / "scratch"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        home = workdir / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        # An empty HOME and no agent: neither client may pick up the user's ~/.ssh/config, keys or agent.
+        self.env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        self.env["HOME"] = str(home)
+        self._serial = 0
+        self._live: set[Child] = set()  # started and not yet finished: killed by kill_all()
+
+    def _scratch(self, suffix: str) -> Path:
+        self._serial += 1
+        return self.scratch / f"{self._serial:06d}.{suffix}"
+
+    def plugin_child(self, target: Target, command: str, path: Path, stdin_path: Path | None = None,
+                     stdout: StdoutMode = "discard") -> Child:
+        argv = [str(self.plugin), command, str(target.plugin_config), str(path)]
+        return self._track(Child(argv, self.env, self._scratch("err"), stdin_path=stdin_path, stdout=stdout))
+
+    def sftp_batch(self, lines: list[str]) -> Path:
+        """Write an sftp batch file (before timing starts)."""
+        batch = self._scratch("batch")
+        batch.write_text("".join(line + "\n" for line in lines))
+        return batch
+
+    def sftp_child(self, target: Target, batch: Path) -> Child:
+        argv = [
+            "sftp", "-q", "-b", str(batch),
+            "-F", "none",  # no ssh_config: only the options below apply
+            "-o", f"UserKnownHostsFile={target.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-P", str(target.port),
+            "-i", str(target.identity_file),
+            f"{target.user}@{target.host}",
+        ]
+        return self._track(Child(argv, self.env, self._scratch("err")))
+
+    def _track(self, child: Child) -> Child:
+        self._live.add(child)
+        child.on_exit = self._live.discard
+        return child
+
+    def kill_all(self) -> None:
+        """Kill every child still running (after an error, SIGTERM or Ctrl-C), before the servers go away."""
+        while self._live:
+            self._live.pop().kill()
+
+
+def sftp_quote(path: Path | str) -> str:
+    """Quote a path for an sftp batch line."""
+    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_random_file(path: Path, size: int) -> str:
+    """Fill path with size random bytes (incompressible, like a compressed backup); return its SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, HASH_CHUNK))
+            handle.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def check_size(path: Path, expected: int, what: str) -> None:
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        raise BenchError(f"{what}: {path} was not stored") from None
+    if actual != expected:
+        raise BenchError(f"{what}: {path} holds {actual} bytes, expected {expected}")
