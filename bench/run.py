@@ -10,7 +10,11 @@ in one run, alternating plugin and OpenSSH within every round, measures:
   processes putting one file each (a fresh process and connection every time);
 * concurrency: several ``backup_data`` streams at once vs as many ``sftp`` puts;
 * high latency: stream up/down again over a veth pair with ``tc netem`` delay
-  into a network namespace (skipped, with the reason, where that is impossible);
+  into a network namespace (bench/latency.py); where that is impossible (no
+  root, no netem in the kernel), through a userspace delay proxy on 127.0.0.1
+  in front of the loopback sshd instead (bench/delayproxy.py), which both
+  clients share; the rows and the JSON say which was used, and the proxy's
+  measured RTT;
 * ``plugin_api_version`` wall time and the peak RSS of ``backup_data``.
 
 Ratios are OpenSSH time / plugin time: above 1 the plugin is faster. Every
@@ -50,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script: make `bench` and `tests` importable
 
+from bench.delayproxy import DelayProxy, measure_rtt  # noqa: E402
 from bench.latency import DelayedLink, LinkUnavailable  # noqa: E402
 from bench.procs import (  # noqa: E402
     BenchError,
@@ -85,6 +90,14 @@ DEFAULT_VERSION_RUNS = 20
 DEFAULT_RTT_MS = 20.0
 # A smaller stream over the slow link keeps that part to about a minute per direction even when slow.
 DEFAULT_LATENCY_SIZE_MIB = 128
+# How the delay is added: netem is exact and costs no CPU in user space, so it comes first; the proxy
+# works anywhere (no root, no sch_netem) but uses CPU that the clients' transfers share.
+LATENCY_METHODS = ("auto", "netem", "proxy")
+# The delay proxy's measured RTT may miss the asked one by this fraction before the rows carry a warning:
+# the proxy releases chunks up to ~1 ms late (about 5% at 20 ms); far more means a CPU too busy to keep time.
+RTT_TOLERANCE = 0.25
+# The rows the high-latency part always yields, measured or skipped.
+LATENCY_METRICS = ("high-latency up", "high-latency down")
 DEFAULT_JSON = REPO / "bench" / "results.json"
 # tmpfs: the sshd's remote_dir and the source files live in RAM, so disk speed is not measured.
 TMPFS = Path("/dev/shm")
@@ -119,6 +132,7 @@ class Row:
     note: str = ""
     samples: dict[str, list[float]] = field(default_factory=dict)
     key: str = ""  # the metric without sizes ("stream up"), stable across runs for comparisons
+    method: str = ""  # high-latency rows: how the delay was made ("netem" or "userspace proxy, ...")
 
 
 def progress(message: str) -> None:
@@ -159,6 +173,7 @@ class Bench:
         self.rss_kib: dict[str, list[float]] = {"plugin": [], "openssh": []}
         self.stored: dict[str, Path] = {}  # per target: the verified stream restore_data reads back
         self.skipped: list[str] = []
+        self.latency: dict[str, object] = {}  # how the high-latency rows were made, for the JSON
         self.loopback = self.make_target("loopback", server.write_config(
             workdir / "plugin.yaml", executable=str(args.plugin)), "127.0.0.1", server.port, server.known_hosts)
 
@@ -377,31 +392,86 @@ class Bench:
         return children
 
     def high_latency(self) -> list[Row]:
+        """Stream up/down over a delayed link: netem where it can be set up (and is allowed), else the proxy."""
         args = self.args
-        metrics = ("high-latency up", "high-latency down")
         if args.no_latency:
-            return [Row(metric, status="SKIP", note="disabled by --no-latency") for metric in metrics]
+            return [Row(metric, status="SKIP", note="disabled by --no-latency") for metric in LATENCY_METRICS]
+        if args.latency_method == "proxy":
+            return self.proxied_latency("not tried (--latency-method proxy)")
+        half = args.latency_rtt_ms / 2
         try:
-            link = DelayedLink(self.server, self.workdir, args.latency_rtt_ms)
-            with link:
+            with DelayedLink(self.server, self.workdir, args.latency_rtt_ms) as link:
+                progress(f"delayed link up: sshd at {link.host}:{link.port} in namespace {link.namespace}, "
+                         f"{args.latency_rtt_ms:g} ms RTT")
+                self.latency = {"method": "netem" if half else "veth pair, no delay", "one_way_delay_ms": half}
                 try:
-                    return self.measure_delayed(link)
+                    rows = self.measure_delayed("latency", link.host, link.port, link.known_hosts)
                 finally:
                     # Children first: once the link is gone, a transfer in flight would hang, not fail.
                     self.runner.kill_all()
         except LinkUnavailable as err:
-            message = f"high-latency part skipped: {err}"
-            progress(message)
-            self.skipped.append(message)
-            return [Row(metric, status="SKIP", note=str(err)) for metric in metrics]
+            if args.latency_method == "netem":
+                return self.skip_latency(str(err))
+            progress(f"no netem link ({err}); using the userspace delay proxy instead")
+            return self.proxied_latency(str(err))
+        if not half:
+            return annotate(rows, "veth pair, no delay", "a veth pair into a network namespace, without netem")
+        return annotate(rows, "netem", f"netem on a veth pair into a network namespace, {half:g} ms each way")
 
-    def measure_delayed(self, link: DelayedLink) -> list[Row]:
+    def proxied_latency(self, netem_reason: str) -> list[Row]:
+        """Both clients reach the loopback sshd through one DelayProxy that adds half the RTT each way."""
         args = self.args
-        progress(f"delayed link up: sshd at {link.host}:{link.port} in namespace {link.namespace}, "
-                 f"{args.latency_rtt_ms:g} ms RTT")
-        config = self.server.write_config(self.workdir / "plugin-latency.yaml", executable=str(args.plugin),
-                                          hostname=link.host, port=link.port, known_hosts_file=str(link.known_hosts))
-        target = self.make_target("latency", config, link.host, link.port, link.known_hosts)
+        half = args.latency_rtt_ms / 2
+        method = f"userspace proxy, {half:g} ms each way"
+        with contextlib.ExitStack() as stack:
+            try:
+                proxy = stack.enter_context(DelayProxy(half / 1000))
+                port = proxy.forward(("127.0.0.1", self.server.port))
+                rtt = measure_rtt(proxy)
+            except (OSError, RuntimeError) as err:
+                return self.skip_latency(f"no netem link ({netem_reason}), and the delay proxy failed: {err}")
+            stack.callback(self.runner.kill_all)  # runs first: children end before their proxy connections do
+            progress(f"delay proxy up: 127.0.0.1:{port} -> sshd at 127.0.0.1:{self.server.port}, "
+                     f"measured RTT {rtt.proxy_ms:.1f} ms ({rtt.direct_ms:.2f} ms without it)")
+            # Both clients check the host key under the proxy's address, as they would for any host.
+            known_hosts = self.workdir / "proxy_known_hosts"
+            host_key = (self.server.server_dir / "ssh_host_ed25519_key.pub").read_text().split()
+            known_hosts.write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+            cpu_before = proxy.cpu_seconds()
+            rows = self.measure_delayed("proxy", "127.0.0.1", port, known_hosts)
+            cpu = proxy.cpu_seconds() - cpu_before
+            errors = list(proxy.errors)
+        asked = args.latency_rtt_ms
+        rtt_note = (f"measured RTT through it {rtt.proxy_ms:.1f} ms (median of {len(rtt.through_proxy)} one-byte "
+                    f"exchanges; {rtt.direct_ms:.2f} ms without it)")
+        if asked and abs(rtt.proxy_ms - asked) > RTT_TOLERANCE * asked:
+            rtt_note += f", NOT the {asked:g} ms asked: the machine may be too busy to keep time"
+            progress(f"warning: the delay proxy's measured RTT is {rtt.proxy_ms:.1f} ms, not {asked:g} ms")
+        self.latency = {
+            "method": method,
+            "one_way_delay_ms": half,
+            "netem_unavailable": netem_reason,
+            "measured_rtt_ms": round(rtt.proxy_ms, 3),
+            "direct_rtt_ms": round(rtt.direct_ms, 4),
+            "rtt_samples_ms": [round(sample * 1000, 3) for sample in rtt.through_proxy],
+            "proxy_cpu_seconds": round(cpu, 3),
+            "proxy_errors": errors,
+        }
+        return annotate(rows, method, f"{method} (netem: {netem_reason}); {rtt_note}; the proxy, a thread of "
+                                      f"the bench, used {cpu:.2f} s CPU in this part: on this "
+                                      f"{os.cpu_count()}-core machine that CPU is shared by both sides' transfers")
+
+    def skip_latency(self, reason: str) -> list[Row]:
+        progress(f"high-latency part skipped: {reason}")
+        self.skipped.append(f"high-latency part skipped: {reason}")
+        return [Row(metric, status="SKIP", note=reason) for metric in LATENCY_METRICS]
+
+    def measure_delayed(self, label: str, host: str, port: int, known_hosts: Path) -> list[Row]:
+        """Stream up and down through host:port, behind which a delayed link leads to the sshd."""
+        args = self.args
+        config = self.server.write_config(self.workdir / f"plugin-{label}.yaml", executable=str(args.plugin),
+                                          hostname=host, port=port, known_hosts_file=str(known_hosts))
+        target = self.make_target(label, config, host, port, known_hosts)
         size = args.latency_size_mib * MIB
         source = self.data / "latency.bin"
         sha = write_random_file(source, size)
@@ -433,6 +503,14 @@ class Bench:
                    "PASS" if plugin <= RSS_MIB_TARGET else "FAIL",
                    note="OpenSSH: the sftp process and its ssh child, for reference",
                    samples={"plugin_maxrss_kib": self.rss_kib["plugin"], "openssh_maxrss_kib": self.rss_kib["openssh"]})
+
+
+def annotate(rows: list[Row], method: str, how: str) -> list[Row]:
+    """Record on high-latency rows how their delay was made: method in the JSON, how in the notes."""
+    for row in rows:
+        row.method = method
+        row.note = f"{row.note}; via {how}" if row.note else f"via {how}"
+    return rows
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -543,6 +621,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-rtt-ms", type=float, default=DEFAULT_RTT_MS,
                         help="added round-trip time of the delayed link (0: namespace and veth only, no netem)")
     parser.add_argument("--no-latency", action="store_true", help="skip the delayed-link part")
+    parser.add_argument("--latency-method", choices=LATENCY_METHODS, default="auto",
+                        help="how to add the delay: netem (root and sch_netem), the userspace delay proxy, "
+                             "or auto: netem where possible, else the proxy")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
     parser.add_argument("--plugin", type=Path, default=Path(sys.executable).parent / "gpbackup_sftp_plugin",
                         help="plugin executable (default: the console script beside this Python)")
@@ -616,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "results": [asdict(row) for row in rows],
         "skipped": bench.skipped,
+        "latency": bench.latency,
         "total_seconds": round(total, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
