@@ -52,12 +52,14 @@ C2S = Direction.CLIENT_TO_SERVER
 S2C = Direction.SERVER_TO_CLIENT
 # Reset points. Measured through the proxy: a clean 8 MiB upload sends ~8.42 MB
 # client->server and 22-27 KB server->client (handshake ~3.5 KB, then one SFTP
-# status per 32 KiB write); a clean 8 MiB download sends ~19.7 KB
-# client->server (read requests) and ~8.40 MB back. The bulk direction is cut
-# early, midway and within its last writes/reads; the thin direction at three
-# points after the handshake.
+# status per 32 KiB write); a clean 8 MiB download sends ~5.2 KB
+# client->server (handshake, auth and SFTP start up to ~3.3 KB, then 255 KiB
+# read requests) and ~8.40 MB back. The bulk direction is cut early, midway and
+# within its last writes/reads; the thin direction at three points after the
+# handshake, while requests are in flight.
 BULK_OFFSETS = (256 * KIB, 4 * MIB, STREAM_SIZE)
-THIN_OFFSETS = (6_000, 12_000, 18_000)
+UPLOAD_THIN_OFFSETS = (6_000, 12_000, 18_000)
+DOWNLOAD_THIN_OFFSETS = (3_400, 4_000, 4_600)
 # A reset this early server->client falls inside the SSH banner/key exchange.
 HANDSHAKE_OFFSET = 100
 CONCURRENT_CALLS = 64
@@ -82,8 +84,9 @@ def sha256(data: bytes) -> str:
 def fault_cases(bulk: Direction) -> list[object]:
     """(direction, offset) pairs: three points in the bulk direction, three in the thin one."""
     thin = S2C if bulk is C2S else C2S
+    thin_offsets = UPLOAD_THIN_OFFSETS if bulk is C2S else DOWNLOAD_THIN_OFFSETS
     cases = [pytest.param(bulk, offset, id=f"{bulk.value}-after-{offset}") for offset in BULK_OFFSETS]
-    cases += [pytest.param(thin, offset, id=f"{thin.value}-after-{offset}") for offset in THIN_OFFSETS]
+    cases += [pytest.param(thin, offset, id=f"{thin.value}-after-{offset}") for offset in thin_offsets]
     return cases
 
 
