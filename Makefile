@@ -15,7 +15,7 @@ test: deps lint
 lint: deps
 	$(VENV)/bin/ruff check sftp_plugin tests bench scripts
 
-deps: system-deps $(VENV)/.installed
+deps: system-deps $(VENV)/.installed $(VENV)/.package
 
 # OpenSSH server and client: the tests, demo and bench start a real sshd on 127.0.0.1.
 system-deps:
@@ -27,7 +27,14 @@ system-deps:
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q '.[test]'
+	touch $@
+
+# The package itself, installed as users get it (not editable: an editable
+# install adds an import hook that slows every plugin call), again whenever
+# its sources change, so tests and the bench run the installed console script.
+$(VENV)/.package: $(VENV)/.installed $(wildcard sftp_plugin/*.py)
+	$(VENV)/bin/pip install -q --no-deps --force-reinstall .
 	touch $@
 
 # Plugin vs OpenSSH sftp on a throwaway sshd (tmpfs); e.g. make bench BENCH_ARGS="--size-mib 64 --rounds 1".
