@@ -57,6 +57,11 @@ class Remote:
     def sftp(self):  # -> paramiko.SFTPClient; not annotated to keep paramiko out of this module's imports
         return self.session.sftp
 
+    def open_sftp(self):  # -> paramiko.SFTPClient | None
+        """The SFTP client of a session already open, or None: never connects (for cleanup on failure,
+        where a new connection could be one more failed login)."""
+        return self._session.sftp if self._session is not None else None
+
     def retrying(self, what: str, step: Callable[[], T]) -> T:
         """Run one remote step under the retry policy; a lost connection is dropped and reopened.
 
@@ -315,15 +320,29 @@ def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> 
     upload = transfer.ResumableUpload(
         source.read, target, remote.cfg.resume_buffer, on_chunk=digest.update if digest else None
     )
-    require_remote_dir(remote)
-    with remote_errors(remote, "upload", target):
+
+    def create_directories() -> None:
+        require_remote_dir(remote)  # a missing remote_dir is a configuration error: never created
         remote.retrying(
             "create backup directory", lambda: transfer.makedirs(remote.sftp, posixpath.dirname(target), stop_at=root)
         )
+
+    def stream() -> int:
+        return remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp))
+
+    with remote_errors(remote, "upload", target):
         sidecar_path = integrity.sidecar_path(target)
         sidecar_temp = paths.temp_name_for(sidecar_path)  # one name for every attempt: no leftovers
         try:
-            size = remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp))
+            # Setup normally created the directory: open first and create it only when
+            # missing, which saves two round trips on every call.
+            try:
+                size = stream()
+            except FileNotFoundError:
+                if upload.confirmed:
+                    raise
+                create_directories()
+                size = stream()
             if digest is not None:
                 sidecar = integrity.format_sidecar(digest.hexdigest(), target_file.name)
                 remote.retrying(
@@ -332,9 +351,11 @@ def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> 
             remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
         except BaseException:
             # Best effort on a session that may be the thing that broke; cleanup catches the rest.
-            with contextlib.suppress(Exception):
-                upload.abandon(remote.sftp)
-                transfer.remove_quietly(remote.sftp, sidecar_temp)
+            sftp = remote.open_sftp()
+            if sftp is not None:
+                with contextlib.suppress(Exception):
+                    upload.abandon(sftp)
+                    transfer.remove_quietly(sftp, sidecar_temp)
             raise
     return size
 
