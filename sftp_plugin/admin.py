@@ -17,7 +17,6 @@ import logging
 import os
 import posixpath
 import secrets
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -25,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from sftp_plugin import PLUGIN_NAME
+from sftp_plugin.cli import fail
 from sftp_plugin.errors import AuthError, HostKeyError, PluginError, RemoteNotFound
 from sftp_plugin.retention import SUCCESS, report_name
 
@@ -531,12 +531,6 @@ def _print_table(host: str, root: str, backups: list[BackupSummary]) -> None:
     )
 
 
-def _error(message: str, code: int) -> int:
-    text = " ".join(message.split())
-    sys.stderr.write(f"{PLUGIN_NAME} list-backups: {text}\n")
-    return code
-
-
 def list_backups(argv: list[str]) -> int:
     """``list-backups <config> [--json]``: the backups on the host, their size, age and completeness."""
     parser = argparse.ArgumentParser(
@@ -557,18 +551,18 @@ def list_backups(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config)
     except PluginError as err:
-        return _error(mask(str(err), _raw_secrets(args.config)), err.exit_code)
+        return fail("list-backups", mask(str(err), _raw_secrets(args.config)), err.exit_code)
     _quiet_logging(cfg, "list-backups")
     try:
         summaries = _collect(cfg)
     except PluginError as err:
         log.error("list-backups failed: %s", err)
-        return _error(mask(str(err), cfg.secrets()), err.exit_code)
+        return fail("list-backups", mask(str(err), cfg.secrets()), err.exit_code)
     except KeyboardInterrupt:
-        return _error("interrupted", 130)
+        return fail("list-backups", "interrupted", 130)
     except Exception as err:  # noqa: BLE001 - never a traceback
         log.exception("list-backups: unexpected failure")
-        return _error(mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
+        return fail("list-backups", mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
     if args.json:
         document = {
             "host": cfg.hostname,
