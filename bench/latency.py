@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.sshd_server import ENTRYPOINT, START_TIMEOUT, SshServer
+from tests.sshd_server import ENTRYPOINT, SshServer, wait_for_ssh_banner
 
 # A /24 from RFC 1918 space that Docker, libvirt and common LANs do not use by default.
 SUBNET = "10.203.0.0/24"
@@ -138,18 +137,10 @@ class DelayedLink:
         self.known_hosts.write_text(f"[{SERVER_ADDR}]:{self.port} {host_key[0]} {host_key[1]}\n")
 
     def _wait_for_sshd(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._sshd is not None and self._sshd.poll() is not None:
-                raise LinkUnavailable(f"sshd in the namespace exited with {self._sshd.returncode}: "
-                                      f"{self.log_path.read_text().strip()}")
-            try:
-                with socket.create_connection((SERVER_ADDR, self.port), timeout=1) as conn:
-                    if conn.recv(4).startswith(b"SSH-"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise LinkUnavailable(f"sshd in the namespace did not answer within {START_TIMEOUT}s; see {self.log_path}")
+        try:
+            wait_for_ssh_banner(SERVER_ADDR, self.port, self._sshd, self.log_path)
+        except RuntimeError as err:
+            raise LinkUnavailable(f"sshd in the namespace: {err}") from None
 
     def _stop_sshd(self) -> None:
         if self._sshd is not None and self._sshd.poll() is None:

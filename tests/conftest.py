@@ -16,21 +16,15 @@ from tests.sshd_server import SshServer
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """One OpenSSH server on 127.0.0.1 for the whole session; tests keep to their own remote subdirectory."""
-    server = SshServer(tmp_path_factory.mktemp("sshd")).start()
-    try:
+    with SshServer(tmp_path_factory.mktemp("sshd")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def fresh_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """A server of its own, for a test that changes server state (e.g. authorized_keys)."""
-    server = SshServer(tmp_path_factory.mktemp("sshd_fresh")).start()
-    try:
+    with SshServer(tmp_path_factory.mktemp("sshd_fresh")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

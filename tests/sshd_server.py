@@ -30,6 +30,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_for_ssh_banner(host: str, port: int, process: subprocess.Popen[bytes] | None, log_path: Path) -> None:
+    """Return once ``host:port`` greets with an SSH banner; raise RuntimeError if ``process`` dies or
+    START_TIMEOUT passes first (the message carries the sshd log)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"sshd exited with {process.returncode}: {log_path.read_text().strip()}")
+        try:
+            with socket.create_connection((host, port), timeout=1) as conn:
+                if conn.recv(4).startswith(b"SSH-"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd did not start within {START_TIMEOUT}s: {log_path.read_text().strip()}")
+
+
 def keygen(path: Path, key_type: str = "ed25519", passphrase: str = "") -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", passphrase, "-f", str(path)], check=True)
     return path
@@ -61,23 +77,10 @@ class SshServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
-        self._wait_until_ready()
+        wait_for_ssh_banner("127.0.0.1", self.port, self.process, self.log_path)
         host_key = (self.server_dir / "ssh_host_ed25519_key.pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
         return self
-
-    def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"sshd exited with {self.process.returncode}: {self.log_path.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
-                    if conn.recv(4).startswith(b"SSH-"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"sshd did not start within {START_TIMEOUT}s: {self.log_path.read_text()}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -75,11 +75,8 @@ class Site:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    sshd = SshServer(tmp_path_factory.mktemp("admin_sshd")).start()
-    try:
+    with SshServer(tmp_path_factory.mktemp("admin_sshd")) as sshd:
         yield sshd
-    finally:
-        sshd.stop()
 
 
 def make_site(server: SshServer, root: Path) -> Site:

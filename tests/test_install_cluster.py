@@ -26,11 +26,8 @@ REMOTE_SOURCE_GLOB = "/tmp/gpbackup_sftp_plugin_src.*"
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[SshServer]:
-    sshd = SshServer(tmp_path / "sshd").start()
-    try:
+    with SshServer(tmp_path / "sshd") as sshd:
         yield sshd
-    finally:
-        sshd.stop()
 
 
 def ssh_opts(server: SshServer, port: int | None = None) -> str:

@@ -176,11 +176,8 @@ def retry_lines(site: Site) -> list[re.Match[str]]:
 @pytest.fixture(scope="module")
 def backup_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """One real OpenSSH server for this module; each test keeps to a remote_dir of its own."""
-    server = SshServer(tmp_path_factory.mktemp("reliability_sshd")).start()
-    try:
+    with SshServer(tmp_path_factory.mktemp("reliability_sshd")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -354,11 +351,8 @@ def test_stalled_download_times_out_and_resumes_on_a_new_connection(site: Site, 
 @pytest.fixture
 def default_maxstartups_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """An sshd of its own with OpenSSH's default MaxStartups 10:30:100 (drops handshakes beyond 10 pending)."""
-    server = SshServer(tmp_path_factory.mktemp("maxstartups_sshd"), max_startups="10:30:100").start()
-    try:
+    with SshServer(tmp_path_factory.mktemp("maxstartups_sshd"), max_startups="10:30:100") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_many_concurrent_backup_file_calls_all_store_their_bytes(
