@@ -181,8 +181,16 @@ class Runner:
         # An empty HOME and no agent: neither client may pick up the user's ~/.ssh/config, keys or agent.
         self.env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
         self.env["HOME"] = str(home)
+        # The plugin's fork server socket goes in the workdir, and stop_fork_servers() ends it.
+        tmp = workdir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.env.update(TMPDIR=str(tmp), XDG_RUNTIME_DIR="")
         self._serial = 0
         self._live: set[Child] = set()  # started and not yet finished: killed by kill_all()
+
+    def stop_fork_servers(self) -> None:
+        """The bench leaves nothing running: stop the fork server its plugin calls started."""
+        subprocess.run([str(self.plugin), "stop-fork-server"], env=self.env, capture_output=True, check=False)
 
     def _scratch(self, suffix: str) -> Path:
         self._serial += 1

@@ -170,12 +170,16 @@ class Bench:
         self.local_dir.mkdir(parents=True)
         self.size = args.size_mib * MIB
         self.stream_size = args.stream_size_mib * MIB if args.stream_size_mib else self.size // args.streams
-        self.rss_kib: dict[str, list[float]] = {"plugin": [], "openssh": []}
+        self.openssh_rss_kib: list[float] = []  # of every loopback sftp put, for reference
         self.stored: dict[str, Path] = {}  # per target: the verified stream restore_data reads back
         self.skipped: list[str] = []
         self.latency: dict[str, object] = {}  # how the high-latency rows were made, for the JSON
         self.loopback = self.make_target("loopback", server.write_config(
             workdir / "plugin.yaml", executable=str(args.plugin)), "127.0.0.1", server.port, server.known_hosts)
+        # Peak RSS is measured in-process: with the fork server the process we wait for is only the client.
+        self.in_process = self.make_target("in-process", server.write_config(
+            workdir / "plugin-in-process.yaml", executable=str(args.plugin), fork_server="no"),
+            "127.0.0.1", server.port, server.known_hosts)
 
     def make_target(self, label: str, config: Path, host: str, port: int, known_hosts: Path) -> Target:
         target = Target(label, host, port, str(self.server.options()["username"]), self.server.user_key,
@@ -212,7 +216,7 @@ class Bench:
         rows.append(self.guard("concurrency", self.concurrency))
         rows.extend(self.high_latency())
         rows.append(self.guard("plugin_api_version", self.api_version))
-        rows.append(self.rss_row(up))
+        rows.append(self.guard("peak RSS", lambda: self.rss_row(stream, stream_sha)))
         for row in rows:
             row.key, row.metric = row.metric, self.label(row.metric)
         return rows
@@ -268,8 +272,7 @@ class Bench:
             dest.unlink()
             openssh_secs.append(openssh.seconds)
             if target is self.loopback:
-                self.rss_kib["plugin"].append(plugin.maxrss_kib)
-                self.rss_kib["openssh"].append(openssh.maxrss_kib)
+                self.openssh_rss_kib.append(openssh.maxrss_kib)
             progress(f"{metric} round {r + 1}/{self.args.rounds}: plugin {plugin.seconds:.2f} s, "
                      f"OpenSSH {openssh.seconds:.2f} s")
         target_ratio = STREAM_RATIO_TARGET if target is self.loopback else LATENCY_RATIO_TARGET
@@ -494,15 +497,15 @@ class Bench:
         return Row("plugin_api_version", "ms", ms, None, None, f"plugin <= {VERSION_MS_TARGET:g} ms",
                    "PASS" if ms <= VERSION_MS_TARGET else "FAIL", samples={"plugin_seconds": seconds})
 
-    def rss_row(self, up: Row) -> Row:
-        if not self.rss_kib["plugin"]:
-            return Row("peak RSS", status="ERROR", note=f"no successful backup_data to measure ({up.note})")
-        plugin = max(self.rss_kib["plugin"]) / KIB
-        openssh = max(self.rss_kib["openssh"]) / KIB if self.rss_kib["openssh"] else None
+    def rss_row(self, stream: Path, sha: str) -> Row:
+        """Peak RSS of one backup_data of the whole stream, run in-process (fork_server: no)."""
+        plugin = self.store_stream(self.in_process, stream, self.size, sha, "rss").maxrss_kib / KIB
+        openssh = max(self.openssh_rss_kib) / KIB if self.openssh_rss_kib else None
+        progress(f"peak RSS: plugin {plugin:.1f} MiB in-process")
         return Row("peak RSS", "MiB", plugin, openssh, None, f"plugin <= {RSS_MIB_TARGET:g} MiB",
                    "PASS" if plugin <= RSS_MIB_TARGET else "FAIL",
-                   note="OpenSSH: the sftp process and its ssh child, for reference",
-                   samples={"plugin_maxrss_kib": self.rss_kib["plugin"], "openssh_maxrss_kib": self.rss_kib["openssh"]})
+                   note="plugin in-process (fork_server: no); OpenSSH: the sftp process and its ssh child",
+                   samples={"plugin_maxrss_kib": [plugin * KIB], "openssh_maxrss_kib": self.openssh_rss_kib})
 
 
 def annotate(rows: list[Row], method: str, how: str) -> list[Row]:
@@ -678,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         progress(f"sshd on 127.0.0.1:{server.port} as {getpass.getuser()}")
         runner = Runner(args.plugin, workdir)
-        cleanup.callback(runner.kill_all)  # runs before server.stop: clients go first, so sessions close cleanly
+        cleanup.callback(runner.stop_fork_servers)
+        cleanup.callback(runner.kill_all)  # runs first: clients go before the fork server and sshd
         load_start = os.getloadavg()
         if load_start[0] > BUSY_LOAD:
             progress(f"warning: load average is {load_start[0]:.2f} before the bench starts; "

@@ -141,6 +141,7 @@ class Plugin:
             # Its own process group, so cleanup can end bash and the plugin together.
             process = subprocess.Popen(
                 ["bash", "-c", line],
+                env=self.env(),
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -175,6 +176,16 @@ class Plugin:
     ) -> Call:
         what = f"{command} on {host} {' '.join(args)}".strip()
         return self.run(what, self.command_line(host, command, *args, hook=hook), stdin, timeout)
+
+    def env(self) -> dict[str, str]:
+        """Our environment, but with the plugin's fork server socket in the work dir (see stop_fork_servers)."""
+        return dict(os.environ, TMPDIR=str(self.work / "tmp"), XDG_RUNTIME_DIR="")
+
+    def stop_fork_servers(self) -> list[str]:
+        """Stop the fork servers the demo's calls started (outside the demo they exit after a minute idle)."""
+        result = subprocess.run([self.executable, "stop-fork-server"], env=self.env(), capture_output=True,
+                                timeout=CLEANUP_TIMEOUT, check=False)
+        return [line for line in result.stdout.decode(errors="replace").splitlines() if line.startswith("stopped")]
 
     @staticmethod
     def _kill(process: subprocess.Popen[bytes]) -> None:
@@ -620,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, on_signal)
 
     work = Path(tempfile.mkdtemp(prefix="gpbackup_sftp_demo."))
+    (work / "tmp").mkdir()
     server = None
     pool = ThreadPoolExecutor(max_workers=len(PRIMARIES))
     demo: Demo | None = None
@@ -710,6 +722,9 @@ def cleanup(demo: Demo | None, pool: ThreadPoolExecutor, server: Any, work: Path
     if server is not None:
         stop_server(server)
         say("cleanup: stopped the throwaway sshd")
+    if demo is not None:
+        for line in demo.plugin.stop_fork_servers():
+            say(f"cleanup: {line}")
     shutil.rmtree(work, ignore_errors=True)
     if work.exists():
         say(f"cleanup: could not remove {work}")

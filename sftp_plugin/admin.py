@@ -600,3 +600,27 @@ def _collect(cfg: Any) -> list[BackupSummary]:
             remote.close()
         except Exception:  # noqa: BLE001 - closing a broken session must not hide the result
             log.debug("closing the session failed", exc_info=True)
+
+
+def stop_fork_server(argv: list[str]) -> int:
+    """``stop-fork-server``: stop this user's fork servers; calls in flight finish undisturbed."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PLUGIN_NAME} stop-fork-server",
+        description="Stop the current user's plugin fork servers (they also exit by themselves after a minute "
+        "without calls). Calls in flight are not interrupted.",
+    )
+    try:
+        _parse(parser, argv)
+    except _ArgumentError as err:
+        return err.code
+    from sftp_plugin import forkserver
+
+    try:
+        stopped = forkserver.stop_servers()
+    except OSError as err:
+        return fail("stop-fork-server", f"{err}; check the permissions of {forkserver.runtime_dir()}", 1)
+    for pid in stopped:
+        print(f"stopped fork server pid {pid}")
+    if not stopped:
+        print("no fork server was running")
+    return 0

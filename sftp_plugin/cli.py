@@ -54,6 +54,7 @@ VERSION_COMMANDS: dict[str, Callable[[], str]] = {
 ADMIN_COMMANDS: dict[str, str] = {
     "check": "check",
     "list-backups": "list_backups",
+    "stop-fork-server": "stop_fork_server",
 }
 USAGE = f"usage: {PLUGIN_NAME} <command> <config.yaml> [args...]"
 
@@ -65,7 +66,8 @@ def fail(command: str, message: str, code: int) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
+    """Run one plugin call; `served_by` is the fork server monitor's pid when this is its worker."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         return fail("", f"no command given; {USAGE}", 2)
@@ -89,7 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     if not spec.min_args <= len(args) <= spec.max_args:
         expected = str(spec.min_args) if spec.min_args == spec.max_args else f"{spec.min_args} to {spec.max_args}"
         return fail(command, f"expected {expected} arguments after the config file, got {len(args)}", 2)
-    return run(command, spec, config_path, args)
+    if served_by is None:
+        from sftp_plugin import forkserver
+        from sftp_plugin.errors import WorkerLost
+
+        try:
+            code = forkserver.delegate(argv)
+        except WorkerLost as err:
+            return fail(command, str(err), err.exit_code)
+        if code is not None:
+            return code
+    return run(command, spec, config_path, args, served_by)
 
 
 def block_optional_imports() -> None:
@@ -101,7 +113,7 @@ def block_optional_imports() -> None:
     sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 
 
-def run(command: str, spec: Spec, config_path: str, args: list[str]) -> int:
+def run(command: str, spec: Spec, config_path: str, args: list[str], served_by: int | None = None) -> int:
     # Imported here, not at the top: the version commands above must stay fast.
     import logging
 
@@ -119,7 +131,7 @@ def run(command: str, spec: Spec, config_path: str, args: list[str]) -> int:
         return fail(command, f"cannot write log file {log_file_path(cfg.log_dir)}: {err.strerror}; check log_dir", 1)
     log = logging.getLogger("gpbackup_sftp_plugin")
     started = time.monotonic()
-    log.info("start %s", " ".join(args))
+    log.info("start %s%s", " ".join(args), "" if served_by is None else f" (fork server worker, monitor {served_by})")
     remote = None
     try:
         block_optional_imports()
@@ -150,4 +162,11 @@ def run(command: str, spec: Spec, config_path: str, args: list[str]) -> int:
             except Exception:  # noqa: BLE001 - closing a broken session must not hide the result
                 log.debug("closing the session failed", exc_info=True)
     log.info("ok bytes=%d seconds=%.3f %s", result.bytes, time.monotonic() - started, result.detail)
+    if served_by is None and cfg.fork_server:
+        from sftp_plugin import forkserver
+
+        try:
+            forkserver.start_server(cfg.log_dir)
+        except OSError:  # only later calls lose: they run in their own process, as this one did
+            log.warning("could not start the fork server", exc_info=True)
     return 0

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, TypeVar
 
-from sftp_plugin import integrity, paths, retention, transfer
+from sftp_plugin import forkserver, integrity, paths, retention, transfer
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.connection import Session, connect
-from sftp_plugin.errors import IntegrityError, RemoteError, RemoteNotFound, UsageError
+from sftp_plugin.errors import CallerGone, IntegrityError, RemoteError, RemoteNotFound, UsageError
 from sftp_plugin.offsets import parse_offsets
 from sftp_plugin.retry import call_with_retries, is_connection_lost
 
@@ -343,6 +343,9 @@ def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> 
                     raise
                 create_directories()
                 size = stream()
+            if forkserver.caller_gone():
+                # End of input because our caller was killed is not the end of the stream.
+                raise CallerGone("the process that called the plugin is gone", "the input may be cut short: not stored")
             if digest is not None:
                 sidecar = integrity.format_sidecar(digest.hexdigest(), target_file.name)
                 remote.retrying(

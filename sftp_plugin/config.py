@@ -63,6 +63,7 @@ class PluginConfig:
     log_dir: str = "~/gpAdminLogs"
     log_level: str = "info"
     restore_subset: bool = False
+    fork_server: bool = True
 
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line or a message."""
@@ -192,6 +193,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_dir": _local_path,
     "log_level": _log_level,
     "restore_subset": parse_bool,
+    "fork_server": parse_bool,
 }
 REQUIRED = ("hostname", "remote_dir")
 assert set(PARSERS) == {f.name for f in fields(PluginConfig)}, "PARSERS and PluginConfig must list the same options"

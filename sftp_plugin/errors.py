@@ -56,3 +56,11 @@ class RemoteNotFound(RemoteError):
 
 class IntegrityError(PluginError):
     """Stored bytes do not match what was backed up."""
+
+
+class CallerGone(PluginError):
+    """A fork server worker's caller died: its input may have ended early, so nothing is committed."""
+
+
+class WorkerLost(PluginError):
+    """The fork server worker running this call could not be followed to its end."""

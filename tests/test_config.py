@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,18 @@ def test_config_file_that_is_a_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(str(tmp_path))
     assert str(tmp_path) in str(caught.value)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("option", [f.name for f in fields(PluginConfig)])
+def test_every_option_is_documented_in_the_readme_and_the_template(option: str) -> None:
+    assert f"``{option}``" in (REPO / "README.rst").read_text(), f"{option} missing from README.rst's option table"
+    assert f"# {option}:" in (REPO / "plugin.yaml.template").read_text() or \
+        f"  {option}:" in (REPO / "plugin.yaml.template").read_text(), f"{option} missing from plugin.yaml.template"
+
+
+def test_fork_server_is_on_by_default_and_takes_booleans() -> None:
+    assert parse_options({"hostname": "h", "remote_dir": "/r"}).fork_server is True
+    assert parse_options({"hostname": "h", "remote_dir": "/r", "fork_server": "no"}).fork_server is False

@@ -1,0 +1,485 @@
+"""Fork server: keeps the plugin's code loaded between gpbackup's calls.
+
+gpbackup starts the plugin once per file and, without --single-data-file, once
+per table and segment: thousands of short processes per backup. A fresh Python
+process spends ~15 ms starting, ~110 ms importing paramiko, cryptography and
+PyYAML and ~20 ms tearing all of that down again: more than the SSH handshake,
+and most of what separates a plugin call from OpenSSH's C client.
+
+So after a successful call the plugin leaves one fork server per user and
+installed copy of the code, detached, which has those modules imported and
+exits after IDLE_SECONDS without a call. A later call (the client, `delegate`)
+hands it, over a Unix socket in a private directory, its argv, environment,
+working directory, umask and its stdin/stdout/stderr themselves (SCM_RIGHTS).
+The server forks a monitor per call; the monitor forks the worker, which runs
+the command exactly as the fresh process would have (same fds, same
+environment, its own SSH connection: nothing but imported code is shared),
+waits for it, and reports the exit status, which the client then exits with.
+Signals sent to the client are forwarded to the worker; a client that dies
+(even by SIGKILL) takes its worker with it.
+
+The client imports nothing heavy, and any trouble before the worker has
+started (no server, stale socket, wrong owner, another version) means "run it
+in this process", never a failed call. `fork_server: no` stops new servers
+from being started; a running one exits after IDLE_SECONDS.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import zlib
+
+# A server exits after this long without a call: a backup's calls come in
+# bursts seconds apart, and a minute after the last one nothing should linger.
+IDLE_SECONDS = 60
+# How long the client waits for the worker to start before running the
+# command itself: the server forks twice and does no I/O before answering, so
+# anything near this means it is stuck, and running in-process costs < 1 s.
+START_TIMEOUT = 10.0
+# sun_path holds 108 bytes including the terminating NUL; a longer TMPDIR means no fork server.
+MAX_SOCKET_PATH = 107
+# Signals the client forwards to its worker while it waits (terminal and
+# supervisor signals; SIGKILL cannot be caught and is covered by the monitor).
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# Request framing version: a client and a server of different code never talk
+# anyway (the socket name carries a digest of the code), this guards the rest.
+MAGIC = b"GSFP1"
+
+# Monitor -> client replies: the worker started (pid follows), the worker
+# ended (raw wait status follows), the request was refused (run it yourself).
+STARTED, ENDED, REFUSED = b"P", b"S", b"R"
+_INT = struct.Struct("!i")
+
+# In a worker: the read end of its client's liveness pipe (see caller_gone).
+_caller_pipe: int | None = None
+
+# Modules the server imports once so that no worker has to: the command code
+# and everything it imports lazily on the way to a connection.
+PRELOAD = (
+    "sftp_plugin.commands",
+    "sftp_plugin.config",
+    "sftp_plugin.log",
+    "sftp_plugin.admin",
+    "yaml",
+    "logging.handlers",
+    "hashlib",
+    "secrets",
+    "paramiko.agent",
+)
+
+
+# ---------------------------------------------------------------- location
+
+
+def code_digest() -> str:
+    """Names this interpreter and this copy of the code: an upgrade gets a new server."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    parts = [sys.executable, package]
+    with os.scandir(package) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.endswith(".py"):
+                info = entry.stat()
+                parts.append(f"{entry.name}:{info.st_size}:{info.st_mtime_ns}")
+    return f"{zlib.crc32(chr(0).join(parts).encode()):08x}"
+
+
+def runtime_dir() -> str | None:
+    """The per-user directory for the socket, created 0700; None when it is not safe to use.
+
+    XDG_RUNTIME_DIR when the session has one (private, tmpfs), else the temp
+    directory. A directory owned by someone else or open to others is refused:
+    whoever can reach the socket can run plugin commands with our fds.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
+    path = os.path.join(base, f"gpbackup_sftp_plugin-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    return path
+
+
+def socket_path() -> str | None:
+    from sftp_plugin import __version__
+
+    directory = runtime_dir()
+    if directory is None:
+        return None
+    path = os.path.join(directory, f"{__version__}-{code_digest()}.sock")
+    return path if len(path) <= MAX_SOCKET_PATH else None
+
+
+# ------------------------------------------------------------------ client
+
+
+def delegate(argv: list[str]) -> int | None:
+    """Run `argv` in the fork server's worker and return its exit code; None to run it here.
+
+    Raises WorkerLost when the worker started but its end could not be learned.
+    """
+    try:
+        path = socket_path()
+        if path is None:
+            return None
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(START_TIMEOUT)
+        conn.connect(path)
+        for fd in (0, 1, 2):
+            os.fstat(fd)  # a closed std fd cannot be passed on: raises, and we run it here
+        payload = _encode_request(argv)
+        alive_read, _alive_write = os.pipe()  # the write end lives exactly as long as we do
+        socket.send_fds(conn, [_INT.pack(len(payload))], [0, 1, 2, alive_read])
+        os.close(alive_read)
+        conn.sendall(payload)
+        reply = _recv_exact(conn, 1 + _INT.size)
+    except OSError:
+        return None
+    if reply[:1] != STARTED:
+        conn.close()
+        return None  # refused or gone before the worker started: nothing ran
+    # From here on the command is running: whatever happens, it is never run twice.
+    conn.settimeout(None)
+    previous = {sig: signal.signal(sig, lambda num, _frame: _forward(conn, num)) for sig in FORWARDED_SIGNALS}
+    try:
+        reply = _recv_exact(conn, 1 + _INT.size)
+    except OSError:
+        reply = b""
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if reply[:1] != ENDED:
+        from sftp_plugin.errors import WorkerLost
+
+        raise WorkerLost(
+            "lost contact with the fork server worker running this call; its outcome is unknown",
+            "see the plugin log, and retry the operation",
+        )
+    return exit_code_of(_INT.unpack(reply[1:])[0])
+
+
+def caller_gone() -> bool:
+    """True in a worker whose client has died (e.g. killed along with gpbackup_helper).
+
+    Checked before an upload is committed: in-process, a killed plugin commits
+    nothing, while a worker outlives its client by the moment the monitor takes
+    to kill it, and could meanwhile read the EOF of a half-written stream. The
+    client holds the write end of a pipe it never writes to; readable means EOF.
+    """
+    if _caller_pipe is None:
+        return False
+    import select
+
+    return bool(select.select([_caller_pipe], [], [], 0)[0])
+
+
+def exit_code_of(status: int) -> int:
+    """The worker's wait status as our own ending: its exit code, or death by the same signal."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        sys.stdout.flush()
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        return 128 + sig  # only reached for a signal whose default is not to terminate
+    return os.WEXITSTATUS(status)
+
+
+def _forward(conn: socket.socket, signum: int) -> None:
+    try:
+        conn.sendall(bytes([signum]))
+    except OSError:
+        pass  # the monitor is gone; its worker went with it
+
+
+def _encode_request(argv: list[str]) -> bytes:
+    fields = [
+        MAGIC,
+        code_digest().encode(),
+        os.fsencode(os.getcwd()),
+        str(_current_umask()).encode(),
+        str(len(argv)).encode(),
+        *(os.fsencode(arg) for arg in argv),
+        *(key + b"=" + value for key, value in os.environb.items()),
+    ]
+    return b"\0".join(fields)
+
+
+def _decode_request(payload: bytes) -> tuple[bytes, str, str, int, list[str], dict[bytes, bytes]]:
+    magic, digest, cwd, umask, count, *rest = payload.split(b"\0")
+    nargs = int(count)
+    argv = [os.fsdecode(arg) for arg in rest[:nargs]]
+    env = dict(item.split(b"=", 1) for item in rest[nargs:] if b"=" in item)
+    return magic, digest.decode(), os.fsdecode(cwd), int(umask), argv, env
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+# ------------------------------------------------------------------ server
+
+
+def start_server(log_dir: str) -> None:
+    """Start a detached fork server for later calls, unless one can't be placed safely.
+
+    Called after a successful call that ran in-process. The server inherits
+    nothing of ours: no fds (gpbackup waits for EOF on our stdout), a new
+    session, and an environment holding only what the interpreter needs to
+    start; every call brings its own environment.
+    """
+    path = socket_path()
+    if path is None:
+        return
+    import subprocess
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # -I: no PYTHON* variables, no user site (Greenplum's PYTHONHOME would break
+    # the interpreter), so the package's own location is put on the path by hand.
+    bootstrap = f"import sys; sys.path.insert(0, {package_parent!r}); from sftp_plugin.forkserver import main; main()"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for name in ("LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    subprocess.Popen(
+        [sys.executable, "-I", "-c", bootstrap, path, os.path.expanduser(log_dir)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
+    """The server: preload, then accept calls until `idle_seconds` pass without one."""
+    import fcntl
+    import importlib
+    import logging
+    import select
+
+    from sftp_plugin.log import setup_logging
+
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # another server for this code already runs (or is starting)
+    os.ftruncate(lock, 0)
+    os.write(lock, f"{os.getpid()}\n".encode())  # who holds it, for whoever wants to stop us
+    setup_logging(log_dir, "info", "fork-server", [])
+    log = logging.getLogger("gpbackup_sftp_plugin.forkserver")
+    from sftp_plugin.cli import block_optional_imports
+
+    block_optional_imports()
+    for module in PRELOAD:
+        importlib.import_module(module)
+    digest = code_digest()
+    if not path.endswith(f"-{digest}.sock"):
+        log.warning("code changed while starting; not serving %s", path)
+        return
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.unlink(path)  # a stale socket of a server that died; we hold the lock
+    except FileNotFoundError:
+        pass
+    listener.bind(path)
+    listener.listen(128)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, _stop)
+    log.info("fork server %d serving %s", os.getpid(), path)
+    served = 0
+    why = f"after {idle_seconds:g} s idle"
+    try:
+        while select.select([listener], [], [], idle_seconds)[0]:
+            conn, _ = listener.accept()
+            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if uid != os.getuid():
+                log.warning("refused a connection from uid %d", uid)
+                conn.close()
+                continue
+            if os.fork() == 0:
+                listener.close()
+                _monitor(conn, digest)  # never returns
+            conn.close()
+            served += 1
+    except _Stopped as stop:
+        why = f"on signal {stop.signum}"
+    # Unlink first, then close: a call that connected in between sees EOF
+    # before "started" and runs in its own process. Calls in flight go on.
+    os.unlink(path)
+    listener.close()
+    log.info("fork server %d exiting %s (%d calls served)", os.getpid(), why, served)
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
+
+
+def stop_servers() -> list[int]:
+    """Stop this user's fork servers (every version) in the current socket directory; their pids.
+
+    For an admin after an upgrade or while troubleshooting, and for the demo
+    and the benchmark, which must leave nothing running. Calls in flight are
+    not touched; a lock nobody holds is a leftover and is removed.
+    """
+    import fcntl
+
+    directory = runtime_dir()
+    if directory is None:
+        return []
+    stopped = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".sock.lock"):
+            continue
+        lock_path = os.path.join(directory, name)
+        fd = os.open(lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live server, whose pid is in the file
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            if text.isdigit():
+                os.kill(int(text), signal.SIGTERM)
+                stopped.append(int(text))
+        else:
+            for leftover in (lock_path, lock_path[: -len(".lock")]):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
+    return stopped
+
+
+def _monitor(conn: socket.socket, digest: str) -> None:
+    """One call: receive it, fork the worker, forward signals, report the wait status."""
+    import threading
+
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # we wait for our worker ourselves
+        for sig in FORWARDED_SIGNALS:  # stopping the server does not stop the calls in flight
+            signal.signal(sig, signal.SIG_IGN)
+        conn.settimeout(START_TIMEOUT)
+        head, fds, _flags, _addr = socket.recv_fds(conn, _INT.size, 4)
+        if len(head) != _INT.size or len(fds) != 4:
+            raise OSError("malformed request")
+        payload = _recv_exact(conn, _INT.unpack(head)[0])
+        magic, their_digest, cwd, umask, argv, env = _decode_request(payload)
+        if magic != MAGIC or their_digest != digest:
+            conn.sendall(REFUSED + _INT.pack(0))
+            os._exit(0)
+        worker = os.fork()
+        if worker == 0:
+            conn.close()
+            _run_worker(fds, cwd, umask, argv, env)  # never returns
+        for fd in fds:
+            os.close(fd)
+        conn.settimeout(None)
+        conn.sendall(STARTED + _INT.pack(worker))
+        finished = threading.Lock()
+        done = False
+
+        def forward() -> None:
+            # Each byte from the client is a signal to pass on; EOF means the
+            # client died, and its worker must not outlive it.
+            while True:
+                try:
+                    data = conn.recv(16)
+                except OSError:
+                    data = b""
+                with finished:
+                    if done:
+                        return
+                    for sig in data or [signal.SIGKILL]:
+                        os.kill(worker, sig)
+                if not data:
+                    return
+
+        threading.Thread(target=forward, daemon=True).start()
+        _pid, status = os.waitpid(worker, 0)
+        with finished:
+            done = True
+        conn.sendall(ENDED + _INT.pack(status))
+        code = 0
+    except BaseException:  # noqa: BLE001 - a monitor reports by closing; the client says so
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _run_worker(fds: list[int], cwd: str, umask: int, argv: list[str], env: dict[bytes, bytes]) -> None:
+    """Become the process the client would have been, run the command, exit with its code."""
+    global _caller_pipe
+    code = 1
+    try:
+        *std, _caller_pipe = fds
+        for target, fd in enumerate(std):
+            os.dup2(fd, target)
+            os.close(fd)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.environb.clear()
+        os.environb.update(env)
+        import time
+
+        time.tzset()  # log timestamps in the caller's TZ
+        os.chdir(cwd)
+        os.umask(umask)
+        from sftp_plugin import cli
+
+        code = cli.main(argv, served_by=os.getppid())
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - the reader may be gone; the exit code still counts
+                pass
+        import logging
+
+        logging.shutdown()
+        os._exit(code)
+
+
+def main() -> None:
+    """Entry point of the detached server process: argv is [socket path, log dir]."""
+    serve(sys.argv[1], sys.argv[2])
+
+
+if __name__ == "__main__":
+    main()
