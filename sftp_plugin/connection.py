@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import paramiko
 
+from sftp_plugin.channel_buffer import ChunkedPipe
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.errors import AuthError, ConfigError, ConnectError, HostKeyError
 
@@ -253,6 +254,14 @@ class Session:
         self.close()
 
 
+def open_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
+    """SFTPClient.from_transport, with our window, packet size and receive buffer (channel_buffer.py)."""
+    channel = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
+    channel.in_buffer = ChunkedPipe()  # before the subsystem starts, so nothing is buffered yet
+    channel.invoke_subsystem("sftp")
+    return paramiko.SFTPClient(channel)
+
+
 def connect(cfg: PluginConfig, endpoint: Endpoint | None = None) -> Session:
     """Open one session: TCP, SSH handshake, host key check, auth, SFTP. No retries here."""
     endpoint = endpoint or resolve_endpoint(cfg)
@@ -294,9 +303,7 @@ def connect(cfg: PluginConfig, endpoint: Endpoint | None = None) -> Session:
             ) from err
         host_key_status = verify_host_key(cfg, endpoint, transport.get_remote_server_key(), known)
         auth_method = authenticate(transport, cfg, endpoint)
-        sftp = paramiko.SFTPClient.from_transport(transport, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
-        if sftp is None:
-            raise ConnectError(f"{endpoint.host} refused the SFTP subsystem", "enable 'Subsystem sftp' in sshd_config")
+        sftp = open_sftp(transport)
         transport.set_keepalive(KEEPALIVE_INTERVAL)
         # A read or a send that makes no progress for io_timeout seconds raises
         # socket.timeout, which the retry policy turns into a reconnect.

@@ -1,0 +1,83 @@
+"""ChunkedPipe behaves exactly like paramiko's BufferedPipe, which it replaces on our SFTP channel."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
+
+from sftp_plugin.channel_buffer import ChunkedPipe
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_feeds_and_reads_return_what_the_original_returns(seed: int) -> None:
+    rng = random.Random(seed)
+    ours, theirs = ChunkedPipe(), BufferedPipe()
+    for _ in range(300):
+        if rng.random() < 0.5:
+            data = rng.randbytes(rng.choice([0, 1, 4, 100, 32768, 70000]))
+            ours.feed(data)
+            theirs.feed(data)
+        elif len(theirs):
+            size = rng.choice([1, 4, 5, 1000, 32768, 261120, 10**7])
+            assert ours.read(size, timeout=0) == theirs.read(size, timeout=0)
+        assert len(ours) == len(theirs)
+        assert ours.read_ready() == theirs.read_ready()
+    assert ours.empty() == theirs.empty()
+    assert len(ours) == 0
+
+
+def test_a_read_spanning_chunks_returns_them_joined_and_keeps_the_rest() -> None:
+    pipe = ChunkedPipe()
+    for chunk in (b"abc", b"defg", b"hij"):
+        pipe.feed(chunk)
+    assert pipe.read(5) == b"abcde"
+    assert pipe.read(100) == b"fghij"
+    assert len(pipe) == 0
+
+
+def test_an_empty_pipe_times_out_and_a_closed_one_returns_eof() -> None:
+    pipe = ChunkedPipe()
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0)
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0.05)
+    pipe.feed(b"last")
+    pipe.close()
+    assert pipe.read(10) == b"last"  # what was fed before close is still delivered
+    assert pipe.read(10) == b""
+
+
+def test_a_blocked_reader_wakes_on_feed_and_on_close() -> None:
+    pipe = ChunkedPipe()
+    results: list[bytes] = []
+    reader = threading.Thread(target=lambda: results.append(pipe.read(10, timeout=10)))
+    reader.start()
+    time.sleep(0.05)
+    pipe.feed(b"hello")
+    reader.join(5)
+    assert results == [b"hello"]
+
+    reader = threading.Thread(target=lambda: results.append(pipe.read(10, timeout=10)))
+    reader.start()
+    time.sleep(0.05)
+    pipe.close()
+    reader.join(5)
+    assert results == [b"hello", b""]
+
+
+def test_the_event_is_set_while_data_waits_and_cleared_once_drained() -> None:
+    pipe, event = ChunkedPipe(), threading.Event()
+    pipe.set_event(event)
+    assert not event.is_set()
+    pipe.feed(b"xy")
+    assert event.is_set()
+    pipe.read(1)
+    assert event.is_set()
+    pipe.read(1)
+    assert not event.is_set()
+    pipe.close()
+    assert event.is_set()
