@@ -46,6 +46,9 @@ MAX_SOCKET_PATH = 107
 # Signals the client forwards to its worker while it waits (terminal and
 # supervisor signals; SIGKILL cannot be caught and is covered by the monitor).
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# Calls that may wait to be accepted: gpbackup starts one per segment at
+# once, and a connection beyond the backlog waits (up to START_TIMEOUT).
+LISTEN_BACKLOG = 128
 # Request framing version: a client and a server of different code never talk
 # anyway (the socket name carries a digest of the code), this guards the rest.
 MAGIC = b"GSFP1"
@@ -59,17 +62,15 @@ _INT = struct.Struct("!i")
 _caller_pipe: int | None = None
 
 # Modules the server imports once so that no worker has to: the command code
-# and everything it imports lazily on the way to a connection.
+# and what a call still imported lazily (checked by listing sys.modules after
+# backup_file, restore_file and cleanup; encodings.idna comes with name lookup).
 PRELOAD = (
+    "sftp_plugin.cli",
     "sftp_plugin.commands",
     "sftp_plugin.config",
     "sftp_plugin.log",
-    "sftp_plugin.admin",
     "yaml",
-    "logging.handlers",
-    "hashlib",
-    "secrets",
-    "paramiko.agent",
+    "encodings.idna",
 )
 
 
@@ -302,11 +303,15 @@ def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
         return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        os.unlink(path)  # a stale socket of a server that died; we hold the lock
-    except FileNotFoundError:
-        pass
-    listener.bind(path)
-    listener.listen(128)
+        try:
+            os.unlink(path)  # a stale socket of a server that died; we hold the lock
+        except FileNotFoundError:
+            pass
+        listener.bind(path)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError as err:
+        log.warning("fork server cannot listen on %s (%s); calls run in their own process", path, err)
+        return
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, _stop)
