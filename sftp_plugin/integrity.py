@@ -10,7 +10,9 @@ name always has its checksum.
 from __future__ import annotations
 
 import hashlib
+import queue
 import re
+import threading
 
 SIDECAR_SUFFIX = ".sha256"
 _LINE_RE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
@@ -24,8 +26,45 @@ def is_sidecar(name: str) -> bool:
     return name.endswith(SIDECAR_SUFFIX)
 
 
-def new_hash() -> hashlib._Hash:
-    return hashlib.sha256()
+# Chunks waiting to be hashed: SHA-256 (~1.6 GB/s here) outruns any transfer, so
+# the queue stays near empty; the bound only caps memory if it ever did not.
+HASH_QUEUE_CHUNKS = 64
+
+
+class BackgroundSha256:
+    """SHA-256 of a stream, computed on a helper thread while the transfer goes on.
+
+    hashlib releases the GIL while it hashes, so on its own thread the hashing
+    runs on another core instead of stalling the thread that feeds SSH: -8 to
+    -10% wall time on a 256 MiB transfer (bench/RESULTS.md). Chunks must not
+    be changed after update(); bytes never are.
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE_CHUNKS)
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._hash.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._chunks.put(chunk)
+
+    def hexdigest(self) -> str:
+        """The digest of everything updated so far; no update() may follow."""
+        if self._digest is None:
+            self._chunks.put(None)
+            self._thread.join()
+            self._digest = self._hash.hexdigest()
+        return self._digest
+
+
+def new_hash() -> BackgroundSha256:
+    return BackgroundSha256()
 
 
 def format_sidecar(digest: str, name: str) -> bytes:
