@@ -3,8 +3,8 @@
 paramiko's transport thread feeds every incoming SSH packet into the channel's
 BufferedPipe, and the SFTP client reads it back: 4 bytes of length, then the
 message. BufferedPipe keeps one flat array and deletes what is read from its
-front, so every read moves everything still buffered. With the 4 MiB window a
-download needs, that is megabytes moved per 4-byte read; the profile of a
+front, so every read moves everything still buffered. With the megabytes of
+window a download needs, that is megabytes moved per 4-byte read; the profile of a
 restore showed it as the biggest single cost. This subclass keeps the packets
 as they arrived and copies only what a read returns (256 MiB restore: ~1.5 s
 -> ~1.1 s of CPU, see bench/RESULTS.md). Locking, waiting, timeouts, events

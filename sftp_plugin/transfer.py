@@ -26,6 +26,7 @@ import paramiko
 from paramiko.sftp import CMD_EXTENDED, CMD_READ, CMD_STATUS, CMD_WRITE, int64
 
 from sftp_plugin import paths
+from sftp_plugin.connection import WINDOW_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,13 @@ WRITE_HEADER = 4 + 1 + 4 + 4 + 8 + 4
 # limits@openssh.com (OpenSSH's sftp-server allows 255 KiB). A server that
 # returned less than asked would force serial reads, hence the announcement.
 MAX_READ_REQUEST = 255 * 1024
-# Bytes in flight per stream: 4 MiB, matching the SSH window we grant
-# (connection.WINDOW_SIZE), so read-ahead never outruns the window; 200 MB/s on
-# a 20 ms link, twice what OpenSSH's sftp client keeps in flight.
-IN_FLIGHT_BYTES = 4 * 1024 * 1024
-PIPELINE_DEPTH = IN_FLIGHT_BYTES // REQUEST_SIZE
+# Bytes of write requests in flight per upload: 4 MiB, 200 MB/s on a 20 ms
+# link and twice the window OpenSSH grants a session, which then is the limit.
+WRITE_IN_FLIGHT_BYTES = 4 * 1024 * 1024
+PIPELINE_DEPTH = WRITE_IN_FLIGHT_BYTES // REQUEST_SIZE
+# Bytes of read requests in flight per download: the SSH window we grant, so
+# the server can always send and our requests never wait on the window.
+READ_AHEAD_BYTES = WINDOW_SIZE
 LIMITS_EXTENSION = "limits@openssh.com"
 # How much we read from a local source at once: few Python calls per MiB.
 LOCAL_CHUNK = 1024 * 1024
@@ -387,7 +390,7 @@ class ResumableDownload:
     def attempt(self, sftp: paramiko.SFTPClient) -> int:
         with sftp.open(self.path, "rb") as remote:
             request_size = read_request_size(sftp)
-            depth = max(1, IN_FLIGHT_BYTES // request_size)
+            depth = max(1, READ_AHEAD_BYTES // request_size)
             if self.remaining is None:
                 size = remote.stat().st_size or 0
                 self.remaining = [[0, size]] if size else []
