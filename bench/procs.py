@@ -2,9 +2,9 @@
 
 Every transfer is a fresh process, as gpbackup runs it. A child is timed from
 just before it is spawned until ``os.wait4`` reaps it, and ``wait4`` also gives
-its peak RSS. The plugin's ``restore_data`` output goes through a pipe that a
-thread splices into /dev/null while counting the bytes (or hashes them), so a
-plugin that writes too little, or the wrong bytes, cannot look fast.
+its peak RSS. Timed ``restore_data`` rounds write to /dev/null, as ``sftp get``
+does; one untimed round goes through a pipe that a thread hashes, so a plugin
+that writes too little, or the wrong bytes, cannot look fast.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-# Bytes moved per splice/read when draining a child's stdout: large enough that
+# Bytes moved per read when draining a child's stdout: large enough that
 # the drain thread costs a few syscalls per MiB, small enough to stay in cache.
 DRAIN_CHUNK = 1 << 20
 # Pipe capacity for restore_data's stdout. Linux defaults to 64 KiB; 1 MiB lets
@@ -31,7 +31,7 @@ PIPE_SIZE = 1 << 20
 # Chunk size for hashing files: one read per MiB keeps Python overhead negligible.
 HASH_CHUNK = 1 << 20
 
-StdoutMode = Literal["discard", "count", "sha256"]
+StdoutMode = Literal["discard", "sha256"]
 
 
 class BenchError(Exception):
@@ -110,15 +110,10 @@ class Child:
 
     def _drain(self, fd: int) -> None:
         try:
-            if self._hash is None and hasattr(os, "splice"):
-                with open(os.devnull, "wb") as sink:
-                    while moved := os.splice(fd, sink.fileno(), DRAIN_CHUNK):
-                        self._bytes += moved
-            else:
-                while chunk := os.read(fd, DRAIN_CHUNK):
-                    self._bytes += len(chunk)
-                    if self._hash is not None:
-                        self._hash.update(chunk)
+            while chunk := os.read(fd, DRAIN_CHUNK):
+                self._bytes += len(chunk)
+                if self._hash is not None:
+                    self._hash.update(chunk)
         finally:
             os.close(fd)
 

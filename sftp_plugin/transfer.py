@@ -42,6 +42,11 @@ REQUEST_SIZE = 32 * 1024
 # exactly one packet took 9% less CPU on a 256 MiB upload (bench/RESULTS.md).
 CHANNEL_PACKET_RESERVE = 64
 WRITE_HEADER = 4 + 1 + 4 + 4 + 8 + 4
+# SSH packets per WRITE request once a stream is known to be long (a full
+# LOCAL_CHUNK read) and the server's limits@openssh.com allows it: four packets'
+# worth (~128 KiB on OpenSSH) means a quarter of the requests and of the status
+# replies to parse, for 15% less CPU on a 256 MiB upload; eight gained no more.
+WRITE_PACKETS_LONG = 4
 # Largest read request we make where the server announces larger ones through
 # limits@openssh.com (OpenSSH's sftp-server allows 255 KiB). A server that
 # returned less than asked would force serial reads, hence the announcement.
@@ -114,10 +119,11 @@ class _Pipeline:
             raise _EndOfFile() from None
 
 
-def write_request_size(max_packet: int, handle: bytes) -> int:
-    """Data per WRITE request so that each request travels in exactly one SSH packet of the peer's maximum."""
-    fits = max_packet - CHANNEL_PACKET_RESERVE - WRITE_HEADER - len(handle)
-    return max(1, min(REQUEST_SIZE, fits))
+def write_request_size(max_packet: int, handle: bytes, packets: int = 1, max_write: int = REQUEST_SIZE) -> int:
+    """Data per WRITE request so that each request fills exactly `packets` SSH packets of the
+    peer's maximum size, and stays within what the server accepts (`max_write`)."""
+    fits = packets * (max_packet - CHANNEL_PACKET_RESERVE) - WRITE_HEADER - len(handle)
+    return max(1, min(max_write, fits))
 
 
 class PipelinedWriter:
@@ -127,20 +133,23 @@ class PipelinedWriter:
     reconnecting caller can truncate to it and resume from there.
     """
 
-    def __init__(
-        self,
-        sftp: paramiko.SFTPClient,
-        handle: bytes,
-        offset: int = 0,
-        request_size: int | None = None,
-        depth: int = PIPELINE_DEPTH,
-    ) -> None:
+    def __init__(self, sftp: paramiko.SFTPClient, handle: bytes, offset: int = 0) -> None:
         self._pipe = _Pipeline(sftp)
         self._handle = handle
-        self._request_size = request_size or write_request_size(sftp.get_channel().out_max_packet_size, handle)
-        self._depth = depth
+        self._set_request_size(write_request_size(sftp.get_channel().out_max_packet_size, handle))
         self.sent = offset
         self.confirmed = offset
+
+    def _set_request_size(self, size: int) -> None:
+        self._request_size = size
+        self._depth = max(1, WRITE_IN_FLIGHT_BYTES // size)
+
+    def use_long_writes(self) -> None:
+        """Switch to WRITE_PACKETS_LONG packets per request where the server takes them (one round trip)."""
+        limits = server_limits(self._pipe.sftp)
+        if limits is not None:
+            max_packet = self._pipe.sftp.get_channel().out_max_packet_size
+            self._set_request_size(write_request_size(max_packet, self._handle, WRITE_PACKETS_LONG, limits[1]))
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -271,6 +280,7 @@ class ResumableUpload:
                 if skip < len(chunk):
                     writer.write(memoryview(chunk)[max(skip, 0) :])
                 skip -= len(chunk)
+            long_writes = False
             while not self._source_done:
                 if self._buffered >= self.buffer_limit:
                     writer.drain()
@@ -279,6 +289,11 @@ class ResumableUpload:
                 if not chunk:
                     self._source_done = True
                     break
+                if not long_writes and len(chunk) == LOCAL_CHUNK:
+                    # A full chunk: a long stream, worth a round trip to the server's limits
+                    # (a small file is not). Replies to writes in flight go to their _Replies.
+                    writer.use_long_writes()
+                    long_writes = True
                 if self.on_chunk is not None:
                     self.on_chunk(chunk)
                 self._buffer.append(chunk)
@@ -359,16 +374,23 @@ def rename_into_place(sftp: paramiko.SFTPClient, source: str, target: str) -> No
         sftp.rename(source, target)
 
 
-def read_request_size(sftp: paramiko.SFTPClient) -> int:
-    """The largest read request this server serves in full: its limits@openssh.com
-    max-read-length (capped), or REQUEST_SIZE where it does not say."""
+def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
+    """(max-read-length, max-write-length) from limits@openssh.com; None where the server does not say."""
     try:
         _, msg = sftp._request(CMD_EXTENDED, LIMITS_EXTENSION)
     except OSError:  # SFTP "unsupported" status: the server predates the extension
-        return REQUEST_SIZE
+        return None
     msg.get_int64()  # max-packet-length
-    max_read = msg.get_int64()
-    return min(max_read, MAX_READ_REQUEST) if max_read >= REQUEST_SIZE else REQUEST_SIZE
+    return msg.get_int64(), msg.get_int64()
+
+
+def read_request_size(sftp: paramiko.SFTPClient) -> int:
+    """The largest read request this server serves in full: its limits@openssh.com
+    max-read-length (capped), or REQUEST_SIZE where it does not say."""
+    limits = server_limits(sftp)
+    if limits is None or limits[0] < REQUEST_SIZE:
+        return REQUEST_SIZE
+    return min(limits[0], MAX_READ_REQUEST)
 
 
 class ResumableDownload:

@@ -50,15 +50,16 @@ FAST_RETRY_OPTIONS: dict[str, object] = {
 }
 C2S = Direction.CLIENT_TO_SERVER
 S2C = Direction.SERVER_TO_CLIENT
-# Reset points. Measured through the proxy: a clean 8 MiB upload sends ~8.42 MB
-# client->server and 22-27 KB server->client (handshake ~3.5 KB, then one SFTP
-# status per 32 KiB write); a clean 8 MiB download sends ~5.2 KB
+# Reset points. Measured through the proxy: a clean 8 MiB upload sends ~8.40 MB
+# client->server and 12.4-13 KB server->client (handshake ~3.5 KB, then one SFTP
+# status per ~128 KiB write);
+# a clean 8 MiB download sends ~5.2 KB
 # client->server (handshake, auth and SFTP start up to ~3.3 KB, then 255 KiB
 # read requests) and ~8.40 MB back. The bulk direction is cut early, midway and
 # within its last writes/reads; the thin direction at three points after the
 # handshake, while requests are in flight.
 BULK_OFFSETS = (256 * KIB, 4 * MIB, STREAM_SIZE)
-UPLOAD_THIN_OFFSETS = (6_000, 12_000, 18_000)
+UPLOAD_THIN_OFFSETS = (5_000, 8_000, 11_000)
 DOWNLOAD_THIN_OFFSETS = (3_400, 4_000, 4_600)
 # A reset this early server->client falls inside the SSH banner/key exchange.
 HANDSHAKE_OFFSET = 100

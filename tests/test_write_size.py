@@ -36,3 +36,14 @@ def test_openssh_gets_32675_bytes_per_write_with_its_4_byte_handles() -> None:
 
 def test_a_tiny_peer_packet_still_allows_progress() -> None:
     assert transfer.write_request_size(64, b"h" * 8) == 1
+
+
+@pytest.mark.parametrize("packets", [2, 4, 8])
+def test_a_long_write_fills_exactly_that_many_packets(packets: int) -> None:
+    handle = b"\x00\x00\x00\x07"
+    size = transfer.write_request_size(32768, handle, packets, max_write=10**9)
+    assert write_request(handle, size) == packets * (32768 - 64)
+
+
+def test_a_long_write_never_exceeds_the_servers_max_write_length() -> None:
+    assert transfer.write_request_size(262144, b"h" * 4, 4, max_write=255 * 1024) == 255 * 1024
