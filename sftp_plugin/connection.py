@@ -33,10 +33,10 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128
 # and the server stalls less: restore_data of 256 MiB on loopback took ~1.1 s
 # with 4 MiB, ~0.95 s with 16 MiB, no less with 32 MiB (bench/RESULTS.md).
 WINDOW_SIZE = 16 * 1024 * 1024
-# Largest SSH packet we accept (OpenSSH's own limit is 256 KiB). With large
-# SFTP read requests, OpenSSH then sends fewer, larger packets, and paramiko's
-# per-packet Python work is what bounds a download: with 255 KiB reads,
-# restore_data took 1.75 s of CPU per 256 MiB instead of 2.0 s.
+# Largest SSH packet we accept (OpenSSH's own limit is 256 KiB), so nothing
+# the server sends is split for our sake. In practice sshd forwards what it
+# read from sftp-server, mostly 32 KiB per packet; 32-128 KiB here measured the
+# same within noise (bench/RESULTS.md).
 MAX_PACKET_SIZE = 256 * 1024
 # Seconds between SSH keepalives: well inside the idle timeouts of common
 # firewalls and NAT gateways (minutes), so a paused stream is not dropped.

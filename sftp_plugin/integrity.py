@@ -28,8 +28,8 @@ def is_sidecar(name: str) -> bool:
 
 # Chunks waiting to be hashed (of up to 1 MiB each). SHA-256 (~1.6 GB/s here)
 # outruns the transfer, but on a busy machine its thread may be scheduled late:
-# the bound keeps that from costing memory (64 let backup_data's peak RSS grow
-# from 39 to 62 MiB) by making the transfer wait instead.
+# then the transfer waits rather than holding more than this many chunks. 8, 64
+# and 2 measured the same speed (bench/RESULTS.md).
 HASH_QUEUE_CHUNKS = 8
 
 
