@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import LocalBackup, Plugin, SiteConfig, make_local_backup
+from tests.helpers import PLUGIN_EXE, LocalBackup, Plugin, SiteConfig, make_local_backup
 from tests.sshd_server import SshServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_fork_server_outlives_the_session() -> Iterator[None]:
+    """The plugin calls of the suite leave a fork server behind (it would idle out in a minute); stop it."""
+    yield
+    subprocess.run([PLUGIN_EXE, "stop-fork-server"], env=dict(os.environ), capture_output=True, check=False)
 
 
 @pytest.fixture(scope="session")
