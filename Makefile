@@ -27,14 +27,15 @@ system-deps:
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q '.[test]'
 	touch $@
 
-# The package itself, installed as users get it (not editable: an editable
-# install adds an import hook that slows every plugin call), again whenever
-# its sources change, so tests and the bench run the installed console script.
+# The package and its test dependencies, installed as users get it (not
+# editable: an editable install adds an import hook that slows every plugin
+# call), again whenever its sources change, so tests and the bench run the
+# installed console script. pip always rebuilds and reinstalls a local
+# directory, so one install per change is enough.
 $(VENV)/.package: $(VENV)/.installed $(wildcard sftp_plugin/*.py)
-	$(VENV)/bin/pip install -q --no-deps --force-reinstall .
+	$(VENV)/bin/pip install -q '.[test]'
 	touch $@
 
 # Plugin vs OpenSSH sftp on a throwaway sshd (tmpfs); e.g. make bench BENCH_ARGS="--size-mib 64 --rounds 1".

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.sshd_server import ENTRYPOINT, SshServer, wait_for_ssh_banner
+from tests.sshd_server import ENTRYPOINT, SshServer, known_hosts_line, wait_for_ssh_banner
 
 # A /24 from RFC 1918 space that Docker, libvirt and common LANs do not use by default.
 SUBNET = "10.203.0.0/24"
@@ -133,8 +133,7 @@ class DelayedLink:
                                           stderr=subprocess.STDOUT, start_new_session=True)
         self._undo.append(("stop namespace sshd", self._stop_sshd))
         self._wait_for_sshd()
-        host_key = (self.server_dir / "ssh_host_ed25519_key.pub").read_text().split()
-        self.known_hosts.write_text(f"[{SERVER_ADDR}]:{self.port} {host_key[0]} {host_key[1]}\n")
+        self.known_hosts.write_text(known_hosts_line(self.server_dir, SERVER_ADDR, self.port))
 
     def _wait_for_sshd(self) -> None:
         try:

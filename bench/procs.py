@@ -19,19 +19,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
+
+from tests.helpers import isolated_env
 
 # Bytes moved per read when draining a child's stdout: large enough that
 # the drain thread costs a few syscalls per MiB, small enough to stay in cache.
 DRAIN_CHUNK = 1 << 20
-# Pipe capacity for restore_data's stdout. Linux defaults to 64 KiB; 1 MiB lets
-# the plugin write many chunks per wake-up of the drain thread, so reading the
-# stream costs about as little as writing it to /dev/null would.
+# Pipe capacity for the hashed (untimed) restore_data round. Linux defaults to
+# 64 KiB; 1 MiB lets the plugin write many chunks per wake-up of the drain thread.
 PIPE_SIZE = 1 << 20
 # Chunk size for hashing files: one read per MiB keeps Python overhead negligible.
 HASH_CHUNK = 1 << 20
-
-StdoutMode = Literal["discard", "sha256"]
 
 
 class BenchError(Exception):
@@ -56,7 +55,6 @@ class Target:
 class Outcome:
     """What one child did: wall time, exit code, peak RSS and, if captured, what it wrote."""
 
-    argv: list[str]
     seconds: float
     returncode: int
     maxrss_kib: int
@@ -78,12 +76,11 @@ class Child:
     """One child process, started now and reaped (and timed) by finish()."""
 
     def __init__(self, argv: list[str], env: dict[str, str], stderr_path: Path,
-                 stdin_path: Path | None = None, stdout: StdoutMode = "discard") -> None:
-        self.argv = argv
-        self.stdout_mode = stdout
+                 stdin_path: Path | None = None, hash_stdout: bool = False) -> None:
+        """stdout goes to /dev/null, or with ``hash_stdout`` through a pipe that a thread counts and hashes."""
         self._stderr = open(stderr_path, "w+b")  # a file, not a pipe: nothing to drain while timing
         self._bytes = 0
-        self._hash = hashlib.sha256() if stdout == "sha256" else None
+        self._hash = hashlib.sha256() if hash_stdout else None
         self._thread: threading.Thread | None = None
         self.on_exit: Callable[[Child], None] | None = None  # told when the child has been reaped
         read_end: int | None = None
@@ -92,7 +89,7 @@ class Child:
         if stdin_path is not None:
             stdin = open(stdin_path, "rb")
         try:
-            if stdout != "discard":
+            if hash_stdout:
                 read_end, write_end = os.pipe()
                 with contextlib.suppress(OSError):  # an unprivileged pipe-size limit only costs speed
                     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -110,10 +107,10 @@ class Child:
 
     def _drain(self, fd: int) -> None:
         try:
+            assert self._hash is not None
             while chunk := os.read(fd, DRAIN_CHUNK):
                 self._bytes += len(chunk)
-                if self._hash is not None:
-                    self._hash.update(chunk)
+                self._hash.update(chunk)
         finally:
             os.close(fd)
 
@@ -130,10 +127,10 @@ class Child:
         stderr = self._stderr.read().decode(errors="replace")
         self._stderr.close()
         return Outcome(
-            argv=self.argv, seconds=seconds, returncode=self.process.returncode,
+            seconds=seconds, returncode=self.process.returncode,
             maxrss_kib=usage.ru_maxrss,  # KiB on Linux
             stderr=stderr,
-            stdout_bytes=None if self.stdout_mode == "discard" else self._bytes,
+            stdout_bytes=None if self._hash is None else self._bytes,
             stdout_sha256=None if self._hash is None else self._hash.hexdigest(),
         )
 
@@ -174,12 +171,10 @@ class Runner:
         home = workdir / "home"
         home.mkdir(parents=True, exist_ok=True)
         # An empty HOME and no agent: neither client may pick up the user's ~/.ssh/config, keys or agent.
-        self.env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-        self.env["HOME"] = str(home)
         # The plugin's fork server socket goes in the workdir, and stop_fork_servers() ends it.
         tmp = workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        self.env.update(TMPDIR=str(tmp), XDG_RUNTIME_DIR="")
+        self.env = isolated_env(home, {"TMPDIR": str(tmp), "XDG_RUNTIME_DIR": ""})
         self._serial = 0
         self._live: set[Child] = set()  # started and not yet finished: killed by kill_all()
 
@@ -192,9 +187,10 @@ class Runner:
         return self.scratch / f"{self._serial:06d}.{suffix}"
 
     def plugin_child(self, target: Target, command: str, path: Path, stdin_path: Path | None = None,
-                     stdout: StdoutMode = "discard") -> Child:
+                     hash_stdout: bool = False) -> Child:
         argv = [str(self.plugin), command, str(target.plugin_config), str(path)]
-        return self._track(Child(argv, self.env, self._scratch("err"), stdin_path=stdin_path, stdout=stdout))
+        return self._track(Child(argv, self.env, self._scratch("err"), stdin_path=stdin_path,
+                                 hash_stdout=hash_stdout))
 
     def sftp_batch(self, lines: list[str]) -> Path:
         """Write an sftp batch file (before timing starts)."""

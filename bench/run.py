@@ -5,7 +5,7 @@ keys, remote_dir and all test data on tmpfs so disk speed is not measured, and
 in one run, alternating plugin and OpenSSH within every round, measures:
 
 * stream up: ``backup_data`` of one long stream vs ``sftp put`` of the same file;
-* stream down: ``restore_data`` vs ``sftp get`` of that stream, both discarded;
+* stream down: ``restore_data`` vs ``sftp get`` of that stream, both to /dev/null;
 * per-call cost: many ``backup_file`` calls of a tiny file vs as many ``sftp``
   processes putting one file each (a fresh process and connection every time);
 * concurrency: several ``backup_data`` streams at once vs as many ``sftp`` puts;
@@ -18,9 +18,11 @@ in one run, alternating plugin and OpenSSH within every round, measures:
 * ``plugin_api_version`` wall time and the peak RSS of ``backup_data``.
 
 Ratios are OpenSSH time / plugin time: above 1 the plugin is faster. Every
-plugin transfer is checked (exit code, empty stderr, stored size, SHA-256 of
-stored uploads and of one full ``restore_data``), so a broken plugin cannot
-look fast. Prints a table to stdout (progress goes to stderr) and writes the
+plugin call is checked (exit code, empty stderr), every stored upload's size,
+the SHA-256 of each stored stream-up copy and of one stream per concurrency
+round, and one untimed ``restore_data`` is hashed through a pipe (timed ones
+exit 0 only if the stream matched its stored SHA-256), so a broken plugin
+cannot look fast. Prints a table to stdout (progress goes to stderr) and writes the
 same figures, with machine details, to a JSON file.
 
 Run: ``.venv/bin/python bench/run.py [--size-mib N] [--rounds N] ...`` (``--help``).
@@ -68,7 +70,7 @@ from bench.procs import (  # noqa: E402
     sha256_file,
     write_random_file,
 )
-from tests.sshd_server import SshServer  # noqa: E402
+from tests.sshd_server import SshServer, known_hosts_line  # noqa: E402
 
 MIB = 1024 * 1024
 KIB = 1024
@@ -286,7 +288,7 @@ class Bench:
         stored = self.stored[target.label]
         key = self.key(stored.name)
         # One untimed full read, hashed: proves restore_data returns the stream byte for byte.
-        check = self.runner.plugin_child(target, "restore_data", key, stdout="sha256").finish()
+        check = self.runner.plugin_child(target, "restore_data", key, hash_stdout=True).finish()
         check.check("plugin restore_data (verification)")
         if check.stdout_bytes != size or check.stdout_sha256 != sha:
             raise BenchError(f"plugin restore_data returned {check.stdout_bytes} bytes "
@@ -298,7 +300,7 @@ class Bench:
         for r in range(self.args.rounds):
             # To /dev/null, as sftp's get: exit 0 still proves the stream whole, since
             # restore_data checks what it wrote against the SHA-256 stored beside it.
-            plugin = self.runner.plugin_child(target, "restore_data", key, stdout="discard").finish()
+            plugin = self.runner.plugin_child(target, "restore_data", key).finish()
             plugin.check(f"plugin restore_data round {r + 1}")
             plugin_secs.append(plugin.seconds)
             openssh = self.runner.sftp_child(target, get).finish().check("sftp get", allow_stderr=True)
@@ -438,8 +440,7 @@ class Bench:
                      f"measured RTT {rtt.proxy_ms:.1f} ms ({rtt.direct_ms:.2f} ms without it)")
             # Both clients check the host key under the proxy's address, as they would for any host.
             known_hosts = self.workdir / "proxy_known_hosts"
-            host_key = (self.server.server_dir / "ssh_host_ed25519_key.pub").read_text().split()
-            known_hosts.write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+            known_hosts.write_text(known_hosts_line(self.server.server_dir, "127.0.0.1", port))
             cpu_before = proxy.cpu_seconds()
             rows = self.measure_delayed("proxy", "127.0.0.1", port, known_hosts)
             cpu = proxy.cpu_seconds() - cpu_before

@@ -1,6 +1,7 @@
-"""Commands for the administrator, not for gpbackup: ``check`` (a preflight) and ``list-backups``.
+"""Commands for the administrator, not for gpbackup: ``check`` (a preflight),
+``list-backups`` and ``stop-fork-server``.
 
-Both print freely to stdout: they are run by a person (or a script, with
+They print freely to stdout: they are run by a person (or a script, with
 ``list-backups --json``), never by gpbackup, so the "nothing on stderr"
 contract of the API commands does not bind them. They never show a
 traceback: every failure is a line saying what failed and what to do, and
@@ -25,6 +26,7 @@ from typing import Any
 
 from sftp_plugin import PLUGIN_NAME
 from sftp_plugin.cli import fail
+from sftp_plugin.config import SECRET_OPTIONS
 from sftp_plugin.errors import AuthError, HostKeyError, PluginError, RemoteNotFound
 from sftp_plugin.retention import SUCCESS, report_name
 
@@ -34,25 +36,17 @@ MIB = 1024 * 1024
 DEFAULT_PROBE_MIB = 8
 # Below this much free space the check warns: one segment's data alone is usually more.
 LOW_SPACE_WARNING = 1024 * MIB
-SECRET_OPTIONS = ("password", "identity_passphrase")
 # The SFTP extension that reports file system usage, and its reply fields (OpenSSH PROTOCOL, section 4.4).
 STATVFS_EXTENSION = "statvfs@openssh.com"
 STATVFS_FIELDS = ("bsize", "frsize", "blocks", "bfree", "bavail", "files", "ffree", "favail", "fsid", "flag", "namemax")
 
 
-class _ArgumentError(Exception):
-    """argparse wanted to exit; carries the code (its message is already on stderr)."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code when argparse wanted to exit (it has printed why)."""
     try:
         return parser.parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error (2): argparse has printed why
-        raise _ArgumentError(exit_.code if isinstance(exit_.code, int) else 2) from None
+    except SystemExit as exit_:  # --help (0) or a usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
 
 
 def _quiet_logging(cfg: Any, command: str) -> str | None:
@@ -194,10 +188,12 @@ def statvfs(sftp: Any, path: str) -> FsUsage | None:
     """
     from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 
+    from sftp_plugin import transfer
+
     try:
         kind, msg = sftp._request(CMD_EXTENDED, STATVFS_EXTENSION, path)
     except OSError as err:
-        if "unsupported" in str(err).lower():
+        if transfer.extension_unsupported(err):
             return None
         raise
     if kind != CMD_EXTENDED_REPLY:
@@ -387,10 +383,7 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
                         report.skip(later, f"needs a writable remote_dir ({name} failed)")
                     return
     finally:
-        try:
-            remote.close()
-        except Exception:  # noqa: BLE001 - closing a broken session must not hide the report
-            log.debug("closing the session failed", exc_info=True)
+        remote.close_quietly()
 
 
 def _probe_mib(text: str) -> int:
@@ -418,10 +411,9 @@ def check(argv: list[str]) -> int:
         metavar="N",
         help=f"size of the round-trip probe file in MiB (default {DEFAULT_PROBE_MIB}; 0 skips it)",
     )
-    try:
-        args = _parse(parser, argv)
-    except _ArgumentError as err:
-        return err.code
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
     report = Report(secrets=_raw_secrets(args.config))
     print(f"{PLUGIN_NAME} check {args.config}", flush=True)
     try:
@@ -540,10 +532,9 @@ def list_backups(argv: list[str]) -> int:
     )
     parser.add_argument("config", help="the plugin config file (YAML)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
-    try:
-        args = _parse(parser, argv)
-    except _ArgumentError as err:
-        return err.code
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
 
     from sftp_plugin.config import load_config
     from sftp_plugin.log import mask
@@ -596,10 +587,7 @@ def _collect(cfg: Any) -> list[BackupSummary]:
             summaries.append(summarize(backup.timestamp, path, entries, now, status))
         return summaries
     finally:
-        try:
-            remote.close()
-        except Exception:  # noqa: BLE001 - closing a broken session must not hide the result
-            log.debug("closing the session failed", exc_info=True)
+        remote.close_quietly()
 
 
 def stop_fork_server(argv: list[str]) -> int:
@@ -609,10 +597,9 @@ def stop_fork_server(argv: list[str]) -> int:
         description="Stop the current user's plugin fork servers (they also exit by themselves after a minute "
         "without calls). Calls in flight are not interrupted.",
     )
-    try:
-        _parse(parser, argv)
-    except _ArgumentError as err:
-        return err.code
+    parsed = _parse(parser, argv)
+    if isinstance(parsed, int):
+        return parsed
     from sftp_plugin import forkserver
 
     try:

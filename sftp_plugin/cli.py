@@ -12,43 +12,29 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 
 from sftp_plugin import API_VERSION, PLUGIN_NAME, __version__
 
-
-class Spec:
-    """A command: its handler's name in commands.py and its accepted argument counts.
-
-    A plain class, not a dataclass: importing dataclasses (and inspect) would add
-    ~8 ms to plugin_api_version, which gpbackup runs on every host before each backup.
-    """
-
-    __slots__ = ("handler", "min_args", "max_args")
-
-    def __init__(self, handler: str, min_args: int, max_args: int) -> None:
-        self.handler, self.min_args, self.max_args = handler, min_args, max_args
-
-
-# Argument counts exclude the config path that precedes them.
-COMMANDS: dict[str, Spec] = {
-    "setup_plugin_for_backup": Spec("setup_plugin_for_backup", 2, 3),
-    "setup_plugin_for_restore": Spec("setup_plugin_for_restore", 2, 3),
-    "cleanup_plugin_for_backup": Spec("cleanup_plugin_for_backup", 2, 3),
-    "cleanup_plugin_for_restore": Spec("cleanup_plugin_for_restore", 2, 3),
-    "backup_file": Spec("backup_file", 1, 1),
-    "restore_file": Spec("restore_file", 1, 1),
-    "backup_data": Spec("backup_data", 1, 1),
-    "restore_data": Spec("restore_data", 1, 1),
-    "restore_data_subset": Spec("restore_data_subset", 2, 2),
-    "delete_backup": Spec("delete_backup", 1, 1),
-    "list_directory": Spec("list_directory", 0, 1),
-    "delete_directory": Spec("delete_directory", 1, 1),
+# Each command is the function of that name in commands.py, with the number of
+# arguments it accepts after the config path (at least, at most).
+COMMANDS: dict[str, tuple[int, int]] = {
+    "setup_plugin_for_backup": (2, 3),
+    "setup_plugin_for_restore": (2, 3),
+    "cleanup_plugin_for_backup": (2, 3),
+    "cleanup_plugin_for_restore": (2, 3),
+    "backup_file": (1, 1),
+    "restore_file": (1, 1),
+    "backup_data": (1, 1),
+    "restore_data": (1, 1),
+    "restore_data_subset": (2, 2),
+    "delete_backup": (1, 1),
+    "list_directory": (0, 1),
+    "delete_directory": (1, 1),
 }
 # Answered without a config; gpbackup may or may not pass one, so one extra argument is ignored.
-VERSION_COMMANDS: dict[str, Callable[[], str]] = {
-    "plugin_api_version": lambda: API_VERSION,
-    "--version": lambda: f"{PLUGIN_NAME} version {__version__}",
+VERSION_COMMANDS: dict[str, str] = {
+    "plugin_api_version": API_VERSION,
+    "--version": f"{PLUGIN_NAME} version {__version__}",
 }
 # Human-facing commands (may print freely); each is admin.<name>(argv after the command) -> exit code.
 ADMIN_COMMANDS: dict[str, str] = {
@@ -75,21 +61,22 @@ def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
     if command in VERSION_COMMANDS:
         if len(rest) > 1:
             return fail(command, f"takes no arguments, got {len(rest)}", 2)
-        sys.stdout.write(VERSION_COMMANDS[command]() + "\n")
+        sys.stdout.write(VERSION_COMMANDS[command] + "\n")
         return 0
     if command in ADMIN_COMMANDS:
         from sftp_plugin import admin
 
         return getattr(admin, ADMIN_COMMANDS[command])(rest)
-    spec = COMMANDS.get(command)
-    if spec is None:
+    counts = COMMANDS.get(command)
+    if counts is None:
         known = ", ".join([*VERSION_COMMANDS, *COMMANDS, *ADMIN_COMMANDS])
         return fail(command, f"unknown command; expected one of {known}", 2)
     if not rest:
         return fail(command, f"no config file given; {USAGE}", 2)
     config_path, args = rest[0], rest[1:]
-    if not spec.min_args <= len(args) <= spec.max_args:
-        expected = str(spec.min_args) if spec.min_args == spec.max_args else f"{spec.min_args} to {spec.max_args}"
+    min_args, max_args = counts
+    if not min_args <= len(args) <= max_args:
+        expected = str(min_args) if min_args == max_args else f"{min_args} to {max_args}"
         return fail(command, f"expected {expected} arguments after the config file, got {len(args)}", 2)
     if served_by is None:
         from sftp_plugin import forkserver
@@ -101,7 +88,7 @@ def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
             return fail(command, str(err), err.exit_code)
         if code is not None:
             return code
-    return run(command, spec, config_path, args, served_by)
+    return run(command, config_path, args, served_by)
 
 
 def block_optional_imports() -> None:
@@ -113,7 +100,7 @@ def block_optional_imports() -> None:
     sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 
 
-def run(command: str, spec: Spec, config_path: str, args: list[str], served_by: int | None = None) -> int:
+def run(command: str, config_path: str, args: list[str], served_by: int | None = None) -> int:
     # Imported here, not at the top: the version commands above must stay fast.
     import logging
 
@@ -138,7 +125,7 @@ def run(command: str, spec: Spec, config_path: str, args: list[str], served_by: 
         from sftp_plugin import commands
 
         remote = commands.Remote(cfg)
-        result = getattr(commands, spec.handler)(remote, args)
+        result = getattr(commands, command)(remote, args)
         remote.close()
     except PluginError as err:
         log.error("failed after %.3fs: %s", time.monotonic() - started, err)
@@ -157,10 +144,7 @@ def run(command: str, spec: Spec, config_path: str, args: list[str], served_by: 
         return fail(command, f"unexpected error ({detail}); details in {log_path}", 1)
     finally:
         if remote is not None:
-            try:
-                remote.close()
-            except Exception:  # noqa: BLE001 - closing a broken session must not hide the result
-                log.debug("closing the session failed", exc_info=True)
+            remote.close_quietly()
     log.info("ok bytes=%d seconds=%.3f %s", result.bytes, time.monotonic() - started, result.detail)
     if served_by is None and cfg.fork_server:
         from sftp_plugin import forkserver

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from sftp_plugin import forkserver, integrity, paths, retention, transfer
 from sftp_plugin.config import PluginConfig
@@ -24,6 +24,9 @@ from sftp_plugin.connection import Session, connect
 from sftp_plugin.errors import CallerGone, IntegrityError, RemoteError, RemoteNotFound, UsageError
 from sftp_plugin.offsets import parse_offsets
 from sftp_plugin.retry import call_with_retries, is_connection_lost
+
+if TYPE_CHECKING:
+    import paramiko
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,10 @@ class Remote:
         return self._session
 
     @property
-    def sftp(self):  # -> paramiko.SFTPClient; not annotated to keep paramiko out of this module's imports
+    def sftp(self) -> paramiko.SFTPClient:
         return self.session.sftp
 
-    def open_sftp(self):  # -> paramiko.SFTPClient | None
+    def open_sftp(self) -> paramiko.SFTPClient | None:
         """The SFTP client of a session already open, or None: never connects (for cleanup on failure,
         where a new connection could be one more failed login)."""
         return self._session.sftp if self._session is not None else None
@@ -82,6 +85,13 @@ class Remote:
         if self._session is not None:
             self._session.close()
             self._session = None
+
+    def close_quietly(self) -> None:
+        """Close at the end of a call, whatever happened: a broken session must not hide the outcome."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - logged; the call's own result stands
+            log.debug("closing the session failed", exc_info=True)
 
 
 @contextlib.contextmanager
@@ -254,11 +264,7 @@ def read_report_status(remote: Remote, backup: paths.BackupDir) -> str | None:
     report = posixpath.join(backup.remote(remote.cfg.remote_dir), retention.report_name(backup))
 
     def read_report() -> str:
-        try:
-            with remote.sftp.open(report, "rb") as handle:
-                return handle.read(1024 * 1024).decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return (transfer.read_small(remote.sftp, report, 1024 * 1024) or b"").decode("utf-8", "replace")
 
     with remote_errors(remote, "read backup report", report):
         return retention.report_status(remote.retrying("read backup report", read_report))
@@ -272,7 +278,8 @@ def prune(remote: Remote, current: paths.BackupDir) -> list[paths.BackupDir]:
         log.warning("backup %s has no successful report; not pruning old backups", current.timestamp)
         return []
     backups = list_backups(remote)
-    succeeded = {b for b in backups if backup_succeeded(remote, b)}
+    # The current backup's report was just read above: not again.
+    succeeded = {b for b in backups if b == current or backup_succeeded(remote, b)}
     doomed = retention.select_for_pruning(backups, succeeded, current, cfg.keep_last, cfg.keep_days, datetime.now())
     for backup in doomed:
         delete_backup_dir(remote, backup, reason=f"retention (keep_last={cfg.keep_last}, keep_days={cfg.keep_days})")
@@ -355,10 +362,9 @@ def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> 
         except BaseException:
             # Best effort on a session that may be the thing that broke; cleanup catches the rest.
             sftp = remote.open_sftp()
-            if sftp is not None:
-                with contextlib.suppress(Exception):
-                    upload.abandon(sftp)
-                    transfer.remove_quietly(sftp, sidecar_temp)
+            if sftp is not None:  # both removals are quiet: they never mask the original error
+                upload.abandon(sftp)
+                transfer.remove_quietly(sftp, sidecar_temp)
             raise
     return size
 
@@ -382,14 +388,7 @@ def _expected_digest(remote: Remote, source: str) -> str | None:
         return None
     sidecar = integrity.sidecar_path(source)
 
-    def read_sidecar() -> bytes | None:
-        try:
-            with remote.sftp.open(sidecar, "rb") as handle:
-                return handle.read(4096)
-        except FileNotFoundError:
-            return None
-
-    text = remote.retrying("read checksum", read_sidecar)
+    text = remote.retrying("read checksum", lambda: transfer.read_small(remote.sftp, sidecar, 4096))
     if text is None:
         return None
     expected = integrity.parse_sidecar(text)
@@ -429,9 +428,9 @@ def _download(
 def restore_file(remote: Remote, args: list[str]) -> Result:
     local = args[0]
     source = paths.parse_backup_file(local).remote(remote.cfg.remote_dir)
-    directory = os.path.dirname(os.path.abspath(local))
-    os.makedirs(directory, exist_ok=True)
-    temp = os.path.join(directory, f".{os.path.basename(local)}.{secrets.token_hex(8)}{paths.TEMP_SUFFIX}")
+    final = os.path.abspath(local)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    temp = paths.temp_name_for(final)
     try:
         with open(temp, "wb") as sink:
             size = _download(remote, source, sink.write)

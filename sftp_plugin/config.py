@@ -10,7 +10,6 @@ reported together in one message, so one edit fixes the file.
 
 from __future__ import annotations
 
-import difflib
 import getpass
 import os
 import posixpath
@@ -34,6 +33,8 @@ MIN_RESUME_BUFFER = MIB
 MAX_RESUME_BUFFER = 4096 * MIB
 SIZE_RE = re.compile(r"(\d+)\s*([kmg]i?b?)?", re.IGNORECASE)
 SIZE_UNITS = {"k": 1024, "m": MIB, "g": 1024 * MIB}
+# Options whose values are masked in every log line and message.
+SECRET_OPTIONS = ("password", "identity_passphrase")
 TRUE_WORDS = frozenset({"yes", "on", "true", "1", "y"})
 FALSE_WORDS = frozenset({"no", "off", "false", "0", "n"})
 
@@ -67,7 +68,7 @@ class PluginConfig:
 
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line or a message."""
-        return [s for s in (self.password, self.identity_passphrase) if s]
+        return [value for value in (getattr(self, name) for name in SECRET_OPTIONS) if value]
 
     def effective_username(self) -> str:
         return self.username or getpass.getuser()
@@ -211,6 +212,8 @@ def parse_options(options: Any, source: str = "config") -> PluginConfig:
             continue
         parser = PARSERS.get(name)
         if parser is None:
+            import difflib  # only for this message: every call that reads a config would pay for it
+
             close = difflib.get_close_matches(name, list(PARSERS), n=1)
             problems.append(f"unknown option '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             continue

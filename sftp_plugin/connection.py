@@ -50,7 +50,6 @@ DEFAULT_PORT = 22
 class Endpoint:
     """Where and as whom to connect, after ssh_config resolution."""
 
-    alias: str
     host: str
     port: int
     user: str
@@ -82,7 +81,6 @@ def resolve_endpoint(cfg: PluginConfig) -> Endpoint:
         candidates = (os.path.expanduser(p) for p in found.get("identityfile", []))
         identities = tuple(p for p in candidates if os.path.isfile(p))
     return Endpoint(
-        alias=cfg.hostname,
         host=found.get("hostname", cfg.hostname),
         port=port,
         user=cfg.username or found.get("user") or cfg.effective_username(),
@@ -248,14 +246,8 @@ class Session:
         finally:
             self.transport.close()
 
-    def __enter__(self) -> Session:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def open_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
+def start_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
     """SFTPClient.from_transport, with our window, packet size and receive buffer (channel_buffer.py)."""
     channel = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
     channel.in_buffer = ChunkedPipe()  # before the subsystem starts, so nothing is buffered yet
@@ -263,9 +255,9 @@ def open_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
     return paramiko.SFTPClient(channel)
 
 
-def connect(cfg: PluginConfig, endpoint: Endpoint | None = None) -> Session:
+def connect(cfg: PluginConfig) -> Session:
     """Open one session: TCP, SSH handshake, host key check, auth, SFTP. No retries here."""
-    endpoint = endpoint or resolve_endpoint(cfg)
+    endpoint = resolve_endpoint(cfg)
     known = _load_known_hosts(os.path.expanduser(cfg.known_hosts_file))
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=cfg.connect_timeout)
@@ -304,7 +296,7 @@ def connect(cfg: PluginConfig, endpoint: Endpoint | None = None) -> Session:
             ) from err
         host_key_status = verify_host_key(cfg, endpoint, transport.get_remote_server_key(), known)
         auth_method = authenticate(transport, cfg, endpoint)
-        sftp = open_sftp(transport)
+        sftp = start_sftp(transport)
         transport.set_keepalive(KEEPALIVE_INTERVAL)
         # A read or a send that makes no progress for io_timeout seconds raises
         # socket.timeout, which the retry policy turns into a reconnect.

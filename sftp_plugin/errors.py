@@ -2,7 +2,8 @@
 
 Every failure a user can act on is a `PluginError` carrying what failed and
 what to check; `cli.py` turns it into one line on stderr and an exit code.
-Anything else reaching `cli.py` is a bug and is reported as such.
+Anything else reaching `cli.py` (but an interrupt or a closed stdout, which it
+names) is a bug and is reported as such.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from being started; a running one exits after IDLE_SECONDS.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -77,6 +78,7 @@ PRELOAD = (
 # ---------------------------------------------------------------- location
 
 
+@functools.cache  # once per process: a call names its server and its request with it
 def code_digest() -> str:
     """Names this interpreter and this copy of the code: an upgrade gets a new server."""
     package = os.path.dirname(os.path.abspath(__file__))
@@ -297,6 +299,7 @@ def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
     block_optional_imports()
     for module in PRELOAD:
         importlib.import_module(module)
+    code_digest.cache_clear()  # the code as it is now, after the imports above
     digest = code_digest()
     if not path.endswith(f"-{digest}.sock"):
         log.warning("code changed while starting; not serving %s", path)

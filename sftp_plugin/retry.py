@@ -26,7 +26,6 @@ T = TypeVar("T")
 # First backoff ceiling; doubles each attempt up to max_wait. One second lets a
 # MaxStartups burst (10 pending handshakes) drain before we knock again.
 INITIAL_WAIT = 1.0
-DEFAULT_MAX_WAIT = 30.0
 # OS errors a new connection can fix; everything else (EACCES, ENOSPC, ENOENT...) is final.
 TRANSIENT_ERRNOS = frozenset(
     {
@@ -82,7 +81,8 @@ def call_with_retries(
     """Run ``action`` until it succeeds, fails for good, or ``attempts`` are used up.
 
     ``on_retry`` runs before each new attempt (e.g. to drop a broken session).
-    The last error is re-raised as a ConnectError that says how many attempts were made.
+    A lost connection that outlasts several attempts is re-raised as a ConnectError
+    that says how many were made; any other error is re-raised unchanged.
     """
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts),
@@ -91,13 +91,11 @@ def call_with_retries(
         before_sleep=_log_before_sleep(what),
         reraise=True,
     )
-    first = True
     try:
         for attempt in retrying:
             with attempt:
-                if not first and on_retry is not None:
+                if on_retry is not None and attempt.retry_state.attempt_number > 1:
                     on_retry()
-                first = False
                 return action()
     except BaseException as error:
         if is_connection_lost(error) and attempts > 1:

@@ -30,9 +30,10 @@ from sftp_plugin.connection import WINDOW_SIZE
 
 log = logging.getLogger(__name__)
 
-# Bytes per SFTP write request (at most), and per read request where the server
-# does not tell us more: 32 KiB is what every server accepts. Larger writes gain
-# nothing, since OpenSSH takes at most 32 KiB of channel data per packet.
+# Bytes per SFTP request where the server does not tell us more (its
+# limits@openssh.com): 32 KiB is what every server accepts. Writes are sized
+# to whole SSH packets below it (write_request_size), reads go up to
+# MAX_READ_REQUEST, and long uploads to WRITE_PACKETS_LONG packets.
 REQUEST_SIZE = 32 * 1024
 # paramiko's Channel keeps 64 bytes of the peer's maximum packet for its own
 # framing (Channel._wait_for_send_window), and a WRITE request carries a header
@@ -54,6 +55,7 @@ MAX_READ_REQUEST = 255 * 1024
 # Bytes of write requests in flight per upload: 4 MiB, 200 MB/s on a 20 ms
 # link and twice the window OpenSSH grants a session, which then is the limit.
 WRITE_IN_FLIGHT_BYTES = 4 * 1024 * 1024
+# Reads in flight for read_range's callers that do not size their own.
 PIPELINE_DEPTH = WRITE_IN_FLIGHT_BYTES // REQUEST_SIZE
 # Bytes of read requests in flight per download: the SSH window we grant, so
 # the server can always send and our requests never wait on the window.
@@ -238,8 +240,13 @@ def fsync(sftp: paramiko.SFTPClient, handle: bytes) -> None:
     try:
         sftp._request(CMD_EXTENDED, "fsync@openssh.com", handle)
     except OSError as err:
-        if "unsupported" not in str(err).lower():
+        if not extension_unsupported(err):
             raise
+
+
+def extension_unsupported(err: OSError) -> bool:
+    """Whether an SFTP error is the server's "operation unsupported" status (an extension it lacks)."""
+    return "unsupported" in str(err).lower()
 
 
 class ResumableUpload:
@@ -368,10 +375,19 @@ def rename_into_place(sftp: paramiko.SFTPClient, source: str, target: str) -> No
     try:
         sftp.posix_rename(source, target)
     except OSError as err:
-        if "unsupported" not in str(err).lower():
+        if not extension_unsupported(err):
             raise
         remove_quietly(sftp, target)
         sftp.rename(source, target)
+
+
+def read_small(sftp: paramiko.SFTPClient, path: str, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of a small remote file (a report, a checksum); None if it does not exist."""
+    try:
+        with sftp.open(path, "rb") as handle:
+            return handle.read(limit)
+    except FileNotFoundError:
+        return None
 
 
 def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
@@ -411,11 +427,13 @@ class ResumableDownload:
 
     def attempt(self, sftp: paramiko.SFTPClient) -> int:
         with sftp.open(self.path, "rb") as remote:
-            request_size = read_request_size(sftp)
-            depth = max(1, READ_AHEAD_BYTES // request_size)
             if self.remaining is None:
                 size = remote.stat().st_size or 0
                 self.remaining = [[0, size]] if size else []
+            # Ranges that fit one default request need no round trip for the server's limits.
+            longest = max((end - start for start, end in self.remaining), default=0)
+            request_size = read_request_size(sftp) if longest > REQUEST_SIZE else REQUEST_SIZE
+            depth = max(1, READ_AHEAD_BYTES // request_size)
             while self.remaining:
                 start, end = self.remaining[0]
                 if start < end:

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import helpers
 from tests.helpers import PLUGIN_EXE, LocalBackup, Plugin, SiteConfig, make_local_backup
 from tests.sshd_server import SshServer
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_fork_server_outlives_the_session() -> Iterator[None]:
-    """The plugin calls of the suite leave a fork server behind (it would idle out in a minute); stop it."""
+    """The suite's plugin calls share a TMPDIR of their own; the fork server they leave there is stopped
+    at the end (it would idle out in a minute), and no other server of this user is touched."""
+    tmpdir = tempfile.mkdtemp(prefix="gpsftp-tests.")  # short: a Unix socket path holds 107 bytes
+    helpers.SESSION_TMPDIR = tmpdir
     yield
-    subprocess.run([PLUGIN_EXE, "stop-fork-server"], env=dict(os.environ), capture_output=True, check=False)
+    subprocess.run([PLUGIN_EXE, "stop-fork-server"], env=helpers.isolated_env(Path(tmpdir)), capture_output=True,
+                   check=False)
+    helpers.SESSION_TMPDIR = None
+    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -350,13 +350,9 @@ class FaultProxy:
         with self._lock:
             return self._triggered
 
-    @property
-    def unused_plans(self) -> int:
-        with self._lock:
-            return len(self._plans)
-
     def forwarded(self, number: int) -> dict[str, int]:
-        """Bytes forwarded per direction ("c2s", "s2c") by finished connection ``number`` (1-based)."""
+        """Bytes forwarded per direction ("c2s", "s2c") by finished connection ``number`` (1-based);
+        how the reset offsets in test_reliability.py were measured."""
         with self._lock:
             return dict(self._forwarded.get(number, {}))
 

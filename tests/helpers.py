@@ -6,6 +6,7 @@ classes from here only for type hints and for the few plain functions.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import subprocess
@@ -20,15 +21,24 @@ from tests.sshd_server import SshServer, free_port
 PLUGIN_EXE = os.path.join(os.path.dirname(sys.executable), "gpbackup_sftp_plugin")
 # A hung plugin must fail the test instead of hanging the suite; not a timing assertion.
 RUN_TIMEOUT = 300
+# The TMPDIR of this session's plugin calls, where their fork server keeps its
+# socket: conftest sets it, and stops exactly that server at the end.
+SESSION_TMPDIR: str | None = None
 
 
 def isolated_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for one plugin process: its own HOME, no ssh-agent."""
+    """The environment for one plugin process: its own HOME, no ssh-agent, the session's TMPDIR."""
     env = dict(os.environ)
     env.pop("SSH_AUTH_SOCK", None)
     env["HOME"] = str(home)
+    if SESSION_TMPDIR is not None:
+        env.update(TMPDIR=SESSION_TMPDIR, XDG_RUNTIME_DIR="")
     env.update(extra or {})
     return env
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def assert_ok(result: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:

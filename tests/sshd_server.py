@@ -46,6 +46,12 @@ def wait_for_ssh_banner(host: str, port: int, process: subprocess.Popen[bytes] |
     raise RuntimeError(f"sshd did not start within {START_TIMEOUT}s: {log_path.read_text().strip()}")
 
 
+def known_hosts_line(server_dir: Path, host: str, port: int, key_type: str = "ed25519") -> str:
+    """The known_hosts line for the host key ``type`` an entrypoint-made sshd in ``server_dir`` presents."""
+    kind, body = (server_dir / f"ssh_host_{key_type}_key.pub").read_text().split()[:2]
+    return f"[{host}]:{port} {kind} {body}\n"
+
+
 def keygen(path: Path, key_type: str = "ed25519", passphrase: str = "") -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", passphrase, "-f", str(path)], check=True)
     return path
@@ -78,8 +84,7 @@ class SshServer:
             self.process = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         wait_for_ssh_banner("127.0.0.1", self.port, self.process, self.log_path)
-        host_key = (self.server_dir / "ssh_host_ed25519_key.pub").read_text().split()
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
+        self.known_hosts.write_text(known_hosts_line(self.server_dir, "127.0.0.1", self.port))
         return self
 
     def stop(self) -> None:

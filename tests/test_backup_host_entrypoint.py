@@ -8,22 +8,18 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.sshd_server import ENTRYPOINT, free_port, keygen
+from tests.helpers import PLUGIN_EXE as PLUGIN
+from tests.sshd_server import ENTRYPOINT, free_port, keygen, wait_for_ssh_banner
 
-PLUGIN = str(Path(sys.executable).parent / "gpbackup_sftp_plugin")
-# sshd answers within milliseconds; these only bound a broken start, they assert nothing about speed.
-START_TIMEOUT = 20.0
+# Bounds a broken stop; it asserts nothing about speed.
 RUN_TIMEOUT = 120
 HOST_KEY_FILES = ("ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "ssh_host_ecdsa_key", "ssh_host_ecdsa_key.pub")
 
@@ -48,25 +44,12 @@ def entrypoint(sshd_dir: Path, authorized_keys: Path, **env: str) -> Iterator[in
             [str(ENTRYPOINT)], env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        wait_for_banner(port, process, log)
+        wait_for_ssh_banner("127.0.0.1", port, process, log)
         yield port
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=RUN_TIMEOUT)
-
-
-def wait_for_banner(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"entrypoint exited with {process.returncode}: {log.read_text()}"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                if conn.recv(4).startswith(b"SSH-"):
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"sshd did not answer: {log.read_text()}")
 
 
 def presented_host_key(port: int) -> str:

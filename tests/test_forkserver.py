@@ -6,7 +6,6 @@ started itself; teardown stops that server (the log names its pid).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -23,7 +22,16 @@ from pathlib import Path
 import pytest
 
 from sftp_plugin import forkserver
-from tests.helpers import RUN_TIMEOUT, LocalBackup, Plugin, SiteConfig, assert_failed, assert_ok, isolated_env
+from tests.helpers import (
+    RUN_TIMEOUT,
+    LocalBackup,
+    Plugin,
+    SiteConfig,
+    assert_failed,
+    assert_ok,
+    isolated_env,
+    sha256,
+)
 
 SERVED = "(fork server worker"
 # A server signals readiness only by its socket appearing; allow for a loaded 2-core CI machine.
@@ -86,10 +94,6 @@ def served(plugin: Plugin, config: SiteConfig) -> Iterator[Served]:
         except ProcessLookupError:
             pass
     shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def alive(pid: int) -> bool:

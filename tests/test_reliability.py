@@ -11,7 +11,6 @@ minute.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
@@ -28,7 +27,7 @@ from typing import IO
 import pytest
 
 from tests.faultproxy import Action, Direction, FaultProxy, Plan
-from tests.helpers import PLUGIN_EXE, assert_failed, assert_ok, isolated_env
+from tests.helpers import PLUGIN_EXE, assert_failed, assert_ok, isolated_env, sha256
 from tests.sshd_server import SshServer, keygen
 
 # A hung plugin must fail its test, not hang the suite. Not a timing assertion.
@@ -76,10 +75,6 @@ RETRY_LINE_RE = re.compile(
     r"WARNING (?P<command>\S+): (?P<step>.+): attempt (?P<attempt>\d+) failed "
     r"\((?P<cause>.+)\); retrying in (?P<wait>\d+\.\d)s$"
 )
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def fault_cases(bulk: Direction) -> list[object]:
@@ -325,7 +320,7 @@ def test_stalled_upload_times_out_and_resumes_on_a_new_connection(
 ) -> None:
     data = os.urandom(STREAM_SIZE)
     # Mid-stream: 2 MiB of data client->server, or ~half the acknowledgements server->client.
-    proxy.push(Plan.stall(2 * MIB if direction is C2S else 12_000, direction))
+    proxy.push(Plan.stall(2 * MIB if direction is C2S else UPLOAD_THIN_OFFSETS[1], direction))
 
     assert_ok(site.run("backup_data", site.config(io_timeout=2), site.local("gpbackup_0_stream"), stdin=data))
 

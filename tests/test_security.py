@@ -10,15 +10,14 @@ import pytest
 import yaml
 
 from tests.helpers import LocalBackup, Plugin, SiteConfig
-from tests.sshd_server import SshServer, keygen
+from tests.sshd_server import SshServer, keygen, known_hosts_line
 
 PASSPHRASE = "pp-Sekrit-4711-passphrase"
 PASSWORD = "pw-Sekrit-0815-password"
 
 
 def server_key_line(server: SshServer, key_type: str = "ed25519") -> str:
-    kind, body = (server.server_dir / f"ssh_host_{key_type}_key.pub").read_text().split()[:2]
-    return f"[127.0.0.1]:{server.port} {kind} {body}\n"
+    return known_hosts_line(server.server_dir, "127.0.0.1", server.port, key_type)
 
 
 def fingerprint_of(pub: Path) -> str:
