@@ -15,6 +15,13 @@ import time
 
 from sftp_plugin import API_VERSION, PLUGIN_NAME, __version__
 
+# Keep paramiko from importing `invoke`, which it needs only for ssh_config
+# "Match exec": that import cost ~180 ms of every call (437 -> 174 ms to import
+# the commands), and gpbackup makes thousands. Done here, where every entry
+# point (API and admin commands, the fork server) passes, so `check` judges an
+# ssh_config exactly as the plugin calls will: Match exec is not supported.
+sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
+
 # Each command is the function of that name in commands.py, with the number of
 # arguments it accepts after the config path (at least, at most).
 COMMANDS: dict[str, tuple[int, int]] = {
@@ -91,15 +98,6 @@ def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
     return run(command, config_path, args, served_by)
 
 
-def block_optional_imports() -> None:
-    """Keep paramiko from importing `invoke`, which it needs only for ssh_config "Match exec".
-
-    That import alone cost ~180 ms of every plugin call (437 -> 174 ms to import
-    the commands); gpbackup makes thousands of calls, so Match exec is not supported.
-    """
-    sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
-
-
 def run(command: str, config_path: str, args: list[str], served_by: int | None = None) -> int:
     # Imported here, not at the top: the version commands above must stay fast.
     import logging
@@ -121,7 +119,6 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
     log.info("start %s%s", " ".join(args), "" if served_by is None else f" (fork server worker, monitor {served_by})")
     remote = None
     try:
-        block_optional_imports()
         from sftp_plugin import commands
 
         remote = commands.Remote(cfg)

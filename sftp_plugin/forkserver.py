@@ -294,10 +294,7 @@ def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
     os.write(lock, f"{os.getpid()}\n".encode())  # who holds it, for whoever wants to stop us
     setup_logging(log_dir, "info", "fork-server", [])
     log = logging.getLogger("gpbackup_sftp_plugin.forkserver")
-    from sftp_plugin.cli import block_optional_imports
-
-    block_optional_imports()
-    for module in PRELOAD:
+    for module in PRELOAD:  # sftp_plugin.cli first: it keeps paramiko from importing invoke
         importlib.import_module(module)
     code_digest.cache_clear()  # the code as it is now, after the imports above
     digest = code_digest()

@@ -18,20 +18,16 @@ MASK = "******"
 log = logging.getLogger(LOGGER_NAME)
 
 
-class _MaskSecrets(logging.Filter):
-    """Replace every configured secret in a formatted record with a mask."""
+class _MaskingFormatter(logging.Formatter):
+    """Masks every configured secret in the whole formatted line, tracebacks included
+    (a filter on the message alone let an exception's text through)."""
 
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self._secrets = [s for s in secrets if s]
+    def __init__(self, fmt: str, secrets: list[str]) -> None:
+        super().__init__(fmt)
+        self._secrets = secrets
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            message = record.getMessage()
-            for secret in self._secrets:
-                message = message.replace(secret, MASK)
-            record.msg, record.args = message, None
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        return mask(super().format(record), self._secrets)
 
 
 def mask(text: str, secrets: list[str]) -> str:
@@ -55,8 +51,9 @@ def setup_logging(log_dir: str, level: str, command: str, secrets: list[str]) ->
     os.makedirs(os.path.dirname(path), exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     host = socket.gethostname()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {host} [%(process)d] %(levelname)s {command}: %(message)s"))
-    handler.addFilter(_MaskSecrets(secrets))
+    handler.setFormatter(
+        _MaskingFormatter(f"%(asctime)s {host} [%(process)d] %(levelname)s {command}: %(message)s", secrets)
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
