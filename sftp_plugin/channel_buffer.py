@@ -25,7 +25,7 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
 
     def __init__(self) -> None:
         super().__init__()
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: collections.deque[bytes | memoryview] = collections.deque()
         self._size = 0
 
     def set_event(self, event: threading.Event) -> None:
@@ -36,8 +36,10 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
             else:
                 event.clear()
 
-    def feed(self, data: bytes | str) -> None:
-        chunk = data.encode() if isinstance(data, str) else bytes(data)
+    def feed(self, data: bytes | memoryview | str) -> None:
+        # A memoryview (channel data from packetizer.py) is kept as it is: a view of
+        # its decrypted packet, copied only when read.
+        chunk = data.encode() if isinstance(data, str) else data
         with self._lock:
             if self._event is not None:
                 self._event.set()
@@ -74,7 +76,7 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
 
     def empty(self) -> bytes:
         with self._lock:
-            out = b"".join(self._chunks)
+            out = b"".join(self._chunks)  # bytes, even of a single view
             self._chunks.clear()
             self._size = 0
             if self._event is not None and not self._closed:
@@ -92,7 +94,7 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
         if len(first) > nbytes:
             chunks[0] = first[nbytes:]
             self._size -= nbytes
-            return first[:nbytes]
+            return bytes(first[:nbytes])
         parts = [chunks.popleft()]
         taken = len(first)
         while chunks and taken < nbytes:
@@ -106,4 +108,6 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
                 chunks[0] = chunk[need:]
                 taken = nbytes
         self._size -= taken
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            return parts[0] if isinstance(parts[0], bytes) else bytes(parts[0])
+        return b"".join(parts)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-from sftp_plugin import forkserver, integrity, paths, retention, transfer
+from sftp_plugin import allocator, forkserver, integrity, paths, retention, transfer
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.connection import Session, connect
 from sftp_plugin.errors import CallerGone, IntegrityError, RemoteError, RemoteNotFound, UsageError
@@ -321,6 +321,7 @@ def _local_source(path: str) -> BinaryIO:
 
 def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> int:
     """Store a stream under its final name, with its checksum sidecar, resuming after resets."""
+    allocator.keep_freed_memory()
     root = remote.cfg.remote_dir
     target = target_file.remote(root)
     digest = integrity.new_hash() if remote.cfg.verify_checksums else None
@@ -404,6 +405,7 @@ def _download(
     remote: Remote, source: str, sink: Callable[[bytes], object], ranges: list[tuple[int, int]] | None = None
 ) -> int:
     """Stream ``source`` (or ranges of it) to ``sink``, resuming after resets; verify whole files."""
+    allocator.keep_freed_memory()
     with remote_errors(remote, "download", source):
         expected = _expected_digest(remote, source) if ranges is None else None
         digest = integrity.new_hash() if expected else None

@@ -21,6 +21,7 @@ import paramiko
 from sftp_plugin.channel_buffer import ChunkedPipe
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.errors import AuthError, ConfigError, ConnectError, HostKeyError
+from sftp_plugin.packetizer import InPlacePacketizer
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,12 @@ def connect(cfg: PluginConfig) -> Session:
         # socket once sent data stays unacknowledged for io_timeout (a dead peer or a
         # black-holing firewall), and the retry policy reconnects.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, cfg.io_timeout * 1000)
-    transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE)
+    transport = paramiko.Transport(
+        sock,
+        default_window_size=WINDOW_SIZE,
+        default_max_packet_size=MAX_PACKET_SIZE,
+        packetizer_class=InPlacePacketizer,
+    )
     try:
         options = transport.get_security_options()
         offered = list(options.ciphers)

@@ -64,7 +64,8 @@ _caller_pipe: int | None = None
 
 # Modules the server imports once so that no worker has to: the command code
 # and what a call still imported lazily (checked by listing sys.modules after
-# backup_file, restore_file and cleanup; encodings.idna comes with name lookup).
+# backup_file, restore_file and cleanup; encodings.idna comes with name lookup,
+# ctypes with allocator.keep_freed_memory).
 PRELOAD = (
     "sftp_plugin.cli",
     "sftp_plugin.commands",
@@ -72,6 +73,7 @@ PRELOAD = (
     "sftp_plugin.log",
     "yaml",
     "encodings.idna",
+    "ctypes",
 )
 
 

@@ -1,0 +1,219 @@
+"""InPlacePacketizer reads exactly what paramiko's Packetizer reads, and fails where it must.
+
+Over a socket pair, paramiko's own Packetizer encrypts (AES-GCM, as negotiated
+with OpenSSH) and both packetizers decrypt; against the real sshd, downloads
+go through the in-place path, through a rekey in mid-stream, and through
+paramiko's path for a cipher other than AES-GCM.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST, MSG_IGNORE
+from paramiko.packet import Packetizer
+
+from sftp_plugin import connection, transfer
+from sftp_plugin.packetizer import MAX_PACKET_LENGTH, ChannelDataMessage, InPlacePacketizer
+from tests.sshd_server import SshServer
+
+GCM_BLOCK, GCM_TAG = 16, 16
+
+
+def _gcm(packetizer: Packetizer, key: bytes, iv: bytes, inbound: bool) -> Packetizer:
+    """Switch a packetizer to AES-GCM as Transport._activate_inbound/_outbound do."""
+    if inbound:
+        packetizer.set_inbound_cipher(AESGCM(key), GCM_BLOCK, None, GCM_TAG, None, aead=True, iv_in=iv)
+    else:
+        packetizer.set_outbound_cipher(AESGCM(key), GCM_BLOCK, None, GCM_TAG, None, aead=True, iv_out=iv)
+    return packetizer
+
+
+def _messages(rng: random.Random) -> list[paramiko.Message]:
+    messages = []
+    for size in [0, 1, 17, 4096, 32768, 32768, 262144, *(rng.randrange(70000) for _ in range(40))]:
+        msg = paramiko.Message()
+        if rng.random() < 0.8:
+            msg.add_byte(bytes([MSG_CHANNEL_DATA]))
+            msg.add_int(rng.randrange(2**32))
+            msg.add_string(rng.randbytes(size))
+        else:
+            msg.add_byte(bytes([rng.choice([MSG_CHANNEL_WINDOW_ADJUST, MSG_IGNORE])]))
+            msg.add_int(rng.randrange(2**32))
+            msg.add_int(size)
+        messages.append(msg)
+    return messages
+
+
+def _wire_bytes(messages: list[paramiko.Message], key: bytes, iv: bytes) -> bytes:
+    """What paramiko's sender puts on the wire for `messages` under AES-GCM."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        received: list[bytes] = []
+        reader = threading.Thread(target=lambda: received.extend(iter(lambda: theirs.recv(1 << 20), b"")))
+        reader.start()
+        sender = _gcm(Packetizer(ours), key, iv, inbound=False)
+        for msg in messages:
+            sender.send_message(msg)
+        ours.shutdown(socket.SHUT_WR)
+        reader.join()
+    return b"".join(received)
+
+
+def _read_messages(
+    packetizer_class: type[Packetizer], wire: bytes, count: int, key: bytes, iv: bytes, piece_sizes: list[int]
+) -> list[tuple[int, int, bytes]]:
+    """Feed `wire` in pieces of the given sizes and read `count` messages back as (type, int, rest)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+
+        def write() -> None:
+            offset, sizes = 0, iter(piece_sizes)
+            while offset < len(wire):
+                size = next(sizes, len(wire))
+                theirs.sendall(wire[offset : offset + size])
+                offset += size
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        reader = _gcm(packetizer_class(ours), key, iv, inbound=True)
+        out = []
+        for _ in range(count):
+            kind, msg = reader.read_message()
+            number = msg.get_int()
+            if kind == MSG_CHANNEL_DATA:
+                rest = bytes(msg.get_binary())
+            else:  # the whole message: nothing of the padding may show
+                rest = msg.get_int().to_bytes(4, "big") + msg.get_remainder()
+            out.append((kind, number, rest))
+        writer.join()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_in_place_reads_return_the_messages_paramiko_reads(seed: int) -> None:
+    rng = random.Random(seed)
+    key, iv = rng.randbytes(16), rng.randbytes(12)
+    messages = _messages(rng)
+    wire = _wire_bytes(messages, key, iv)
+    # Pieces from a byte at a time to more than the receive buffer: packets split anywhere.
+    pieces = [rng.choice([1, 3, 16, 1000, 32768, 2_000_000]) for _ in range(2000)]
+    ours = _read_messages(InPlacePacketizer, wire, len(messages), key, iv, pieces)
+    theirs = _read_messages(Packetizer, wire, len(messages), key, iv, [len(wire)])
+    assert ours == theirs
+    assert [kind for kind, _, _ in ours] == [msg.asbytes()[0] for msg in messages]
+
+
+def test_channel_data_is_handed_on_as_a_view_of_the_decrypted_packet() -> None:
+    key, iv = os.urandom(16), os.urandom(12)
+    msg = paramiko.Message()
+    msg.add_byte(bytes([MSG_CHANNEL_DATA]))
+    msg.add_int(7)
+    msg.add_string(b"x" * 1000)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        _gcm(Packetizer(theirs), key, iv, inbound=False).send_message(msg)
+        kind, received = _gcm(InPlacePacketizer(ours), key, iv, inbound=True).read_message()
+    assert kind == MSG_CHANNEL_DATA and isinstance(received, ChannelDataMessage)
+    assert received.get_int() == 7
+    data = received.get_binary()
+    assert isinstance(data, memoryview) and data == b"x" * 1000
+
+
+def test_a_packet_length_beyond_the_limit_fails_at_once_instead_of_waiting_for_it() -> None:
+    key, iv = os.urandom(16), os.urandom(12)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall((MAX_PACKET_LENGTH + 16).to_bytes(4, "big"))
+        reader = _gcm(InPlacePacketizer(ours), key, iv, inbound=True)
+        with pytest.raises(paramiko.SSHException, match="exceeds"):
+            reader.read_message()
+
+
+def test_a_tampered_packet_fails_authentication() -> None:
+    key, iv = os.urandom(16), os.urandom(12)
+    msg = paramiko.Message()
+    msg.add_byte(bytes([MSG_CHANNEL_DATA]))
+    msg.add_int(0)
+    msg.add_string(b"payload" * 100)
+    wire = bytearray(_wire_bytes([msg], key, iv))
+    wire[40] ^= 1
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(wire)
+        with pytest.raises(InvalidTag):
+            _gcm(InPlacePacketizer(ours), key, iv, inbound=True).read_message()
+
+
+# ---------------------------------------------------------------- against sshd
+
+
+@pytest.fixture
+def remote_file(sshd: SshServer) -> Iterator[tuple[Path, bytes]]:
+    path = sshd.remote_dir / f"packetizer-{os.getpid()}-{random.randrange(10**9)}.bin"
+    data = os.urandom(8 * 1024 * 1024 + 12345)
+    path.write_bytes(data)
+    yield path, data
+    path.unlink()
+
+
+def _transport(sshd: SshServer, cipher: str) -> paramiko.Transport:
+    """A transport to the test sshd with our packetizer, limited to one cipher."""
+    transport = paramiko.Transport(
+        socket.create_connection(("127.0.0.1", sshd.port), timeout=10),
+        default_window_size=connection.WINDOW_SIZE,
+        default_max_packet_size=connection.MAX_PACKET_SIZE,
+        packetizer_class=InPlacePacketizer,
+    )
+    transport.get_security_options().ciphers = (cipher,)
+    host_key = paramiko.Ed25519Key.from_private_key_file(str(sshd.server_dir / "ssh_host_ed25519_key"))
+    transport.connect(
+        hostkey=host_key,  # its public half is what the server must present
+        username=str(sshd.options()["username"]),
+        pkey=paramiko.Ed25519Key.from_private_key_file(str(sshd.user_key)),
+    )
+    return transport
+
+
+def _download(transport: paramiko.Transport, path: Path) -> bytes:
+    sftp = connection.start_sftp(transport)
+    received: list[bytes] = []
+    transfer.ResumableDownload(str(path), received.append).attempt(sftp)
+    sftp.close()
+    return b"".join(received)
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr"])
+def test_a_download_is_byte_exact_with_each_cipher(
+    sshd: SshServer, remote_file: tuple[Path, bytes], cipher: str
+) -> None:
+    path, data = remote_file
+    transport = _transport(sshd, cipher)
+    try:
+        assert transport.remote_cipher == cipher
+        assert _download(transport, path) == data
+    finally:
+        transport.close()
+
+
+def test_a_rekey_in_mid_download_keeps_the_stream_byte_exact(sshd: SshServer, remote_file: tuple[Path, bytes]) -> None:
+    path, data = remote_file
+    transport = _transport(sshd, "aes128-gcm@openssh.com")
+    try:
+        first_exchange = transport.H
+        # Ask for new keys after every MiB received: several key exchanges while
+        # packets of the old and the new keys sit in the receive buffer.
+        transport.packetizer.REKEY_BYTES = 1024 * 1024
+        assert _download(transport, path) == data
+        assert transport.H != first_exchange
+    finally:
+        transport.close()
