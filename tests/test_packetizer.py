@@ -23,7 +23,13 @@ from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST, MSG_IGN
 from paramiko.packet import Packetizer
 
 from sftp_plugin import connection, transfer
-from sftp_plugin.packetizer import MAX_PACKET_LENGTH, ChannelDataMessage, InPlacePacketizer
+from sftp_plugin.packetizer import (
+    MAX_PACKET_LENGTH,
+    ChannelData,
+    ChannelDataMessage,
+    InPlacePacketizer,
+    send_channel_data,
+)
 from tests.sshd_server import SshServer
 
 GCM_BLOCK, GCM_TAG = 16, 16
@@ -54,16 +60,24 @@ def _messages(rng: random.Random) -> list[paramiko.Message]:
     return messages
 
 
-def _wire_bytes(messages: list[paramiko.Message], key: bytes, iv: bytes) -> bytes:
-    """What paramiko's sender puts on the wire for `messages` under AES-GCM."""
+def _wire_bytes(
+    items: list[paramiko.Message] | list[paramiko.Message | ChannelData],
+    key: bytes,
+    iv: bytes,
+    sender_class: type[Packetizer] = Packetizer,
+    encrypt: bool = True,
+) -> bytes:
+    """What `sender_class` puts on the wire for `items` (under AES-GCM unless `encrypt` is off)."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
         received: list[bytes] = []
         reader = threading.Thread(target=lambda: received.extend(iter(lambda: theirs.recv(1 << 20), b"")))
         reader.start()
-        sender = _gcm(Packetizer(ours), key, iv, inbound=False)
-        for msg in messages:
-            sender.send_message(msg)
+        sender = sender_class(ours)
+        if encrypt:
+            _gcm(sender, key, iv, inbound=False)
+        for item in items:
+            sender.send_message(item)
         ours.shutdown(socket.SHUT_WR)
         reader.join()
     return b"".join(received)
@@ -154,6 +168,60 @@ def test_a_tampered_packet_fails_authentication() -> None:
             _gcm(InPlacePacketizer(ours), key, iv, inbound=True).read_message()
 
 
+def _read_back(wire: bytes, count: int, key: bytes, iv: bytes, encrypted: bool = True) -> list[tuple[int, bytes]]:
+    """`count` messages read from `wire` by paramiko's own Packetizer, as (type, rest of the message)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        writer = threading.Thread(target=theirs.sendall, args=(wire,))
+        writer.start()
+        reader = Packetizer(ours)
+        if encrypted:
+            _gcm(reader, key, iv, inbound=True)
+        out = [(kind, msg.get_remainder()) for kind, msg in (reader.read_message() for _ in range(count))]
+        writer.join()
+    return out
+
+
+def _channel_data(channel: int, data: bytes) -> tuple[int, bytes]:
+    return MSG_CHANNEL_DATA, channel.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packets_sealed_in_place_are_what_paramiko_reads(seed: int) -> None:
+    rng = random.Random(seed)
+    key, iv = rng.randbytes(16), rng.randbytes(12)
+    items: list[paramiko.Message | ChannelData] = []
+    expected: list[tuple[int, bytes]] = []
+    for _ in range(60):
+        if rng.random() < 0.3:
+            msg = paramiko.Message()
+            msg.add_byte(bytes([MSG_CHANNEL_WINDOW_ADJUST]))
+            msg.add_int(rng.randrange(2**32))
+            msg.add_string(rng.randbytes(rng.randrange(100)))
+            items.append(msg)
+            expected.append((MSG_CHANNEL_WINDOW_ADJUST, msg.asbytes()[1:]))
+        else:
+            # Several packets at once, each from pieces: an SFTP header and slices of the data.
+            channel, chunks = rng.randrange(2**32), []
+            for _ in range(rng.randrange(1, 9)):
+                pieces = [rng.randbytes(rng.choice([0, 1, 29, 4096, 32675])) for _ in range(rng.randrange(1, 4))]
+                chunks.append([memoryview(piece) for piece in pieces])
+                expected.append(_channel_data(channel, b"".join(pieces)))
+            items.append(ChannelData(channel, chunks))
+    wire = _wire_bytes(items, key, iv, sender_class=InPlacePacketizer)
+    assert _read_back(wire, len(expected), key, iv) == expected
+
+
+def test_channel_data_goes_through_paramiko_while_packets_are_not_encrypted() -> None:
+    # Before the first key exchange nothing is encrypted: paramiko's own path sends the packets.
+    data = ChannelData(5, [[memoryview(b"head"), memoryview(b"er and data")], [memoryview(b"more")]])
+    wire = _wire_bytes([data], b"", b"", sender_class=InPlacePacketizer, encrypt=False)
+    assert _read_back(wire, 2, b"", b"", encrypted=False) == [
+        _channel_data(5, b"header and data"),
+        _channel_data(5, b"more"),
+    ]
+
+
 # ---------------------------------------------------------------- against sshd
 
 
@@ -215,5 +283,58 @@ def test_a_rekey_in_mid_download_keeps_the_stream_byte_exact(sshd: SshServer, re
         transport.packetizer.REKEY_BYTES = 1024 * 1024
         assert _download(transport, path) == data
         assert transport.H != first_exchange
+    finally:
+        transport.close()
+
+
+def _upload(transport: paramiko.Transport, path: Path, data: bytes) -> None:
+    sftp = connection.start_sftp(transport)
+    with sftp.open(str(path), "wb") as remote:
+        writer = transfer.PipelinedWriter(sftp, remote.handle)
+        writer.use_long_writes()  # several packets per request, as for a long stream
+        for start in range(0, len(data), transfer.LOCAL_CHUNK):
+            writer.write(data[start : start + transfer.LOCAL_CHUNK])
+        writer.drain()
+    sftp.close()
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes128-ctr"])
+def test_an_upload_is_byte_exact_with_each_cipher(sshd: SshServer, cipher: str) -> None:
+    path = sshd.remote_dir / f"packetizer-up-{os.getpid()}-{random.randrange(10**9)}.bin"
+    data = os.urandom(8 * 1024 * 1024 + 777)
+    transport = _transport(sshd, cipher)
+    try:
+        _upload(transport, path, data)
+        assert path.read_bytes() == data
+    finally:
+        transport.close()
+        path.unlink(missing_ok=True)
+
+
+def test_a_rekey_in_mid_upload_keeps_the_file_byte_exact(sshd: SshServer) -> None:
+    path = sshd.remote_dir / f"packetizer-rekey-{os.getpid()}-{random.randrange(10**9)}.bin"
+    data = os.urandom(8 * 1024 * 1024 + 777)
+    transport = _transport(sshd, "aes128-gcm@openssh.com")
+    try:
+        first_exchange = transport.H
+        transport.packetizer.REKEY_BYTES = 1024 * 1024  # new keys after every MiB sent
+        _upload(transport, path, data)
+        assert path.read_bytes() == data
+        assert transport.H != first_exchange
+    finally:
+        transport.close()
+        path.unlink(missing_ok=True)
+
+
+def test_sending_on_a_channel_after_eof_or_close_fails(sshd: SshServer) -> None:
+    transport = _transport(sshd, "aes128-gcm@openssh.com")
+    try:
+        channel = transport.open_session()
+        channel.shutdown_write()
+        with pytest.raises(EOFError):
+            send_channel_data(channel, [b"data"])
+        channel.close()
+        with pytest.raises(OSError, match="closed"):
+            send_channel_data(channel, [b"data"])
     finally:
         transport.close()

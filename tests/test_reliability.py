@@ -49,10 +49,10 @@ FAST_RETRY_OPTIONS: dict[str, object] = {
 }
 C2S = Direction.CLIENT_TO_SERVER
 S2C = Direction.SERVER_TO_CLIENT
-# Reset points. Measured through the proxy: a clean 8 MiB upload sends ~8.40 MB
-# client->server and 12.4-13 KB server->client (handshake ~3.5 KB, then one SFTP
-# status per ~128 KiB write);
-# a clean 8 MiB download sends ~5.2 KB
+# Reset points. Measured through a counting proxy: a clean 8 MiB upload sends
+# ~8.40 MB client->server and ~11.7 KB server->client (handshake ~3.5 KB, then
+# window adjustments and one SFTP status per write of up to 255 KiB);
+# a clean 8 MiB download sends ~4.8 KB
 # client->server (handshake, auth and SFTP start up to ~3.3 KB, then 255 KiB
 # read requests) and ~8.40 MB back. The bulk direction is cut early, midway and
 # within its last writes/reads; the thin direction at three points after the
