@@ -23,7 +23,6 @@ numbers, nonces and the rekey accounting are kept exactly as Packetizer keeps
 them, in its private state (hence the upper bound on paramiko in setup.cfg).
 """
 
-
 from __future__ import annotations
 
 import errno

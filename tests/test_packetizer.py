@@ -44,19 +44,25 @@ def _gcm(packetizer: Packetizer, key: bytes, iv: bytes, inbound: bool) -> Packet
     return packetizer
 
 
+def _channel_data_message(channel: int, data: bytes) -> paramiko.Message:
+    msg = paramiko.Message()
+    msg.add_byte(bytes([MSG_CHANNEL_DATA]))
+    msg.add_int(channel)
+    msg.add_string(data)
+    return msg
+
+
 def _messages(rng: random.Random) -> list[paramiko.Message]:
     messages = []
     for size in [0, 1, 17, 4096, 32768, 32768, 262144, *(rng.randrange(70000) for _ in range(40))]:
-        msg = paramiko.Message()
         if rng.random() < 0.8:
-            msg.add_byte(bytes([MSG_CHANNEL_DATA]))
-            msg.add_int(rng.randrange(2**32))
-            msg.add_string(rng.randbytes(size))
+            messages.append(_channel_data_message(rng.randrange(2**32), rng.randbytes(size)))
         else:
+            msg = paramiko.Message()
             msg.add_byte(bytes([rng.choice([MSG_CHANNEL_WINDOW_ADJUST, MSG_IGNORE])]))
             msg.add_int(rng.randrange(2**32))
             msg.add_int(size)
-        messages.append(msg)
+            messages.append(msg)
     return messages
 
 
@@ -129,10 +135,7 @@ def test_in_place_reads_return_the_messages_paramiko_reads(seed: int) -> None:
 
 def test_channel_data_is_handed_on_as_a_view_of_the_decrypted_packet() -> None:
     key, iv = os.urandom(16), os.urandom(12)
-    msg = paramiko.Message()
-    msg.add_byte(bytes([MSG_CHANNEL_DATA]))
-    msg.add_int(7)
-    msg.add_string(b"x" * 1000)
+    msg = _channel_data_message(7, b"x" * 1000)
     ours, theirs = socket.socketpair()
     with ours, theirs:
         _gcm(Packetizer(theirs), key, iv, inbound=False).send_message(msg)
@@ -155,11 +158,7 @@ def test_a_packet_length_beyond_the_limit_fails_at_once_instead_of_waiting_for_i
 
 def test_a_tampered_packet_fails_authentication() -> None:
     key, iv = os.urandom(16), os.urandom(12)
-    msg = paramiko.Message()
-    msg.add_byte(bytes([MSG_CHANNEL_DATA]))
-    msg.add_int(0)
-    msg.add_string(b"payload" * 100)
-    wire = bytearray(_wire_bytes([msg], key, iv))
+    wire = bytearray(_wire_bytes([_channel_data_message(0, b"payload" * 100)], key, iv))
     wire[40] ^= 1
     ours, theirs = socket.socketpair()
     with ours, theirs:
