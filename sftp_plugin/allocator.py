@@ -39,6 +39,8 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (ImportError, OSError, AttributeError):
         return False
-    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap_set = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    trim_set = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    applied = mmap_set and trim_set
     log.debug("malloc thresholds %s", "set" if applied else "refused")
     return applied

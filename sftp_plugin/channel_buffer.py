@@ -36,10 +36,16 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
             else:
                 event.clear()
 
-    def feed(self, data: bytes | memoryview | str) -> None:
-        # A memoryview (channel data from packetizer.py) is kept as it is: a view of
-        # its decrypted packet, copied only when read.
-        chunk = data.encode() if isinstance(data, str) else data
+    def feed(self, data: bytes | bytearray | memoryview | str) -> None:
+        # A read-only memoryview (channel data from packetizer.py: a view of its
+        # decrypted packet) is kept as it is, copied only when read. Anything that
+        # could change under us (a bytearray, a writable view) is copied now.
+        if isinstance(data, str):
+            chunk: bytes | memoryview = data.encode()
+        elif isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly):
+            chunk = data
+        else:
+            chunk = bytes(data)
         with self._lock:
             if self._event is not None:
                 self._event.set()

@@ -252,6 +252,8 @@ def start_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
     """SFTPClient.from_transport, with our window, packet size and receive buffer (channel_buffer.py)."""
     channel = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
     channel.in_buffer = ChunkedPipe()  # before the subsystem starts, so nothing is buffered yet
+    if isinstance(transport.packetizer, InPlacePacketizer):
+        transport.packetizer.hand_views_to(channel.get_id())
     channel.invoke_subsystem("sftp")
     return paramiko.SFTPClient(channel)
 

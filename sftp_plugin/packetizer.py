@@ -39,14 +39,17 @@ from paramiko.ssh_exception import SSHException
 # Bytes one socket read may take: room for ~30 packets of 32 KiB, so a busy
 # stream needs one system call (and one GIL round trip) per many packets.
 RECEIVE_BUFFER = 1024 * 1024
-# Longest packet we accept: the receive buffer, four times the largest channel
-# packet we invite (connection.MAX_PACKET_SIZE; sshd does send 256 KiB of data
-# plus framing). The length field of an AES-GCM packet is authenticated only
-# once the whole packet is read; the bound keeps a corrupt one from making us
-# wait for, or buffer, gigabytes.
-MAX_PACKET_LENGTH = RECEIVE_BUFFER
+# Most bytes one packet may occupy on the wire, the receive buffer's size:
+# four times the largest channel packet we invite (connection.MAX_PACKET_SIZE;
+# sshd does send 256 KiB of data plus framing). A packet's length field is
+# authenticated only once the whole packet is read (not at all before the
+# first key exchange); the bound keeps a corrupt or hostile one from making us
+# wait for, or allocate, gigabytes, which paramiko's own reader would.
+MAX_PACKET_BYTES = RECEIVE_BUFFER
 LENGTH_FIELD = 4
 GCM_TAG = 16
+# Longest packet length field we accept under AES-GCM: what fits MAX_PACKET_BYTES with its framing.
+MAX_PACKET_LENGTH = MAX_PACKET_BYTES - LENGTH_FIELD - GCM_TAG
 GCM_BLOCK = 16
 # Plaintext bytes of the packets we send, to begin with: a channel packet of
 # OpenSSH's maximum (32 KiB) with room to spare; larger packets grow it.
@@ -74,15 +77,16 @@ class ChannelDataMessage(Message):  # type: ignore[misc]  # paramiko ships no ty
     the data, both length-delimited.
     """
 
-    def __init__(self, packet: bytes, start: int) -> None:
+    def __init__(self, packet: bytes, start: int, end: int) -> None:
         super().__init__(packet)  # BytesIO shares an immutable initial value: no copy
         self.packet.seek(start)
         self._raw = packet
+        self._end = end  # where the padding begins
 
     def get_binary(self) -> memoryview:  # type: ignore[override]
         length = self.get_int()
         start = self.packet.tell()
-        if start + length > len(self._raw):
+        if start + length > self._end:
             raise SSHException("channel data longer than its packet")
         self.packet.seek(start + length)
         return memoryview(self._raw)[start : start + length]
@@ -120,6 +124,9 @@ def send_channel_data(channel: Channel, buffers: list[bytes | memoryview]) -> No
     Raises EOFError once the channel is at EOF (as paramiko's SFTP client does),
     OSError if it is closed (as Channel.send does).
     """
+    if not isinstance(channel.transport.packetizer, InPlacePacketizer):
+        _send_plainly(channel, memoryview(b"".join(buffers)))
+        return
     views = [memoryview(b) for b in buffers if len(b)]
     remaining = sum(map(len, views))
     while remaining:
@@ -141,6 +148,15 @@ def send_channel_data(channel: Channel, buffers: list[bytes | memoryview]) -> No
         # exchange to finish while holding it can deadlock.
         channel.transport._send_user_message(ChannelData(channel.remote_chanid, [_take(views, n) for n in sizes]))
         remaining -= sum(sizes)
+
+
+def _send_plainly(channel: Channel, data: memoryview) -> None:
+    """What paramiko's SFTP client does (BaseSFTP._write_all), for a transport without our packetizer."""
+    while data:
+        sent = channel.send(data)
+        if sent <= 0:
+            raise EOFError()
+        data = data[sent:]
 
 
 def _take(views: list[memoryview], n: int) -> list[memoryview]:
@@ -171,6 +187,14 @@ class InPlacePacketizer(Packetizer):  # type: ignore[misc]
         self._wire = memoryview(bytearray(PACKETS_PER_SEND * (SEND_BUFFER + PACKET_OVERHEAD)))
         self._pool = b""
         self._pool_used = 0
+        # Our channels whose receive buffer takes views (channel_buffer.ChunkedPipe);
+        # paramiko's BufferedPipe takes only bytes.
+        self._view_channels: set[int] = set()
+
+    def hand_views_to(self, channel_id: int) -> None:
+        """Hand the incoming data of our channel `channel_id` on as views of the decrypted
+        packets; its receive buffer must take them (channel_buffer.ChunkedPipe does)."""
+        self._view_channels.add(channel_id)
 
     def send_message(self, data: Message | ChannelData) -> None:
         with self._Packetizer__write_lock:  # an RLock: paramiko's path below takes it again
@@ -284,12 +308,12 @@ class InPlacePacketizer(Packetizer):  # type: ignore[misc]
         self._start = start + total
         self._Packetizer__iv_in = self._inc_iv_counter(iv)
         # packet: padding length, message type, message, padding
-        padding = packet[0]
+        end = packet_length - packet[0]
         kind = packet[1]
-        if kind == MSG_CHANNEL_DATA:
-            msg = ChannelDataMessage(packet, 2)
+        if kind == MSG_CHANNEL_DATA and _read_length(packet, 2)[0] in self._view_channels:
+            msg = ChannelDataMessage(packet, 2, end)
         else:
-            msg = Message(packet[2 : packet_length - padding])
+            msg = Message(packet[2:end])
         self._count_received(msg, packet_length + mac_size + LENGTH_FIELD)
         return kind, msg
 
@@ -321,6 +345,8 @@ class InPlacePacketizer(Packetizer):  # type: ignore[misc]
 
     def _fill(self, n: int, check_rekey: bool = False) -> None:
         """Have at least `n` received bytes from ``_start`` on; wait as Packetizer.read_all does."""
+        if n > MAX_PACKET_BYTES:  # paramiko's own path asks for a packet's length in one read
+            raise SSHException(f"incoming packet of {n} bytes exceeds {MAX_PACKET_BYTES}")
         leftover = self._Packetizer__remainder  # read past the server's banner line
         if leftover:
             self._Packetizer__remainder = b""
@@ -356,15 +382,10 @@ class InPlacePacketizer(Packetizer):  # type: ignore[misc]
             self._check_keepalive()
 
     def _make_room(self, n: int) -> None:
-        """Room in the buffer for `n` bytes from ``_start`` on, moving unread bytes to the front."""
+        """Room in the buffer for `n` bytes (at most its size) from ``_start`` on, moving unread bytes to the front."""
         if self._start + n <= len(self._buffer):
             return
         unread = self._end - self._start
-        if n > len(self._buffer):
-            grown = bytearray(n)
-            grown[:unread] = self._view[self._start : self._end]
-            self._buffer, self._view = grown, memoryview(grown)
-        else:
-            # Through a copy: the two ranges may overlap, and slice assignment is a memcpy.
-            self._buffer[:unread] = bytes(self._view[self._start : self._end])
+        # Through a copy: the two ranges may overlap, and slice assignment is a memcpy.
+        self._buffer[:unread] = bytes(self._view[self._start : self._end])
         self._start, self._end = 0, unread

@@ -86,3 +86,11 @@ def test_the_event_is_set_while_data_waits_and_cleared_once_drained() -> None:
     assert not event.is_set()
     pipe.close()
     assert event.is_set()
+
+
+def test_a_mutable_buffer_is_copied_when_fed_so_later_changes_do_not_show() -> None:
+    pipe, data = ChunkedPipe(), bytearray(b"original")
+    pipe.feed(data)
+    pipe.feed(memoryview(data))  # writable view of the same buffer
+    data[:] = b"changed!"
+    assert pipe.read(100) == b"originaloriginal"

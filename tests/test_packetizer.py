@@ -138,12 +138,30 @@ def test_channel_data_is_handed_on_as_a_view_of_the_decrypted_packet() -> None:
     msg = _channel_data_message(7, b"x" * 1000)
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        _gcm(Packetizer(theirs), key, iv, inbound=False).send_message(msg)
-        kind, received = _gcm(InPlacePacketizer(ours), key, iv, inbound=True).read_message()
+        sender = _gcm(Packetizer(theirs), key, iv, inbound=False)
+        sender.send_message(msg)
+        sender.send_message(_channel_data_message(8, b"y" * 1000))
+        reader = _gcm(InPlacePacketizer(ours), key, iv, inbound=True)
+        reader.hand_views_to(7)
+        kind, received = reader.read_message()
+        other_kind, other = reader.read_message()
+    # Channel 8 did not ask for views: its data comes as paramiko's own Message would give it.
+    assert other_kind == MSG_CHANNEL_DATA and not isinstance(other, ChannelDataMessage)
+    assert other.get_int() == 8 and other.get_binary() == b"y" * 1000
     assert kind == MSG_CHANNEL_DATA and isinstance(received, ChannelDataMessage)
     assert received.get_int() == 7
     data = received.get_binary()
     assert isinstance(data, memoryview) and data == b"x" * 1000
+
+
+def test_a_huge_length_before_encryption_fails_at_once_instead_of_allocating_it() -> None:
+    # Before the first key exchange (and under other ciphers) paramiko's own reader asks
+    # for a whole packet in one read_all; a hostile server could claim 4 GiB.
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall((0xFFFFFFFC).to_bytes(4, "big") + bytes(12))
+        with pytest.raises(paramiko.SSHException, match="exceeds"):
+            InPlacePacketizer(ours).read_message()
 
 
 def test_a_packet_length_beyond_the_limit_fails_at_once_instead_of_waiting_for_it() -> None:
@@ -211,6 +229,38 @@ def test_packets_sealed_in_place_are_what_paramiko_reads(seed: int) -> None:
     assert _read_back(wire, len(expected), key, iv) == expected
 
 
+def _counters(packetizer: Packetizer) -> dict[str, object]:
+    names = (
+        "sequence_number_out",
+        "sequence_number_in",
+        "sent_bytes",
+        "sent_packets",
+        "received_bytes",
+        "received_packets",
+        "iv_out",
+        "iv_in",
+    )
+    return {name: getattr(packetizer, f"_Packetizer__{name}") for name in names}
+
+
+def test_sequence_numbers_nonces_and_byte_counts_advance_as_in_paramiko() -> None:
+    key, iv = os.urandom(16), os.urandom(12)
+    messages = _messages(random.Random(7))
+    ends: dict[type[Packetizer], tuple[dict[str, object], dict[str, object]]] = {}
+    for packetizer_class in (Packetizer, InPlacePacketizer):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            sender = _gcm(packetizer_class(ours), key, iv, inbound=False)
+            receiver = _gcm(packetizer_class(theirs), key, iv, inbound=True)
+            reader = threading.Thread(target=lambda r=receiver: [r.read_message() for _ in messages])
+            reader.start()
+            for msg in messages:
+                sender.send_message(msg)
+            reader.join()
+        ends[packetizer_class] = (_counters(sender), _counters(receiver))
+    assert ends[InPlacePacketizer] == ends[Packetizer]
+
+
 def test_channel_data_goes_through_paramiko_while_packets_are_not_encrypted() -> None:
     # Before the first key exchange nothing is encrypted: paramiko's own path sends the packets.
     data = ChannelData(5, [[memoryview(b"head"), memoryview(b"er and data")], [memoryview(b"more")]])
@@ -233,13 +283,15 @@ def remote_file(sshd: SshServer) -> Iterator[tuple[Path, bytes]]:
     path.unlink()
 
 
-def _transport(sshd: SshServer, cipher: str) -> paramiko.Transport:
-    """A transport to the test sshd with our packetizer, limited to one cipher."""
+def _transport(
+    sshd: SshServer, cipher: str, packetizer_class: type[Packetizer] = InPlacePacketizer
+) -> paramiko.Transport:
+    """A transport to the test sshd with our packetizer (unless told), limited to one cipher."""
     transport = paramiko.Transport(
         socket.create_connection(("127.0.0.1", sshd.port), timeout=10),
         default_window_size=connection.WINDOW_SIZE,
         default_max_packet_size=connection.MAX_PACKET_SIZE,
-        packetizer_class=InPlacePacketizer,
+        packetizer_class=packetizer_class,
     )
     transport.get_security_options().ciphers = (cipher,)
     host_key = paramiko.Ed25519Key.from_private_key_file(str(sshd.server_dir / "ssh_host_ed25519_key"))
@@ -337,3 +389,33 @@ def test_sending_on_a_channel_after_eof_or_close_fails(sshd: SshServer) -> None:
             send_channel_data(channel, [b"data"])
     finally:
         transport.close()
+
+
+def test_a_channel_of_paramiko_own_on_our_transport_gets_its_data_as_bytes(sshd: SshServer) -> None:
+    # Only channels that asked for views (start_sftp) get them; paramiko's BufferedPipe takes bytes only.
+    path = sshd.remote_dir / f"packetizer-plain-{os.getpid()}-{random.randrange(10**9)}.bin"
+    data = os.urandom(300_000)
+    path.write_bytes(data)
+    transport = _transport(sshd, "aes128-gcm@openssh.com")
+    try:
+        theirs = paramiko.SFTPClient.from_transport(transport)
+        assert theirs is not None
+        with theirs.open(str(path), "rb") as remote:
+            assert remote.read() == data
+        assert _download(transport, path) == data
+        theirs.close()
+    finally:
+        transport.close()
+        path.unlink()
+
+
+def test_writes_work_on_a_transport_with_paramiko_own_packetizer(sshd: SshServer) -> None:
+    path = sshd.remote_dir / f"packetizer-theirs-{os.getpid()}-{random.randrange(10**9)}.bin"
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    transport = _transport(sshd, "aes128-gcm@openssh.com", packetizer_class=Packetizer)
+    try:
+        _upload(transport, path, data)
+        assert path.read_bytes() == data
+    finally:
+        transport.close()
+        path.unlink(missing_ok=True)
