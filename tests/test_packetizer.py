@@ -349,32 +349,34 @@ def _upload(transport: paramiko.Transport, path: Path, data: bytes) -> None:
     sftp.close()
 
 
-@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes128-ctr"])
-def test_an_upload_is_byte_exact_with_each_cipher(sshd: SshServer, cipher: str) -> None:
+@pytest.fixture
+def remote_path(sshd: SshServer) -> Iterator[Path]:
     path = sshd.remote_dir / f"packetizer-up-{os.getpid()}-{random.randrange(10**9)}.bin"
-    data = os.urandom(8 * 1024 * 1024 + 777)
-    transport = _transport(sshd, cipher)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def _uploads_byte_exact(transport: paramiko.Transport, path: Path, size: int) -> bool:
+    """Upload `size` random bytes through `transport` (closed afterwards); whether the file holds them."""
+    data = os.urandom(size)
     try:
         _upload(transport, path, data)
-        assert path.read_bytes() == data
     finally:
         transport.close()
-        path.unlink(missing_ok=True)
+    return path.read_bytes() == data
 
 
-def test_a_rekey_in_mid_upload_keeps_the_file_byte_exact(sshd: SshServer) -> None:
-    path = sshd.remote_dir / f"packetizer-rekey-{os.getpid()}-{random.randrange(10**9)}.bin"
-    data = os.urandom(8 * 1024 * 1024 + 777)
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes128-ctr"])
+def test_an_upload_is_byte_exact_with_each_cipher(sshd: SshServer, remote_path: Path, cipher: str) -> None:
+    assert _uploads_byte_exact(_transport(sshd, cipher), remote_path, 8 * 1024 * 1024 + 777)
+
+
+def test_a_rekey_in_mid_upload_keeps_the_file_byte_exact(sshd: SshServer, remote_path: Path) -> None:
     transport = _transport(sshd, "aes128-gcm@openssh.com")
-    try:
-        first_exchange = transport.H
-        transport.packetizer.REKEY_BYTES = 1024 * 1024  # new keys after every MiB sent
-        _upload(transport, path, data)
-        assert path.read_bytes() == data
-        assert transport.H != first_exchange
-    finally:
-        transport.close()
-        path.unlink(missing_ok=True)
+    first_exchange = transport.H
+    transport.packetizer.REKEY_BYTES = 1024 * 1024  # new keys after every MiB sent
+    assert _uploads_byte_exact(transport, remote_path, 8 * 1024 * 1024 + 777)
+    assert transport.H != first_exchange
 
 
 def test_sending_on_a_channel_after_eof_or_close_fails(sshd: SshServer) -> None:
@@ -409,13 +411,6 @@ def test_a_channel_of_paramiko_own_on_our_transport_gets_its_data_as_bytes(sshd:
         path.unlink()
 
 
-def test_writes_work_on_a_transport_with_paramiko_own_packetizer(sshd: SshServer) -> None:
-    path = sshd.remote_dir / f"packetizer-theirs-{os.getpid()}-{random.randrange(10**9)}.bin"
-    data = os.urandom(3 * 1024 * 1024 + 5)
+def test_writes_work_on_a_transport_with_paramiko_own_packetizer(sshd: SshServer, remote_path: Path) -> None:
     transport = _transport(sshd, "aes128-gcm@openssh.com", packetizer_class=Packetizer)
-    try:
-        _upload(transport, path, data)
-        assert path.read_bytes() == data
-    finally:
-        transport.close()
-        path.unlink(missing_ok=True)
+    assert _uploads_byte_exact(transport, remote_path, 3 * 1024 * 1024 + 5)
