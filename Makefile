@@ -15,7 +15,7 @@ test: deps lint
 lint: deps
 	$(VENV)/bin/ruff check sftp_plugin tests bench scripts
 
-deps: system-deps $(VENV)/.installed $(VENV)/.package
+deps: system-deps $(VENV)/.package
 
 # OpenSSH server and client: the tests, demo and bench start a real sshd on 127.0.0.1.
 system-deps:
@@ -24,7 +24,7 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client; \
 	fi
 
-$(VENV)/.installed: setup.cfg setup.py pyproject.toml
+$(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	touch $@
@@ -34,7 +34,7 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 # call), again whenever its sources change, so tests and the bench run the
 # installed console script. pip always rebuilds and reinstalls a local
 # directory, so one install per change is enough.
-$(VENV)/.package: $(VENV)/.installed $(wildcard sftp_plugin/*.py)
+$(VENV)/.package: $(VENV)/.installed setup.cfg setup.py pyproject.toml $(wildcard sftp_plugin/*.py)
 	$(VENV)/bin/pip install -q '.[test]'
 	touch $@
 

@@ -82,10 +82,8 @@ class _Side(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # asyncio's socket transports set TCP_NODELAY: chunks leave when released, not when Nagle says.
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:  # asyncio sets this already; chunks must leave when released, not when Nagle says
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.outbound.update_flow()
         self.inbound.update_flow()
         self.inbound.schedule()  # the other side may have sent chunks before this one was connected
@@ -268,15 +266,8 @@ class DelayProxy:
 
     def forward(self, upstream: tuple[str, int]) -> int:
         """Listen on a free port on 127.0.0.1 and forward its connections to upstream; return the port."""
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((LOCALHOST, 0))
-            listener.listen(LISTEN_BACKLOG)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
+        listener = socket.create_server((LOCALHOST, 0), backlog=LISTEN_BACKLOG)
+        listener.setblocking(False)
         self._listeners.append(listener)
         self._call(self._accept_on(listener, upstream))
         return cast(int, listener.getsockname()[1])

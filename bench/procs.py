@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tests.helpers import isolated_env
+from tests.helpers import isolated_env, socket_dir_env
 
 # Bytes moved per read when draining a child's stdout: large enough that
 # the drain thread costs a few syscalls per MiB, small enough to stay in cache.
@@ -174,7 +174,7 @@ class Runner:
         # The plugin's fork server socket goes in the workdir, and stop_fork_servers() ends it.
         tmp = workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        self.env = isolated_env(home, {"TMPDIR": str(tmp), "XDG_RUNTIME_DIR": ""})
+        self.env = isolated_env(home, socket_dir_env(tmp))
         self._serial = 0
         self._live: set[Child] = set()  # started and not yet finished: killed by kill_all()
 

@@ -177,14 +177,15 @@ class Bench:
         self.stored: dict[str, Path] = {}  # per target: the verified stream restore_data reads back
         self.skipped: list[str] = []
         self.latency: dict[str, object] = {}  # how the high-latency rows were made, for the JSON
-        self.loopback = self.make_target("loopback", server.write_config(
-            workdir / "plugin.yaml", executable=str(args.plugin)), "127.0.0.1", server.port, server.known_hosts)
+        self.loopback = self.make_target("loopback", "127.0.0.1", server.port, server.known_hosts)
         # Peak RSS is measured in-process: with the fork server the process we wait for is only the client.
-        self.in_process = self.make_target("in-process", server.write_config(
-            workdir / "plugin-in-process.yaml", executable=str(args.plugin), fork_server="no"),
-            "127.0.0.1", server.port, server.known_hosts)
+        self.in_process = self.make_target("in-process", "127.0.0.1", server.port, server.known_hosts,
+                                           fork_server="no")
 
-    def make_target(self, label: str, config: Path, host: str, port: int, known_hosts: Path) -> Target:
+    def make_target(self, label: str, host: str, port: int, known_hosts: Path, **options: object) -> Target:
+        """Where to measure: the plugin's config for host:port (plugin-<label>.yaml) and OpenSSH's directory."""
+        config = self.server.write_config(self.workdir / f"plugin-{label}.yaml", executable=str(self.args.plugin),
+                                          hostname=host, port=port, known_hosts_file=str(known_hosts), **options)
         target = Target(label, host, port, str(self.server.options()["username"]), self.server.user_key,
                         known_hosts, config, self.server.remote_dir)
         self.openssh_dir(target).mkdir(parents=True, exist_ok=True)
@@ -404,11 +405,15 @@ class Bench:
         if args.latency_method == "proxy":
             return self.proxied_latency("not tried (--latency-method proxy)")
         half = args.latency_rtt_ms / 2
+        if half:
+            method, how = "netem", f"netem on a veth pair into a network namespace, {half:g} ms each way"
+        else:
+            method, how = "veth pair, no delay", "a veth pair into a network namespace, without netem"
         try:
             with DelayedLink(self.server, self.workdir, args.latency_rtt_ms) as link:
                 progress(f"delayed link up: sshd at {link.host}:{link.port} in namespace {link.namespace}, "
                          f"{args.latency_rtt_ms:g} ms RTT")
-                self.latency = {"method": "netem" if half else "veth pair, no delay", "one_way_delay_ms": half}
+                self.latency = {"method": method, "one_way_delay_ms": half}
                 try:
                     rows = self.measure_delayed("latency", link.host, link.port, link.known_hosts)
                 finally:
@@ -419,9 +424,7 @@ class Bench:
                 return self.skip_latency(str(err))
             progress(f"no netem link ({err}); using the userspace delay proxy instead")
             return self.proxied_latency(str(err))
-        if not half:
-            return annotate(rows, "veth pair, no delay", "a veth pair into a network namespace, without netem")
-        return annotate(rows, "netem", f"netem on a veth pair into a network namespace, {half:g} ms each way")
+        return annotate(rows, method, how)
 
     def proxied_latency(self, netem_reason: str) -> list[Row]:
         """Both clients reach the loopback sshd through one DelayProxy that adds half the RTT each way."""
@@ -466,16 +469,15 @@ class Bench:
                                       f"{os.cpu_count()}-core machine that CPU is shared by both sides' transfers")
 
     def skip_latency(self, reason: str) -> list[Row]:
-        progress(f"high-latency part skipped: {reason}")
-        self.skipped.append(f"high-latency part skipped: {reason}")
+        message = f"high-latency part skipped: {reason}"
+        progress(message)
+        self.skipped.append(message)
         return [Row(metric, status="SKIP", note=reason) for metric in LATENCY_METRICS]
 
     def measure_delayed(self, label: str, host: str, port: int, known_hosts: Path) -> list[Row]:
         """Stream up and down through host:port, behind which a delayed link leads to the sshd."""
         args = self.args
-        config = self.server.write_config(self.workdir / f"plugin-{label}.yaml", executable=str(args.plugin),
-                                          hostname=host, port=port, known_hosts_file=str(known_hosts))
-        target = self.make_target(label, config, host, port, known_hosts)
+        target = self.make_target(label, host, port, known_hosts)
         size = args.latency_size_mib * MIB
         source = self.data / "latency.bin"
         sha = write_random_file(source, size)
@@ -500,13 +502,14 @@ class Bench:
 
     def rss_row(self, stream: Path, sha: str) -> Row:
         """Peak RSS of one backup_data of the whole stream, run in-process (fork_server: no)."""
-        plugin = self.store_stream(self.in_process, stream, self.size, sha, "rss").maxrss_kib / KIB
+        plugin_kib = self.store_stream(self.in_process, stream, self.size, sha, "rss").maxrss_kib
+        plugin = plugin_kib / KIB
         openssh = max(self.openssh_rss_kib) / KIB if self.openssh_rss_kib else None
         progress(f"peak RSS: plugin {plugin:.1f} MiB in-process")
         return Row("peak RSS", "MiB", plugin, openssh, None, f"plugin <= {RSS_MIB_TARGET:g} MiB",
                    "PASS" if plugin <= RSS_MIB_TARGET else "FAIL",
                    note="plugin in-process (fork_server: no); OpenSSH: the sftp process and its ssh child",
-                   samples={"plugin_maxrss_kib": [plugin * KIB], "openssh_maxrss_kib": self.openssh_rss_kib})
+                   samples={"plugin_maxrss_kib": [plugin_kib], "openssh_maxrss_kib": self.openssh_rss_kib})
 
 
 def annotate(rows: list[Row], method: str, how: str) -> list[Row]:

@@ -68,9 +68,7 @@ _caller_pipe: int | None = None
 # ctypes with allocator.keep_freed_memory).
 PRELOAD = (
     "sftp_plugin.cli",
-    "sftp_plugin.commands",
-    "sftp_plugin.config",
-    "sftp_plugin.log",
+    "sftp_plugin.commands",  # with config, connection, transfer, paramiko
     "yaml",
     "encodings.idna",
     "ctypes",
@@ -139,12 +137,13 @@ def delegate(argv: list[str]) -> int | None:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.settimeout(START_TIMEOUT)
         conn.connect(path)
-        for fd in (0, 1, 2):
-            os.fstat(fd)  # a closed std fd cannot be passed on: raises, and we run it here
         payload = _encode_request(argv)
         alive_read, _alive_write = os.pipe()  # the write end lives exactly as long as we do
-        socket.send_fds(conn, [_INT.pack(len(payload))], [0, 1, 2, alive_read])
-        os.close(alive_read)
+        try:
+            # A closed std fd cannot be passed on: EBADF, and the call runs here.
+            socket.send_fds(conn, [_INT.pack(len(payload))], [0, 1, 2, alive_read])
+        finally:
+            os.close(alive_read)
         conn.sendall(payload)
         reply = _recv_exact(conn, 1 + _INT.size)
     except OSError:
@@ -487,6 +486,3 @@ def main() -> None:
     """Entry point of the detached server process: argv is [socket path, log dir]."""
     serve(sys.argv[1], sys.argv[2])
 
-
-if __name__ == "__main__":
-    main()

@@ -55,8 +55,8 @@ GCM_BLOCK = 16
 # OpenSSH's maximum (32 KiB) with room to spare; larger packets grow it.
 SEND_BUFFER = 64 * 1024
 # What a packet adds to its payload on the wire: length, padding length, at
-# most 19 bytes of padding, and the GCM tag.
-PACKET_OVERHEAD = LENGTH_FIELD + 1 + 19 + GCM_TAG
+# most a block and 3 bytes of padding (see _seal), and the GCM tag.
+PACKET_OVERHEAD = LENGTH_FIELD + 1 + GCM_BLOCK + 3 + GCM_TAG
 # Channel packets encrypted together and handed to the socket in one call
 # (send_channel_data), window permitting: a long upload's SFTP write is eight
 # packets of OpenSSH's 32 KiB. One system call instead of eight, and sshd
@@ -130,7 +130,7 @@ def send_channel_data(channel: Channel, buffers: list[bytes | memoryview]) -> No
     views = [memoryview(b) for b in buffers if len(b)]
     remaining = sum(map(len, views))
     while remaining:
-        sizes: list[int] = []
+        chunks: list[list[memoryview]] = []
         with channel.lock:
             if channel.closed:
                 raise OSError("Socket is closed")  # what Channel.send raises
@@ -138,16 +138,16 @@ def send_channel_data(channel: Channel, buffers: list[bytes | memoryview]) -> No
             # for the server reopens it only once it has the packets we hold.
             size = channel._wait_for_send_window(remaining)
             while size:
-                sizes.append(size)
-                if sum(sizes) == remaining or len(sizes) == PACKETS_PER_SEND or channel.out_window_size == 0:
+                chunks.append(_take(views, size))
+                remaining -= size
+                if not remaining or len(chunks) == PACKETS_PER_SEND or channel.out_window_size == 0:
                     break
-                size = channel._wait_for_send_window(remaining - sum(sizes))
-        if not sizes:
+                size = channel._wait_for_send_window(remaining)
+        if not chunks:
             raise EOFError()
         # With the channel lock released, as Channel._send does: waiting for a key
         # exchange to finish while holding it can deadlock.
-        channel.transport._send_user_message(ChannelData(channel.remote_chanid, [_take(views, n) for n in sizes]))
-        remaining -= sum(sizes)
+        channel.transport._send_user_message(ChannelData(channel.remote_chanid, chunks))
 
 
 def _send_plainly(channel: Channel, data: memoryview) -> None:
@@ -209,9 +209,11 @@ class InPlacePacketizer(Packetizer):  # type: ignore[misc]
             # Room for every packet with its framing: at most a block of padding more than its payload.
             wire = self._wire_buffer(sum(sum(map(len, p)) + PACKET_OVERHEAD for p in packets))
             sizes = []
+            end = 0
             for payload in packets:
-                sizes.append(self._seal(payload, wire, sum(sizes)))
-            self.write_all(wire[: sum(sizes)])
+                sizes.append(self._seal(payload, wire, end))
+                end += sizes[-1]
+            self.write_all(wire[:end])
             for size in sizes:
                 self._count_sent(size)
 

@@ -46,9 +46,9 @@ REQUEST_SIZE = 32 * 1024
 # few dozen bytes, doubling paramiko's per-packet work; writes sized to fill
 # exactly one packet took 9% less CPU on a 256 MiB upload (bench/RESULTS.md).
 CHANNEL_PACKET_RESERVE = 64
-WRITE_HEADER = 4 + 1 + 4 + 4 + 8 + 4
 _WRITE_HEADER = struct.Struct(">IBII")  # SFTP length, type, request id, handle length (the handle follows)
 _WRITE_TAIL = struct.Struct(">QI")  # offset, data length
+WRITE_HEADER = _WRITE_HEADER.size + _WRITE_TAIL.size  # 25 bytes besides the handle
 # SSH packets per WRITE request once a stream is known to be long (a full
 # LOCAL_CHUNK read) and the server's limits@openssh.com allows it (OpenSSH:
 # 255 KiB, so about eight packets). Fewer requests, fewer status replies to

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import helpers
-from tests.helpers import PLUGIN_EXE, LocalBackup, Plugin, SiteConfig, make_local_backup
+from tests.helpers import LocalBackup, Plugin, SiteConfig, make_local_backup
 from tests.sshd_server import SshServer
 
 
@@ -24,8 +23,7 @@ def no_fork_server_outlives_the_session() -> Iterator[None]:
     tmpdir = tempfile.mkdtemp(prefix="gpsftp-tests.")  # short: a Unix socket path holds 107 bytes
     helpers.SESSION_TMPDIR = tmpdir
     yield
-    subprocess.run([PLUGIN_EXE, "stop-fork-server"], env=helpers.isolated_env(Path(tmpdir)), capture_output=True,
-                   check=False)
+    Plugin(Path(tmpdir)).run("stop-fork-server")
     helpers.SESSION_TMPDIR = None
     shutil.rmtree(tmpdir, ignore_errors=True)
 

@@ -26,13 +26,18 @@ RUN_TIMEOUT = 300
 SESSION_TMPDIR: str | None = None
 
 
+def socket_dir_env(tmpdir: str | Path) -> dict[str, str]:
+    """Variables that put the fork server's socket under `tmpdir` (XDG_RUNTIME_DIR would come first)."""
+    return {"TMPDIR": str(tmpdir), "XDG_RUNTIME_DIR": ""}
+
+
 def isolated_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for one plugin process: its own HOME, no ssh-agent, the session's TMPDIR."""
     env = dict(os.environ)
     env.pop("SSH_AUTH_SOCK", None)
     env["HOME"] = str(home)
     if SESSION_TMPDIR is not None:
-        env.update(TMPDIR=SESSION_TMPDIR, XDG_RUNTIME_DIR="")
+        env.update(socket_dir_env(SESSION_TMPDIR))
     env.update(extra or {})
     return env
 
@@ -65,10 +70,10 @@ class Plugin:
         self.home = home
         self.exe = exe
 
-    def run(self, *args: str | Path, stdin: bytes = b"",
+    def run(self, *args: str | Path, stdin: bytes = b"", cwd: Path | None = None,
             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([self.exe, *map(str, args)], input=stdin, capture_output=True,
-                              env=isolated_env(self.home, env_extra), timeout=RUN_TIMEOUT, check=False)
+                              env=isolated_env(self.home, env_extra), cwd=cwd, timeout=RUN_TIMEOUT, check=False)
 
     def ok(self, *args: str | Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
         return assert_ok(self.run(*args, stdin=stdin))

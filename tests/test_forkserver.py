@@ -31,6 +31,7 @@ from tests.helpers import (
     assert_ok,
     isolated_env,
     sha256,
+    socket_dir_env,
 )
 
 SERVED = "(fork server worker"
@@ -48,7 +49,7 @@ class Served:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"TMPDIR": str(self.tmpdir), "XDG_RUNTIME_DIR": ""}
+        return socket_dir_env(self.tmpdir)
 
     @property
     def socket_dir(self) -> Path:
@@ -56,9 +57,16 @@ class Served:
 
     def run(self, *args: str | Path, stdin: bytes = b"", cwd: Path | None = None,
             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        env = isolated_env(self.plugin.home, {**self.env, **(env_extra or {})})
-        return subprocess.run([self.plugin.exe, *map(str, args)], input=stdin, capture_output=True, env=env,
-                              cwd=cwd, timeout=RUN_TIMEOUT, check=False)
+        return self.plugin.run(*args, stdin=stdin, cwd=cwd, env_extra={**self.env, **(env_extra or {})})
+
+    def setup(self, backup: LocalBackup, config: Path | None = None) -> None:
+        """A successful in-process call (setup_plugin_for_backup), the kind that starts a server."""
+        assert_ok(self.run("setup_plugin_for_backup", config or self.config.path, backup.path, "coordinator", "-1"))
+
+    def start_server(self, backup: LocalBackup) -> Path:
+        """Start the fork server with a setup call; its socket."""
+        self.setup(backup)
+        return self.wait_for_server()
 
     def popen(self, *args: str | Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([self.plugin.exe, *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -68,12 +76,9 @@ class Served:
         return sorted(self.socket_dir.glob("*.sock")) if self.socket_dir.is_dir() else []
 
     def wait_for_server(self) -> Path:
-        deadline = time.monotonic() + START_WAIT
-        while time.monotonic() < deadline:
-            if self.sockets() and self.server_pids():
-                return self.sockets()[0]
-            time.sleep(0.05)
-        raise AssertionError(f"no fork server came up; log:\n{self.config.log_text()[-2000:]}")
+        came_up = wait_until(lambda: self.sockets() and self.server_pids())
+        assert came_up, f"no fork server came up; log:\n{self.config.log_text()[-2000:]}"
+        return self.sockets()[0]
 
     def server_pids(self) -> list[int]:
         return [int(pid) for pid in re.findall(r"fork server (\d+) serving", self.config.log_text())]
@@ -120,8 +125,7 @@ def wait_until(predicate: object, timeout: float = START_WAIT) -> bool:
 
 def test_a_successful_call_starts_a_server_that_serves_the_next_calls_byte_exact(served: Served,
                                                                                 backup: LocalBackup) -> None:
-    assert_ok(served.run("setup_plugin_for_backup", served.config.path, backup.path, "coordinator", "-1"))
-    socket_path = served.wait_for_server()
+    socket_path = served.start_server(backup)
     assert stat.S_ISSOCK(socket_path.stat().st_mode)
     assert stat.S_IMODE(served.socket_dir.stat().st_mode) == 0o700
 
@@ -140,8 +144,7 @@ def test_a_failure_through_the_server_is_the_same_one_line_and_exit_code(served:
     missing = backup.file("never_stored")
     direct = served.run("restore_data", served.config.path, missing)
     first = assert_failed(direct)
-    assert_ok(served.run("setup_plugin_for_backup", served.config.path, backup.path, "coordinator", "-1"))
-    served.wait_for_server()
+    served.start_server(backup)
 
     via_server = served.run("restore_data", served.config.path, missing)
     assert assert_failed(via_server) == first
@@ -152,8 +155,7 @@ def test_a_failure_through_the_server_is_the_same_one_line_and_exit_code(served:
 
 def test_a_served_call_uses_the_callers_environment_and_working_directory(served: Served, backup: LocalBackup,
                                                                           tmp_path: Path) -> None:
-    assert_ok(served.run("setup_plugin_for_backup", served.config.path, backup.path, "coordinator", "-1"))
-    served.wait_for_server()
+    served.start_server(backup)
     # A config named relative to the caller's cwd, logging under the caller's HOME.
     other_home = tmp_path / "other_home"
     other_home.mkdir()
@@ -173,8 +175,7 @@ def test_a_served_call_uses_the_callers_environment_and_working_directory(served
 
 def _start_served_upload(served: Served, backup: LocalBackup, name: str) -> tuple[subprocess.Popen[bytes], int]:
     """A backup_data served by a worker, fed and left mid-stream; returns it and its worker's pid."""
-    assert_ok(served.run("setup_plugin_for_backup", served.config.path, backup.path, "coordinator", "-1"))
-    served.wait_for_server()
+    served.start_server(backup)
     process = served.popen("backup_data", served.config.path, backup.file(name))
     assert process.stdin is not None
     process.stdin.write(os.urandom(1024 * 1024))
@@ -221,7 +222,7 @@ def test_a_signal_to_the_caller_reaches_its_worker_and_the_caller_ends_the_same_
 def test_fork_server_no_runs_every_call_in_process(served: Served, backup: LocalBackup) -> None:
     path = served.config.write("no_server.yaml", fork_server="no")
     for _ in range(2):
-        assert_ok(served.run("setup_plugin_for_backup", path, backup.path, "coordinator", "-1"))
+        served.setup(backup, path)
     time.sleep(1)  # a server, had one been started, would have logged by now
     assert served.server_pids() == [] and served.sockets() == []
     assert served.served_lines() == []
@@ -231,14 +232,13 @@ def test_a_socket_directory_open_to_others_is_never_used(served: Served, backup:
     served.socket_dir.mkdir()
     served.socket_dir.chmod(0o777)
     for _ in range(2):
-        assert_ok(served.run("setup_plugin_for_backup", served.config.path, backup.path, "coordinator", "-1"))
+        served.setup(backup)
     time.sleep(1)
     assert served.sockets() == [] and served.served_lines() == []
 
 
 def test_a_stale_socket_is_replaced_and_calls_never_fail_for_it(served: Served, backup: LocalBackup) -> None:
-    assert_ok(served.run("setup_plugin_for_backup", served.config.path, backup.path, "coordinator", "-1"))
-    socket_path = served.wait_for_server()
+    socket_path = served.start_server(backup)
     (pid,) = served.server_pids()
     os.kill(pid, signal.SIGKILL)  # dies without removing its socket
     assert wait_until(lambda: not alive(pid))
@@ -307,8 +307,7 @@ def test_a_worker_sees_its_caller_gone_once_the_pipe_writer_closes() -> None:
 
 
 def test_stop_fork_server_stops_it_and_the_next_call_runs_in_process(served: Served, backup: LocalBackup) -> None:
-    assert_ok(served.run("setup_plugin_for_backup", served.config.path, backup.path, "coordinator", "-1"))
-    socket_path = served.wait_for_server()
+    socket_path = served.start_server(backup)
     (pid,) = served.server_pids()
 
     stopped = assert_ok(served.run("stop-fork-server"))
@@ -317,7 +316,7 @@ def test_stop_fork_server_stops_it_and_the_next_call_runs_in_process(served: Ser
     assert not socket_path.exists()
     assert f"fork server {pid} exiting on signal {int(signal.SIGTERM)}" in served.config.log_text()
 
-    assert_ok(served.run("setup_plugin_for_backup", served.config.path, backup.path, "coordinator", "-1"))
+    served.setup(backup)
     assert served.served_lines() == []
     assert wait_until(lambda: len(served.server_pids()) == 2)  # and it started the next one
 

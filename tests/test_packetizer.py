@@ -275,12 +275,18 @@ def test_channel_data_goes_through_paramiko_while_packets_are_not_encrypted() ->
 
 
 @pytest.fixture
-def remote_file(sshd: SshServer) -> Iterator[tuple[Path, bytes]]:
+def remote_path(sshd: SshServer) -> Iterator[Path]:
+    """A unique file name under the test sshd's remote_dir, removed afterwards."""
     path = sshd.remote_dir / f"packetizer-{os.getpid()}-{random.randrange(10**9)}.bin"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def remote_file(remote_path: Path) -> tuple[Path, bytes]:
     data = os.urandom(8 * 1024 * 1024 + 12345)
-    path.write_bytes(data)
-    yield path, data
-    path.unlink()
+    remote_path.write_bytes(data)
+    return remote_path, data
 
 
 def _transport(
@@ -349,13 +355,6 @@ def _upload(transport: paramiko.Transport, path: Path, data: bytes) -> None:
     sftp.close()
 
 
-@pytest.fixture
-def remote_path(sshd: SshServer) -> Iterator[Path]:
-    path = sshd.remote_dir / f"packetizer-up-{os.getpid()}-{random.randrange(10**9)}.bin"
-    yield path
-    path.unlink(missing_ok=True)
-
-
 def _uploads_byte_exact(transport: paramiko.Transport, path: Path, size: int) -> bool:
     """Upload `size` random bytes through `transport` (closed afterwards); whether the file holds them."""
     data = os.urandom(size)
@@ -393,10 +392,9 @@ def test_sending_on_a_channel_after_eof_or_close_fails(sshd: SshServer) -> None:
         transport.close()
 
 
-def test_a_channel_of_paramiko_own_on_our_transport_gets_its_data_as_bytes(sshd: SshServer) -> None:
+def test_a_channel_of_paramiko_own_on_our_transport_gets_its_data_as_bytes(sshd: SshServer, remote_path: Path) -> None:
     # Only channels that asked for views (start_sftp) get them; paramiko's BufferedPipe takes bytes only.
-    path = sshd.remote_dir / f"packetizer-plain-{os.getpid()}-{random.randrange(10**9)}.bin"
-    data = os.urandom(300_000)
+    path, data = remote_path, os.urandom(300_000)
     path.write_bytes(data)
     transport = _transport(sshd, "aes128-gcm@openssh.com")
     try:
@@ -408,7 +406,6 @@ def test_a_channel_of_paramiko_own_on_our_transport_gets_its_data_as_bytes(sshd:
         theirs.close()
     finally:
         transport.close()
-        path.unlink()
 
 
 def test_writes_work_on_a_transport_with_paramiko_own_packetizer(sshd: SshServer, remote_path: Path) -> None:

@@ -49,7 +49,8 @@ FAST_RETRY_OPTIONS: dict[str, object] = {
 }
 C2S = Direction.CLIENT_TO_SERVER
 S2C = Direction.SERVER_TO_CLIENT
-# Reset points. Measured through a counting proxy: a clean 8 MiB upload sends
+# Reset points. Measured by counting forwarded bytes (FaultProxy.forwarded gives
+# the same counts): a clean 8 MiB upload sends
 # ~8.40 MB client->server and 10.8-13.2 KB server->client over six runs
 # (handshake ~3.5 KB, then window adjustments, as many as sshd's timing makes,
 # and one SFTP status per write of up to 255 KiB);
