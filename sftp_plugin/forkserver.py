@@ -255,6 +255,10 @@ def start_server(log_dir: str) -> None:
     path = socket_path()
     if path is None:
         return
+    lock = _take_lock(path)
+    if lock is None:
+        return  # a server holds it (serving or starting): no interpreter started for nothing
+    os.close(lock)  # the server takes it for good
     import subprocess
 
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,19 +281,32 @@ def start_server(log_dir: str) -> None:
     )
 
 
+def _take_lock(path: str) -> int | None:
+    """The server's lock file for `path`, locked, as an open fd; None when another holds it."""
+    import fcntl
+
+    try:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        return None
+    return lock
+
+
 def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
     """The server: preload, then accept calls until `idle_seconds` pass without one."""
-    import fcntl
     import importlib
     import logging
     import select
 
     from sftp_plugin.log import setup_logging
 
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    lock = _take_lock(path)
+    if lock is None:
         return  # another server for this code already runs (or is starting)
     os.ftruncate(lock, 0)
     os.write(lock, f"{os.getpid()}\n".encode())  # who holds it, for whoever wants to stop us
@@ -329,6 +346,7 @@ def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
                 continue
             if os.fork() == 0:
                 listener.close()
+                os.close(lock)  # a flock holds while any copy is open: a long call must not keep it
                 _monitor(conn, digest)  # never returns
             conn.close()
             served += 1

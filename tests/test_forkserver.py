@@ -323,3 +323,23 @@ def test_stop_fork_server_stops_it_and_the_next_call_runs_in_process(served: Ser
 
 def test_stop_fork_server_says_so_when_none_runs(served: Served) -> None:
     assert assert_ok(served.run("stop-fork-server")).stdout == b"no fork server was running\n"
+
+
+def test_a_call_still_running_does_not_keep_a_stopped_servers_place(served: Served, backup: LocalBackup) -> None:
+    # The server's lock must not live on in its workers: a long backup_data would
+    # keep any new server from starting, and stop-fork-server would name a dead pid.
+    name = "gpbackup_0_long"
+    process, worker = _start_served_upload(served, backup, name)
+    (first,) = served.server_pids()
+    assert_ok(served.run("stop-fork-server"))
+    assert wait_until(lambda: not alive(first))
+    assert alive(worker)
+
+    served.setup(backup)
+    assert wait_until(lambda: len(served.server_pids()) == 2), "no new server while a call of the old one runs"
+    second = served.server_pids()[1]
+    assert assert_ok(served.run("stop-fork-server")).stdout.decode() == f"stopped fork server pid {second}\n"
+
+    assert process.stdin is not None
+    process.stdin.close()
+    assert_ok(subprocess.CompletedProcess(process.args, process.wait(RUN_TIMEOUT), b"", process.stderr.read()))
