@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
             code = forkserver.delegate(argv)
         except WorkerLost as err:
             return fail(command, str(err), err.exit_code)
+        except KeyboardInterrupt:  # SIGINT here, not in a worker: reported as run() does
+            return fail(command, "interrupted", 130)
         if code is not None:
             return code
     return run(command, config_path, args, served_by)
@@ -120,10 +122,12 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
     remote = None
     try:
         from sftp_plugin import commands
+        from sftp_plugin.interrupts import interrupt_aborts
 
         remote = commands.Remote(cfg)
-        result = getattr(commands, command)(remote, args)
-        remote.close()
+        with interrupt_aborts(remote.abort):
+            result = getattr(commands, command)(remote, args)
+            remote.close()
     except PluginError as err:
         log.error("failed after %.3fs: %s", time.monotonic() - started, err)
         return fail(command, mask(str(err), cfg.secrets()), err.exit_code)

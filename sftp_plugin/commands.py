@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from sftp_plugin import allocator, forkserver, integrity, paths, retention, transfer
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.connection import Session, connect
-from sftp_plugin.errors import CallerGone, IntegrityError, RemoteError, RemoteNotFound, UsageError
+from sftp_plugin.errors import IntegrityError, RemoteError, RemoteNotFound, UsageError
 from sftp_plugin.offsets import parse_offsets
 from sftp_plugin.retry import call_with_retries, is_connection_lost
 
@@ -85,6 +85,12 @@ class Remote:
         if self._session is not None:
             self._session.close()
             self._session = None
+
+    def abort(self) -> None:
+        """Shut the open session down at once (see Session.abort); for cli.py's interrupt handler."""
+        session = self._session
+        if session is not None:
+            session.abort()
 
     def close_quietly(self) -> None:
         """Close at the end of a call, whatever happened: a broken session must not hide the outcome."""
@@ -351,9 +357,7 @@ def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> 
                     raise
                 create_directories()
                 size = stream()
-            if forkserver.caller_gone():
-                # End of input because our caller was killed is not the end of the stream.
-                raise CallerGone("the process that called the plugin is gone", "the input may be cut short: not stored")
+            forkserver.heed_caller()  # in a worker: a signal or death of our caller stops the commit here
             if digest is not None:
                 sidecar = integrity.format_sidecar(digest.hexdigest(), target_file.name)
                 remote.retrying(

@@ -247,6 +247,18 @@ class Session:
         finally:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Shut the connection down at once; safe in a signal handler: no lock, no waiting.
+
+        paramiko's thread then reads EOF and closes the channel, so whatever waits on
+        this session (a reply, send window, a lock released by a closing channel)
+        ends at once with a connection error.
+        """
+        try:
+            self.transport.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+
 
 def start_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
     """SFTPClient.from_transport, with our window, packet size and receive buffer (channel_buffer.py)."""

@@ -59,7 +59,7 @@ MAGIC = b"GSFP1"
 STARTED, ENDED, REFUSED = b"P", b"S", b"R"
 _INT = struct.Struct("!i")
 
-# In a worker: the read end of its client's liveness pipe (see caller_gone).
+# In a worker: the read end of its client's liveness pipe (see heed_caller).
 _caller_pipe: int | None = None
 
 # Modules the server imports once so that no worker has to: the command code
@@ -69,6 +69,7 @@ _caller_pipe: int | None = None
 PRELOAD = (
     "sftp_plugin.cli",
     "sftp_plugin.commands",  # with config, connection, transfer, paramiko
+    "sftp_plugin.interrupts",
     "yaml",
     "encodings.idna",
     "ctypes",
@@ -138,7 +139,9 @@ def delegate(argv: list[str]) -> int | None:
         conn.settimeout(START_TIMEOUT)
         conn.connect(path)
         payload = _encode_request(argv)
-        alive_read, _alive_write = os.pipe()  # the write end lives exactly as long as we do
+        # The worker's news of us (see heed_caller): the first signal we receive is
+        # written here, and the write end closes only when we end.
+        alive_read, alive_write = os.pipe()
         try:
             # A closed std fd cannot be passed on: EBADF, and the call runs here.
             socket.send_fds(conn, [_INT.pack(len(payload))], [0, 1, 2, alive_read])
@@ -153,7 +156,20 @@ def delegate(argv: list[str]) -> int | None:
         return None  # refused or gone before the worker started: nothing ran
     # From here on the command is running: whatever happens, it is never run twice.
     conn.settimeout(None)
-    previous = {sig: signal.signal(sig, lambda num, _frame: _forward(conn, num)) for sig in FORWARDED_SIGNALS}
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not received:
+            try:
+                os.write(alive_write, bytes([signum]))  # before forwarding: see heed_caller
+            except OSError:
+                pass  # the worker and its monitor are gone: the reply says how it ended
+        received.append(signum)
+        _forward(conn, signum)
+
+    # A signal ignored here stays ignored, as it would be by the plugin running here.
+    caught = [sig for sig in FORWARDED_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, on_signal) for sig in caught}
     try:
         reply = _recv_exact(conn, 1 + _INT.size)
     except OSError:
@@ -168,22 +184,37 @@ def delegate(argv: list[str]) -> int | None:
             "lost contact with the fork server worker running this call; its outcome is unknown",
             "see the plugin log, and retry the operation",
         )
-    return exit_code_of(_INT.unpack(reply[1:])[0])
+    status = _INT.unpack(reply[1:])[0]
+    if received and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        # The worker finished before our signal reached it. Run here, the call would
+        # have been ended by it, so it is: a signalled call never reports success.
+        signal.raise_signal(received[0])  # SIGINT raises KeyboardInterrupt; the others end us
+    return exit_code_of(status)
 
 
-def caller_gone() -> bool:
-    """True in a worker whose client has died (e.g. killed along with gpbackup_helper).
+def heed_caller() -> None:
+    """In a worker, just before an upload is committed: act on what became of the client.
 
-    Checked before an upload is committed: in-process, a killed plugin commits
-    nothing, while a worker outlives its client by the moment the monitor takes
-    to kill it, and could meanwhile read the EOF of a half-written stream. The
-    client holds the write end of a pipe it never writes to; readable means EOF.
+    Run in its own process, the plugin commits nothing once a signal has ended
+    it or it was killed. A worker learns of either one hop later, through its
+    monitor, and could meanwhile read the end of a stream cut short (gpbackup_helper
+    closing the pipe as it goes down) and commit it. So the client writes the first
+    signal it receives into the liveness pipe before forwarding it, and the pipe
+    reads EOF once the client is dead: a signal is acted on here, as if it had just
+    arrived; a dead client raises CallerGone. Outside a worker, nothing to do.
     """
     if _caller_pipe is None:
-        return False
+        return
     import select
 
-    return bool(select.select([_caller_pipe], [], [], 0)[0])
+    if not select.select([_caller_pipe], [], [], 0)[0]:
+        return
+    news = os.read(_caller_pipe, 1)
+    if not news:
+        from sftp_plugin.errors import CallerGone
+
+        raise CallerGone("the process that called the plugin is gone", "the input may be cut short: not stored")
+    signal.raise_signal(news[0])
 
 
 def exit_code_of(status: int) -> int:

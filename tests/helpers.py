@@ -11,6 +11,8 @@ import os
 import random
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,9 +23,22 @@ from tests.sshd_server import SshServer, free_port
 PLUGIN_EXE = os.path.join(os.path.dirname(sys.executable), "gpbackup_sftp_plugin")
 # A hung plugin must fail the test instead of hanging the suite; not a timing assertion.
 RUN_TIMEOUT = 300
+# Longest wait for something a test waits on (a server's socket, a process ending,
+# a fault firing), allowing for a loaded 2-core CI machine; a deadline, not an assertion.
+WAIT_TIMEOUT = 20.0
 # The TMPDIR of this session's plugin calls, where their fork server keeps its
 # socket: conftest sets it, and stops exactly that server at the end.
 SESSION_TMPDIR: str | None = None
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = WAIT_TIMEOUT) -> bool:
+    """Whether `predicate` came true within `timeout` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def socket_dir_env(tmpdir: str | Path) -> dict[str, str]:

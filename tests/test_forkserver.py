@@ -6,22 +6,27 @@ started itself; teardown stops that server (the log names its pid).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from sftp_plugin import forkserver
+from sftp_plugin.errors import CallerGone
 from tests.helpers import (
     RUN_TIMEOUT,
     LocalBackup,
@@ -32,11 +37,10 @@ from tests.helpers import (
     isolated_env,
     sha256,
     socket_dir_env,
+    wait_until,
 )
 
 SERVED = "(fork server worker"
-# A server signals readiness only by its socket appearing; allow for a loaded 2-core CI machine.
-START_WAIT = 20.0
 
 
 @dataclass
@@ -111,15 +115,6 @@ def alive(pid: int) -> bool:
     return status.exists() and status.read_text().split(") ")[-1][:1] != "Z"
 
 
-def wait_until(predicate: object, timeout: float = START_WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
 # ---------------------------------------------------------------- serving calls
 
 
@@ -173,30 +168,97 @@ def test_a_served_call_uses_the_callers_environment_and_working_directory(served
 # ---------------------------------------------------------------- signals and a dying caller
 
 
-def _start_served_upload(served: Served, backup: LocalBackup, name: str) -> tuple[subprocess.Popen[bytes], int]:
-    """A backup_data served by a worker, fed and left mid-stream; returns it and its worker's pid."""
+@dataclass
+class ServedUpload:
+    """A backup_data served by a worker, fed and left mid-stream."""
+
+    caller: subprocess.Popen[bytes]
+    worker: int
+    monitor: int
+
+
+def _start_served_upload(served: Served, backup: LocalBackup, name: str) -> ServedUpload:
     served.start_server(backup)
     process = served.popen("backup_data", served.config.path, backup.file(name))
     assert process.stdin is not None
     process.stdin.write(os.urandom(1024 * 1024))
     process.stdin.flush()
     pattern = re.compile(r"\[(\d+)\] INFO backup_data: start " + re.escape(str(backup.file(name))) + " " +
-                         re.escape(SERVED))
+                         re.escape(SERVED) + r", monitor (\d+)\)")
     assert wait_until(lambda: pattern.search(served.config.log_text())), served.config.log_text()[-2000:]
     match = pattern.search(served.config.log_text())
     assert match is not None
-    return process, int(match.group(1))
+    return ServedUpload(process, int(match.group(1)), int(match.group(2)))
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """`pid` stopped (SIGSTOP) while inside: a monitor that forwards and reports nothing meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _pipe_inodes(pid: int, fds: list[str] | None = None) -> dict[str, str]:
+    """The pipes `pid` holds open: inode link ("pipe:[N]") -> one of its fd numbers."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    found = {}
+    for fd in fds if fds is not None else os.listdir(fd_dir):
+        link = os.readlink(fd_dir / fd)
+        if link.startswith("pipe:"):
+            found[link] = fd
+    return found
+
+
+def bytes_in_liveness_pipe(upload: ServedUpload) -> int:
+    """Bytes waiting in the pipe from the caller to its worker (see forkserver.heed_caller): the
+    one pipe both hold besides the caller's stdin, stdout and stderr."""
+    stdio = _pipe_inodes(upload.caller.pid, ["0", "1", "2"])
+    worker_pipes = _pipe_inodes(upload.worker)
+    (link,) = set(_pipe_inodes(upload.caller.pid)) & set(worker_pipes) - set(stdio)
+    fd = os.open(f"/proc/{upload.worker}/fd/{worker_pipes[link]}", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
+
+
+def caller_has_told_its_worker(upload: ServedUpload) -> bool:
+    """The caller has handled its signal: the news is in the liveness pipe, or the worker already ended."""
+    if not alive(upload.worker):
+        return True
+    try:
+        return bytes_in_liveness_pipe(upload) > 0
+    except (OSError, ValueError):  # the worker ended while we looked
+        return not alive(upload.worker)
+
+
+def end_input(caller: subprocess.Popen[bytes]) -> None:
+    """End of input, as when gpbackup_helper closes the pipe; communicate() then has none to close."""
+    assert caller.stdin is not None
+    caller.stdin.close()
+    caller.stdin = None
+
+
+def assert_ended_as_the_signal_ends_a_plugin_in_process(process: subprocess.Popen[bytes], sig: signal.Signals,
+                                                        err: bytes) -> None:
+    if sig == signal.SIGINT:  # the plugin's own handling: exit 130 and one line
+        assert process.returncode == 130, err
+        assert err.decode().strip().endswith("interrupted") and err.count(b"\n") == 1, err
+    else:  # the default action
+        assert process.returncode == -sig, err
 
 
 def test_killing_the_caller_kills_its_worker_and_nothing_is_stored(served: Served, backup: LocalBackup) -> None:
     name = "gpbackup_0_killed"
-    process, worker = _start_served_upload(served, backup, name)
-    assert alive(worker)
-    process.kill()
-    process.wait(RUN_TIMEOUT)
-    assert process.stdin is not None
-    process.stdin.close()  # EOF to the worker too, as when gpbackup_helper dies with it
-    assert wait_until(lambda: not alive(worker)), "the worker outlived its killed caller"
+    upload = _start_served_upload(served, backup, name)
+    assert alive(upload.worker)
+    upload.caller.kill()
+    upload.caller.wait(RUN_TIMEOUT)
+    end_input(upload.caller)  # to the worker too, as when gpbackup_helper dies with it
+    assert wait_until(lambda: not alive(upload.worker)), "the worker outlived its killed caller"
     assert not backup.remote(served.config.remote_dir, name).exists()
 
 
@@ -204,16 +266,47 @@ def test_killing_the_caller_kills_its_worker_and_nothing_is_stored(served: Serve
 def test_a_signal_to_the_caller_reaches_its_worker_and_the_caller_ends_the_same_way(
         served: Served, backup: LocalBackup, sig: signal.Signals) -> None:
     name = f"gpbackup_0_{sig.name}"
-    process, worker = _start_served_upload(served, backup, name)
-    process.send_signal(sig)
-    _out, err = process.communicate(timeout=RUN_TIMEOUT)
-    if sig == signal.SIGINT:  # the plugin's own handling: exit 130 and one line
-        assert process.returncode == 130
-        assert err.decode().strip().endswith("interrupted") and err.count(b"\n") == 1
-    else:  # the default action, as for a plugin running in-process
-        assert process.returncode == -sig
-    assert wait_until(lambda: not alive(worker))
+    upload = _start_served_upload(served, backup, name)
+    upload.caller.send_signal(sig)
+    assert wait_until(lambda: caller_has_told_its_worker(upload))
+    _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)  # closes stdin: end of input follows the signal
+    assert_ended_as_the_signal_ends_a_plugin_in_process(upload.caller, sig, err)
+    assert wait_until(lambda: not alive(upload.worker))
     assert not backup.remote(served.config.remote_dir, name).exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_end_of_input_after_a_signal_to_the_caller_commits_nothing_even_before_the_signal_reaches_the_worker(
+        served: Served, backup: LocalBackup, sig: signal.Signals) -> None:
+    # As when gpbackup_helper is stopped: the plugin is signalled and its input pipe closes.
+    # The monitor is held stopped, so the forwarded signal cannot overtake the end of input.
+    name = f"gpbackup_0_eof_after_{sig.name}"
+    upload = _start_served_upload(served, backup, name)
+    with stopped(upload.monitor):
+        upload.caller.send_signal(sig)
+        assert wait_until(lambda: bytes_in_liveness_pipe(upload) > 0), "the caller never told its worker"
+        end_input(upload.caller)
+        assert wait_until(lambda: not alive(upload.worker)), "the worker neither committed nor stopped"
+    _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)
+    assert not backup.remote(served.config.remote_dir, name).exists()
+    assert_ended_as_the_signal_ends_a_plugin_in_process(upload.caller, sig, err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_caller_never_reports_success_even_when_its_worker_finished_first(
+        served: Served, backup: LocalBackup, sig: signal.Signals) -> None:
+    name = f"gpbackup_0_done_before_{sig.name}"
+    upload = _start_served_upload(served, backup, name)
+    with stopped(upload.monitor):  # the worker's success cannot reach the caller before the signal
+        end_input(upload.caller)
+        assert wait_until(lambda: not alive(upload.worker)), "the worker never finished"
+        assert f"ok bytes={1024 * 1024}" in served.config.log_text()
+        upload.caller.send_signal(sig)
+    _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)
+    # Stored, as by a plugin in its own process whose signal came just after the rename;
+    # but not reported as success.
+    assert backup.remote(served.config.remote_dir, name).exists()
+    assert_ended_as_the_signal_ends_a_plugin_in_process(upload.caller, sig, err)
 
 
 # ---------------------------------------------------------------- when not to use it
@@ -289,20 +382,39 @@ def test_exit_code_of_returns_the_workers_exit_code() -> None:
         assert forkserver.exit_code_of(code << 8) == code
 
 
-def test_the_caller_is_alive_outside_a_worker() -> None:
-    assert forkserver.caller_gone() is False
+def test_heeding_the_caller_outside_a_worker_does_nothing() -> None:
+    forkserver.heed_caller()
 
 
-def test_a_worker_sees_its_caller_gone_once_the_pipe_writer_closes() -> None:
+@pytest.fixture
+def caller_pipe() -> Iterator[int]:
+    """This process as a worker: the write end of its caller's liveness pipe."""
     read_end, write_end = os.pipe()
     forkserver._caller_pipe = read_end
     try:
-        assert forkserver.caller_gone() is False
-        os.close(write_end)
-        assert forkserver.caller_gone() is True
+        yield write_end
     finally:
         forkserver._caller_pipe = None
         os.close(read_end)
+
+
+def test_a_worker_stops_before_committing_once_its_caller_is_gone(caller_pipe: int) -> None:
+    forkserver.heed_caller()  # the caller alive and quiet: nothing happens
+    os.close(caller_pipe)
+    with pytest.raises(CallerGone):
+        forkserver.heed_caller()
+
+
+def test_a_worker_acts_on_its_callers_signal_before_committing(caller_pipe: int) -> None:
+    received: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: received.append(signum))
+    try:
+        os.write(caller_pipe, bytes([signal.SIGUSR1]))
+        forkserver.heed_caller()
+        assert received == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        os.close(caller_pipe)
 
 
 
@@ -329,17 +441,17 @@ def test_a_call_still_running_does_not_keep_a_stopped_servers_place(served: Serv
     # The server's lock must not live on in its workers: a long backup_data would
     # keep any new server from starting, and stop-fork-server would name a dead pid.
     name = "gpbackup_0_long"
-    process, worker = _start_served_upload(served, backup, name)
+    upload = _start_served_upload(served, backup, name)
     (first,) = served.server_pids()
     assert_ok(served.run("stop-fork-server"))
     assert wait_until(lambda: not alive(first))
-    assert alive(worker)
+    assert alive(upload.worker)
 
     served.setup(backup)
     assert wait_until(lambda: len(served.server_pids()) == 2), "no new server while a call of the old one runs"
     second = served.server_pids()[1]
     assert assert_ok(served.run("stop-fork-server")).stdout.decode() == f"stopped fork server pid {second}\n"
 
-    assert process.stdin is not None
-    process.stdin.close()
-    assert_ok(subprocess.CompletedProcess(process.args, process.wait(RUN_TIMEOUT), b"", process.stderr.read()))
+    end_input(upload.caller)
+    _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)
+    assert_ok(subprocess.CompletedProcess(upload.caller.args, upload.caller.returncode, b"", err))

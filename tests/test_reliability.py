@@ -27,7 +27,7 @@ from typing import IO
 import pytest
 
 from tests.faultproxy import Action, Direction, FaultProxy, Plan
-from tests.helpers import PLUGIN_EXE, assert_failed, assert_ok, isolated_env, sha256
+from tests.helpers import PLUGIN_EXE, assert_failed, assert_ok, isolated_env, sha256, wait_until
 from tests.sshd_server import SshServer, keygen
 
 # A hung plugin must fail its test, not hang the suite. Not a timing assertion.
@@ -341,6 +341,58 @@ def test_stalled_download_times_out_and_resumes_on_a_new_connection(site: Site, 
     assert proxy.triggered == 1
     assert proxy.accepted == 2
     assert sha256(result.stdout) == sha256(data)
+
+
+# --- an interrupt while the backup host does not answer --------------------------------------
+
+# Long enough that any wait on the stalled connection would outlast RUN_TIMEOUT:
+# the call must end because of the interrupt, not because a timeout ran out.
+PATIENT_IO_TIMEOUT = 10 * RUN_TIMEOUT
+
+
+def interrupt(process: subprocess.Popen[bytes]) -> bytes:
+    """SIGINT to `process`; its stderr once it has ended (killed, and the test failed, if it hangs)."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=RUN_TIMEOUT)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"still running {RUN_TIMEOUT}s after SIGINT")
+
+
+def test_sigint_ends_an_upload_to_a_stalled_host_at_once_and_stores_nothing(site: Site, proxy: FaultProxy) -> None:
+    # Mid-stream, so the plugin is blocked sending: possibly halfway through an SSH packet.
+    proxy.push(Plan.stall(2 * MIB, C2S))
+    config = site.config(io_timeout=PATIENT_IO_TIMEOUT, fork_server="no")
+    name = "gpbackup_0_stream"
+    process = site.popen("backup_data", config, site.local(name), stdin=subprocess.PIPE)
+    # The feeder alone writes stdin: communicate() would wait for it, blocked, to let go.
+    stdin, process.stdin = process.stdin, None
+    feeder = threading.Thread(target=lambda: _feed(stdin, os.urandom(STREAM_SIZE)), daemon=True)
+    feeder.start()
+    assert wait_until(lambda: proxy.triggered == 1), "the stall never happened"
+
+    err = interrupt(process)
+    feeder.join(RUN_TIMEOUT)
+
+    assert process.returncode == 130, err
+    assert err.decode().strip().endswith("backup_data: interrupted") and err.count(b"\n") == 1, err
+    assert not site.remote(name).exists()
+    assert not site.remote(name + ".sha256").exists()
+
+
+def test_sigint_ends_a_download_from_a_stalled_host_at_once(site: Site, proxy: FaultProxy) -> None:
+    site.store_directly("gpbackup_0_stream", os.urandom(STREAM_SIZE))
+    proxy.push(Plan.stall(2 * MIB, S2C))
+    config = site.config(io_timeout=PATIENT_IO_TIMEOUT, fork_server="no")
+    process = site.popen("restore_data", config, site.local("gpbackup_0_stream"))
+    assert wait_until(lambda: proxy.triggered == 1), "the stall never happened"
+
+    err = interrupt(process)
+
+    assert process.returncode == 130, err
+    assert err.decode().strip().endswith("restore_data: interrupted") and err.count(b"\n") == 1, err
 
 
 # --- many processes at once ----------------------------------------------------------------
