@@ -156,15 +156,16 @@ def delegate(argv: list[str]) -> int | None:
         return None  # refused or gone before the worker started: nothing ran
     # From here on the command is running: whatever happens, it is never run twice.
     conn.settimeout(None)
-    received: list[int] = []
+    first_signal: int | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
-        if not received:
+        nonlocal first_signal
+        if first_signal is None:
+            first_signal = signum
             try:
                 os.write(alive_write, bytes([signum]))  # before forwarding: see heed_caller
             except OSError:
                 pass  # the worker and its monitor are gone: the reply says how it ended
-        received.append(signum)
         _forward(conn, signum)
 
     # A signal ignored here stays ignored, as it would be by the plugin running here.
@@ -185,10 +186,10 @@ def delegate(argv: list[str]) -> int | None:
             "see the plugin log, and retry the operation",
         )
     status = _INT.unpack(reply[1:])[0]
-    if received and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+    if first_signal is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         # The worker finished before our signal reached it. Run here, the call would
         # have been ended by it, so it is: a signalled call never reports success.
-        signal.raise_signal(received[0])  # SIGINT raises KeyboardInterrupt; the others end us
+        signal.raise_signal(first_signal)  # SIGINT raises KeyboardInterrupt; the others end us
     return exit_code_of(status)
 
 

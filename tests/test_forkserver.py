@@ -268,7 +268,7 @@ def test_a_signal_to_the_caller_reaches_its_worker_and_the_caller_ends_the_same_
     name = f"gpbackup_0_{sig.name}"
     upload = _start_served_upload(served, backup, name)
     upload.caller.send_signal(sig)
-    assert wait_until(lambda: caller_has_told_its_worker(upload))
+    assert wait_until(lambda: caller_has_told_its_worker(upload)), "the caller never told its worker"
     _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)  # closes stdin: end of input follows the signal
     assert_ended_as_the_signal_ends_a_plugin_in_process(upload.caller, sig, err)
     assert wait_until(lambda: not alive(upload.worker))
@@ -284,7 +284,7 @@ def test_end_of_input_after_a_signal_to_the_caller_commits_nothing_even_before_t
     upload = _start_served_upload(served, backup, name)
     with stopped(upload.monitor):
         upload.caller.send_signal(sig)
-        assert wait_until(lambda: bytes_in_liveness_pipe(upload) > 0), "the caller never told its worker"
+        assert wait_until(lambda: caller_has_told_its_worker(upload)), "the caller never told its worker"
         end_input(upload.caller)
         assert wait_until(lambda: not alive(upload.worker)), "the worker neither committed nor stopped"
     _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)
