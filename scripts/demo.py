@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"backup host: throwaway OpenSSH sshd on 127.0.0.1:{server.port} (pid {server.process.pid}), "
                 f"keys in {server.workdir}"
             )
-        options.update(log_dir=str(work / "logs"), restore_subset=True)
+        options.update(log_dir=str(work / "logs"), restore_subset="on")
         gphome = work / "gphome"
         write_greenplum_path(gphome)
         plugin = Plugin(args.plugin, work, gphome, write_configs(work, options))

@@ -1,5 +1,5 @@
 """Commands for the administrator, not for gpbackup: ``check`` (a preflight),
-``list-backups`` and ``stop-fork-server``.
+``list-backups``, ``prune`` and ``stop-fork-server``.
 
 They print freely to stdout: they are run by a person (or a script, with
 ``list-backups --json``), never by gpbackup, so the "nothing on stderr"
@@ -22,13 +22,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftp_plugin import PLUGIN_NAME
 from sftp_plugin.cli import fail
 from sftp_plugin.config import SECRET_OPTIONS
-from sftp_plugin.errors import AuthError, HostKeyError, PluginError, RemoteNotFound
-from sftp_plugin.retention import SUCCESS, report_name
+from sftp_plugin.errors import AuthError, HostKeyError, PluginError, RemoteError, RemoteNotFound
+
+if TYPE_CHECKING:
+    from sftp_plugin.catalog import CatalogEntry
+    from sftp_plugin.commands import Remote
+    from sftp_plugin.paths import BackupDir
 
 log = logging.getLogger("gpbackup_sftp_plugin")
 
@@ -65,18 +69,15 @@ def _quiet_logging(cfg: Any, command: str) -> str | None:
 
 
 def _raw_secrets(config_path: str) -> list[str]:
-    """Secret values straight from the YAML, to mask them even when the config does not validate."""
-    try:
-        import yaml
+    """Secret values as written in the YAML (the text the plugin uses), to mask them even when the config does
+    not validate."""
+    from sftp_plugin.config import read_options
 
-        with open(config_path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-        options = document.get("options") if isinstance(document, dict) else None
-        if not isinstance(options, dict):
-            return []
-        return [str(options[name]) for name in SECRET_OPTIONS if options.get(name) not in (None, "")]
+    try:
+        options = read_options(config_path)
     except Exception:  # noqa: BLE001 - unreadable or invalid: load_config reports it properly
         return []
+    return [value for name in SECRET_OPTIONS if isinstance(value := options.get(name), str) and value]
 
 
 def human_size(size: float) -> str:
@@ -201,6 +202,16 @@ def statvfs(sftp: Any, path: str) -> FsUsage | None:
     return FsUsage(**{name: msg.get_int64() for name in STATVFS_FIELDS})
 
 
+def _subset_restores(restore_subset: bool) -> str:
+    """What restore_subset means for a filtered gprestore (e.g. --include-table)."""
+    if restore_subset:
+        return (
+            "on: filtered restores of --single-data-file backups read only the byte ranges they need "
+            "(uncompressed backups; compressed ones are read whole)"
+        )
+    return "off: filtered restores of --single-data-file backups stream each segment's whole data file"
+
+
 def _print_options(cfg: Any, config_path: str, secrets: list[str]) -> None:
     from sftp_plugin.connection import resolve_endpoint
     from sftp_plugin.log import MASK, mask
@@ -212,11 +223,14 @@ def _print_options(cfg: Any, config_path: str, secrets: list[str]) -> None:
             shown = "(not set)"
         elif option.name in SECRET_OPTIONS:
             shown = MASK
+        elif option.name == "restore_subset":
+            shown = "on" if value else "off"  # the only words gprestore and the plugin accept
         elif isinstance(value, bool):
             shown = "yes" if value else "no"
         else:
             shown = str(value)
         print(f"  {option.name:<26} {mask(shown, secrets)}")
+    print(f"  {'-> restore_subset':<26} {_subset_restores(cfg.restore_subset)}")
     try:
         endpoint = resolve_endpoint(cfg)
     except PluginError:
@@ -446,9 +460,18 @@ class BackupSummary:
     temporary_files: list[str]
     has_report: bool
     report_status: str | None = None  # what the report says ("Success", "Failure"); None without one
+    config_status: str | None = None  # what gpbackup's config.yaml says; None without one
+    database: str | None = None  # the database backed up; None when unknown
+    # The other backups a restore of this one reads (an incremental's full backup and the
+    # incrementals before it); [] for a full backup, None when unknown (no readable config.yaml).
+    needs: list[str] | None = None
+    # Stored files whose size differs from what their checksum files record, or that are gone.
+    damaged_files: list[str] = field(default_factory=list)
 
     @property
     def reasons(self) -> list[str]:
+        from sftp_plugin.catalog import SUCCESS
+
         found: list[str] = []
         if self.temporary_files:
             count = len(self.temporary_files)
@@ -457,6 +480,9 @@ class BackupSummary:
             found.append("no coordinator report (gpbackup did not finish)")
         elif self.report_status != SUCCESS:
             found.append(f"gpbackup reported it as {self.report_status or 'without a status'}")
+        if self.config_status not in (None, SUCCESS):
+            found.append(f"its config.yaml says {self.config_status}")
+        found += self.damaged_files
         return found
 
     @property
@@ -480,19 +506,24 @@ class BackupSummary:
             "temporary_files": self.temporary_files,
             "has_report": self.has_report,
             "report_status": self.report_status,
+            "config_status": self.config_status,
+            "database": self.database,
+            "needs": self.needs,
+            "damaged_files": self.damaged_files,
         }
 
 
 def summarize(
-    timestamp: str, path: str, entries: list[tuple[str, int]], now: datetime, report_status: str | None = None
+    timestamp: str, path: str, entries: list[tuple[str, int]], now: datetime, entry: CatalogEntry | None = None
 ) -> BackupSummary:
-    """One backup from its file listing (relative paths and sizes) and what its report says."""
+    """One backup from its file listing (relative paths and sizes) and its catalog entry (report and config)."""
     from sftp_plugin import paths
-    from sftp_plugin.integrity import is_sidecar
+    from sftp_plugin.catalog import report_name
+    from sftp_plugin.integrity import is_checksum_file
 
     names = [posixpath.basename(name) for name, _ in entries]
     temporary = sorted(name for name in names if paths.is_temp_name(name))
-    data_files = [name for name in names if not paths.is_temp_name(name) and not is_sidecar(name)]
+    data_files = [name for name in names if not paths.is_temp_name(name) and not is_checksum_file(name)]
     started = datetime.strptime(timestamp, "%Y%m%d%H%M%S")  # gpbackup timestamps are the coordinator's local time
     return BackupSummary(
         timestamp=timestamp,
@@ -502,19 +533,36 @@ def summarize(
         age_seconds=int((now - started).total_seconds()),
         temporary_files=temporary,
         has_report=report_name(paths.BackupDir(timestamp[:8], timestamp)) in names,
-        report_status=report_status,
+        report_status=entry.report_status if entry is not None else None,
+        config_status=entry.config_status if entry is not None else None,
+        database=entry.database if entry is not None else None,
+        needs=entry.needs if entry is not None else None,
     )
+
+
+def _needs_column(needs: list[str] | None) -> str:
+    if needs is None:
+        return "?"
+    return ",".join(needs) or "-"
 
 
 def _print_table(host: str, root: str, backups: list[BackupSummary]) -> None:
     if not backups:
         print(f"No backups under {host}:{posixpath.join(root, 'backups')}")
         return
-    rows = [("TIMESTAMP", "FILES", "SIZE", "AGE", "STATE")]
-    rows += [(b.timestamp, str(b.files), human_size(b.bytes), human_age(b.age_seconds), b.state) for b in backups]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rows = [("TIMESTAMP", "DATABASE", "FILES", "SIZE", "AGE", "NEEDS", "STATE")]
+    rows += [
+        (b.timestamp, b.database or "?", str(b.files), human_size(b.bytes), human_age(b.age_seconds),
+         _needs_column(b.needs), b.state)
+        for b in backups
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    # Text left-aligned, numbers right-aligned; the last column (free text) is not padded.
+    right_aligned = {2, 3, 4}
     for row in rows:
-        print(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}")
+        cells = [cell.rjust(width) if i in right_aligned else cell.ljust(width) for i, (cell, width) in
+                 enumerate(zip(row, widths))]
+        print("  ".join([*cells, row[-1]]))
     incomplete = sum(1 for b in backups if not b.complete)
     total = sum(b.bytes for b in backups)
     print(
@@ -527,8 +575,8 @@ def list_backups(argv: list[str]) -> int:
     """``list-backups <config> [--json]``: the backups on the host, their size, age and completeness."""
     parser = argparse.ArgumentParser(
         prog=f"{PLUGIN_NAME} list-backups",
-        description="List the backups stored on the backup host: timestamp, files, total size, age, and whether "
-        "each is complete.",
+        description="List the backups stored on the backup host: timestamp, database, files, total size, age, the "
+        "backups an incremental one needs, and whether each is complete.",
     )
     parser.add_argument("config", help="the plugin config file (YAML)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
@@ -567,25 +615,143 @@ def list_backups(argv: list[str]) -> int:
 
 
 def _collect(cfg: Any) -> list[BackupSummary]:
-    from sftp_plugin import transfer
-    from sftp_plugin.commands import Remote, read_report_status, remote_errors
-    from sftp_plugin.commands import list_backups as backup_dirs
+    from sftp_plugin import catalog, transfer
+    from sftp_plugin.commands import Remote, remote_errors
 
     # Two attempts at most: enough for a dropped handshake, short enough for a person waiting.
     remote = Remote(replace(cfg, retries=min(cfg.retries, 2)))
     try:
         now = datetime.now()
         summaries: list[BackupSummary] = []
-        for backup in sorted(backup_dirs(remote), key=lambda b: b.timestamp):
+        for backup in catalog.list_backup_dirs(remote):
             path = backup.remote(cfg.remote_dir)
             try:
                 with remote_errors(remote, "list backup", path):
                     entries = transfer.walk_files(remote.sftp, path)
             except RemoteNotFound:
                 continue  # deleted (delete_backup, retention) since we listed the backups
-            status = read_report_status(remote, backup) if report_name(backup) in {n for n, _ in entries} else None
-            summaries.append(summarize(backup.timestamp, path, entries, now, status))
+            # The listing says which of report and config.yaml exist: no read of an absent one.
+            entry = catalog.read_entry(remote, backup, present={name for name, _ in entries})
+            summary = summarize(backup.timestamp, path, entries, now, entry)
+            summary.damaged_files = _size_problems(remote, path, dict(entries))
+            summaries.append(summary)
         return summaries
+    finally:
+        remote.close_quietly()
+
+
+def _size_problems(remote: Remote, directory: str, sizes: dict[str, int]) -> list[str]:
+    """Files that are gone though their checksum is stored, or whose size differs from the size their
+    block digests record (files longer than one block); one header read per such file, no data read."""
+    from sftp_plugin import blocks, transfer
+    from sftp_plugin.integrity import SIDECAR_SUFFIX, is_sidecar
+
+    found = [f"{name[: -len(SIDECAR_SUFFIX)]} is missing (its checksum is stored)"
+             for name in sorted(sizes) if is_sidecar(name) and name[: -len(SIDECAR_SUFFIX)] not in sizes]
+    for name in sorted(n for n in sizes if blocks.is_blocks_file(n)):
+        data = name[: -len(blocks.BLOCKS_SUFFIX)]
+        if data not in sizes:
+            continue  # reported above, through its sidecar
+        path = posixpath.join(directory, name)
+        head = remote.retrying(
+            "read block digests", lambda p=path: transfer.read_small(remote.sftp, p, blocks.HEADER_SIZE)
+        )
+        try:
+            recorded = blocks.parse_header(head or b"").size
+        except blocks.BlocksFormatError:
+            found.append(f"{name} is damaged")
+            continue
+        if recorded != sizes[data]:
+            found.append(f"{data} holds {sizes[data]} bytes, {recorded} were backed up")
+    return found
+
+
+# --------------------------------------------------------------------------- prune
+
+
+def prune(argv: list[str]) -> int:
+    """``prune <config> [--dry-run]``: retention on demand, the decision cleanup makes after each backup."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PLUGIN_NAME} prune",
+        description="Apply the config's keep_last and keep_days to the backups on the backup host now, as the "
+        "cleanup at the end of every backup does: one KEEP or DELETE line per backup with the reasons, then "
+        "the deleting.",
+    )
+    parser.add_argument("config", help="the plugin config file (YAML)")
+    parser.add_argument("--dry-run", action="store_true", help="print the decisions only; delete nothing")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    from sftp_plugin.config import load_config
+    from sftp_plugin.log import mask
+
+    try:
+        cfg = load_config(args.config)
+    except PluginError as err:
+        return fail("prune", mask(str(err), _raw_secrets(args.config)), err.exit_code)
+    if cfg.keep_last is None and cfg.keep_days is None:
+        print(f"Neither keep_last nor keep_days is set in {args.config}: nothing is pruned.")
+        return 0
+    _quiet_logging(cfg, "prune")
+    try:
+        return _prune(cfg, args.dry_run)
+    except PluginError as err:
+        log.error("prune failed: %s", err)
+        return fail("prune", mask(str(err), cfg.secrets()), err.exit_code)
+    except OSError as err:
+        log.error("prune failed: %s", err)
+        return fail("prune", mask(f"{err or type(err).__name__}; check the backup host and the network",
+                                  cfg.secrets()), 1)
+    except KeyboardInterrupt:
+        return fail("prune", "interrupted", 130)
+    except Exception as err:  # noqa: BLE001 - never a traceback
+        log.exception("prune: unexpected failure")
+        return fail("prune", mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
+
+
+def _prune(cfg: Any, dry_run: bool) -> int:
+    from sftp_plugin import catalog, retention
+    from sftp_plugin.commands import Remote, delete_backup_dir
+    from sftp_plugin.log import mask
+
+    remote = Remote(replace(cfg, retries=min(cfg.retries, 2)))
+    try:
+        where = remote.where(posixpath.join(cfg.remote_dir, "backups"))
+        entries = catalog.read_catalog(remote)
+        if not entries:
+            print(f"No backups under {where}: nothing to prune.")
+            return 0
+        decisions = retention.decide([e.facts() for e in entries], cfg.keep_last, cfg.keep_days, datetime.now())
+        rules = ", ".join(f"{name}: {value}" for name, value in (("keep_last", cfg.keep_last),
+                                                                 ("keep_days", cfg.keep_days)) if value is not None)
+        print(f"{len(decisions)} backup{'s' if len(decisions) != 1 else ''} under {where}, {rules}:")
+        width = max(len(d.database or "?") for d in decisions)
+        for decision in decisions:
+            print(f"{decision.action:<6}  {decision.backup.timestamp}  {decision.database or '?':<{width}}  "
+                  f"{'; '.join(decision.reasons)}")
+        doomed = [d for d in decisions if not d.keep]
+        if dry_run:
+            print(f"\nDry run: {len(doomed)} would be deleted; nothing was deleted.")
+            return 0
+        if not doomed:
+            print("\nNothing to delete.")
+            return 0
+        print()
+        failed = 0
+        for decision in doomed:
+            try:
+                files = delete_backup_dir(remote, decision.backup, reason="prune: " + "; ".join(decision.reasons))
+            except RemoteError as err:  # the server refused this one; the others may still go
+                failed += 1
+                log.error("prune could not delete backup %s: %s", decision.backup.timestamp, err)
+                print(mask(f"FAILED to delete {decision.backup.timestamp}: {err}", cfg.secrets()))
+                continue
+            print(f"deleted {decision.backup.timestamp} ({files} file{'s' if files != 1 else ''})")
+        if failed:
+            return fail("prune", f"{failed} of {len(doomed)} backups could not be deleted (see above)", 1)
+        print(f"\nDeleted {len(doomed)} of {len(decisions)} backups.")
+        return 0
     finally:
         remote.close_quietly()
 
@@ -611,3 +777,124 @@ def stop_fork_server(argv: list[str]) -> int:
     if not stopped:
         print("no fork server was running")
     return 0
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyTally:
+    """What verify found in one backup."""
+
+    files: int = 0
+    verified: int = 0
+    bytes: int = 0
+    problems: int = 0
+
+
+def verify(argv: list[str]) -> int:
+    """``verify <config> <timestamp> | --all``: re-read stored files over SFTP and check them against their digests."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PLUGIN_NAME} verify",
+        description="Re-read every file of a backup from the backup host and check its size and checksums, exactly "
+        "as a restore would: one line per damaged, missing or unverifiable file, then a summary per backup. "
+        "Exits 1 if anything is wrong.",
+    )
+    parser.add_argument("config", help="the plugin config file (YAML)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("timestamp", nargs="?", help="the backup to verify (14 digits, as gprestore --timestamp)")
+    which.add_argument("--all", action="store_true", help="verify every backup under remote_dir")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+    from sftp_plugin.config import load_config
+    from sftp_plugin.log import mask
+
+    try:
+        cfg = load_config(args.config)
+    except PluginError as err:
+        return fail("verify", mask(str(err), _raw_secrets(args.config)), err.exit_code)
+    _quiet_logging(cfg, "verify")
+    try:
+        return _verify(replace(cfg, verify_checksums=True), None if args.all else args.timestamp)
+    except PluginError as err:
+        log.error("verify failed: %s", err)
+        return fail("verify", mask(str(err), cfg.secrets()), err.exit_code)
+    except OSError as err:
+        log.error("verify failed: %s", err)
+        return fail("verify", mask(f"{err or type(err).__name__}; check the backup host and the network",
+                                   cfg.secrets()), 1)
+    except KeyboardInterrupt:
+        return fail("verify", "interrupted", 130)
+    except Exception as err:  # noqa: BLE001 - never a traceback
+        log.exception("verify: unexpected failure")
+        return fail("verify", mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
+
+
+def _verify(cfg: Any, timestamp: str | None) -> int:
+    from sftp_plugin import catalog, paths
+    from sftp_plugin.commands import Remote
+
+    remote = Remote(cfg)
+    try:
+        if timestamp is not None:
+            backups = [paths.parse_timestamp(timestamp.strip("\"'"))]
+        else:
+            backups = catalog.list_backup_dirs(remote)
+            if not backups:
+                print(f"No backups under {remote.where(posixpath.join(cfg.remote_dir, paths.BACKUPS))}")
+                return 0
+        problems = 0
+        for backup in backups:
+            problems += _verify_backup(remote, backup)
+        if len(backups) > 1:
+            print(f"\n{len(backups)} backups verified: {'all good' if not problems else f'{problems} problems'}")
+        return 1 if problems else 0
+    finally:
+        remote.close_quietly()
+
+
+def _verify_backup(remote: Remote, backup: BackupDir) -> int:
+    """Check every file of one backup; print a line per problem and a summary; return the problem count."""
+    from sftp_plugin import paths, transfer
+    from sftp_plugin.catalog import report_name
+    from sftp_plugin.commands import read_stored, remote_errors
+    from sftp_plugin.errors import IntegrityError, RemoteError
+    from sftp_plugin.integrity import SIDECAR_SUFFIX, is_checksum_file, is_sidecar
+
+    directory = backup.remote(remote.cfg.remote_dir)
+    try:
+        with remote_errors(remote, "list backup", directory):
+            entries = dict(remote.retrying("list backup", lambda: transfer.walk_files(remote.sftp, directory)))
+    except RemoteNotFound:
+        print(f"MISSING  backup {backup.timestamp}: {remote.where(directory)} does not exist")
+        return 1
+    tally = VerifyTally()
+
+    def problem(kind: str, name: str, what: str) -> None:
+        tally.problems += 1
+        print(f"{kind:<8} {backup.timestamp}/{name}: {what}")
+
+    data = sorted(n for n in entries if not paths.is_temp_name(posixpath.basename(n)) and not is_checksum_file(n))
+    for name in sorted(n for n in entries if is_sidecar(n) and n[: -len(SIDECAR_SUFFIX)] not in entries):
+        problem("MISSING", name[: -len(SIDECAR_SUFFIX)], "its checksum is stored, the file is not")
+    if report_name(backup) not in entries:
+        problem("MISSING", report_name(backup), "no coordinator report: gpbackup did not finish this backup")
+    for name in data:
+        tally.files += 1
+        if name + SIDECAR_SUFFIX not in entries:
+            problem("NOCHECK", name, "no checksum stored (verify_checksums was off, or the sidecar was removed)")
+            continue
+        try:
+            read_stored(remote, posixpath.join(directory, name), lambda _data: None)
+        except (IntegrityError, RemoteError) as err:
+            problem("DAMAGED", name, err.message)
+            continue
+        tally.verified += 1
+        tally.bytes += entries[name]
+    for name in sorted(n for n in entries if paths.is_temp_name(posixpath.basename(n))):
+        print(f"{'NOTE':<8} {backup.timestamp}/{name}: an interrupted upload's leftover (cleanup removes it)")
+    verdict = "OK" if not tally.problems else f"{tally.problems} problem{'s' if tally.problems != 1 else ''}"
+    print(f"backup {backup.timestamp}: {verdict}; {tally.verified} of {tally.files} files verified "
+          f"({human_size(tally.bytes)}) on {remote.where(directory)}")
+    return tally.problems

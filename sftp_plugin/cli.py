@@ -47,7 +47,9 @@ VERSION_COMMANDS: dict[str, str] = {
 ADMIN_COMMANDS: dict[str, str] = {
     "check": "check",
     "list-backups": "list_backups",
+    "prune": "prune",
     "stop-fork-server": "stop_fork_server",
+    "verify": "verify",
 }
 USAGE = f"usage: {PLUGIN_NAME} <command> <config.yaml> [args...]"
 
@@ -86,7 +88,9 @@ def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
         expected = str(min_args) if min_args == max_args else f"{min_args} to {max_args}"
         return fail(command, f"expected {expected} arguments after the config file, got {len(args)}", 2)
     if served_by is None:
-        from sftp_plugin import forkserver
+        from sftp_plugin import caller, forkserver
+
+        caller.remember(os.getpid(), os.getppid())
         from sftp_plugin.errors import WorkerLost
 
         try:
@@ -105,7 +109,7 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
     import logging
 
     from sftp_plugin.config import load_config
-    from sftp_plugin.errors import PluginError
+    from sftp_plugin.errors import PluginError, ReaderGone
     from sftp_plugin.log import log_file_path, mask, setup_logging
 
     try:
@@ -128,14 +132,15 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         with interrupt_aborts(remote.abort):
             result = getattr(commands, command)(remote, args)
             remote.close()
+    except ReaderGone as err:
+        # Not a failure of ours to report: the reader has what it wanted, or failed on its own.
+        log.info("stopped after %.3fs: %s", time.monotonic() - started, err.message)
+        # Point stdout at /dev/null so the interpreter's final flush cannot print an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return err.exit_code
     except PluginError as err:
         log.error("failed after %.3fs: %s", time.monotonic() - started, err)
         return fail(command, mask(str(err), cfg.secrets()), err.exit_code)
-    except BrokenPipeError:
-        log.error("failed: the reader of stdout went away")
-        # Point stdout at /dev/null so the interpreter's final flush cannot print a second error.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return fail(command, "the process reading our output closed the pipe; see the gprestore log", 1)
     except KeyboardInterrupt:
         log.error("interrupted")
         return fail(command, "interrupted", 130)

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-from sftp_plugin import allocator, forkserver, integrity, paths, retention, transfer
+from sftp_plugin import PLUGIN_NAME, allocator, blocks, caller, integrity, paths, retention, transfer
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.connection import Session, connect
-from sftp_plugin.errors import IntegrityError, RemoteError, RemoteNotFound, UsageError
-from sftp_plugin.offsets import parse_offsets
+from sftp_plugin.errors import IntegrityError, PluginError, ReaderGone, RemoteError, RemoteNotFound, UsageError
+from sftp_plugin.offsets import check_within, parse_offsets
 from sftp_plugin.retry import call_with_retries, is_connection_lost
 
 if TYPE_CHECKING:
@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 
 SCOPES = ("coordinator", "master", "segment_host", "segment")
 PROBE_PREFIX = ".gpbackup_sftp_plugin_probe"
+# The admin command that re-reads a whole backup (named in messages about a damaged file).
+PLUGIN_VERIFY = f"{PLUGIN_NAME} verify <config> <timestamp>"
 T = TypeVar("T")
+Sink = Callable[[memoryview], object]  # where a restore's bytes go: stdout, a local file, a hash
 
 
 @dataclass
@@ -229,7 +232,13 @@ def cleanup_plugin_for_backup(remote: Remote, args: list[str]) -> Result:
 
     with remote_errors(remote, "clean up backup directory", target):
         removed = remote.retrying("clean up backup directory", remove_leftovers)
-    pruned = prune(remote, current=backup)
+    try:
+        pruned = prune(remote, current=backup)
+    except (PluginError, OSError) as err:
+        # gpbackup turns a failed coordinator cleanup into exit code 1 for a backup that succeeded;
+        # old backups left in place are no reason for that. The next cleanup tries again.
+        log.warning("pruning old backups failed, none or only some were deleted: %s", err)
+        return Result(detail=f"removed {removed} leftovers, pruning failed (see the warning above)")
     return Result(detail=f"removed {removed} leftovers, pruned {len(pruned)} old backups")
 
 
@@ -240,56 +249,39 @@ def cleanup_plugin_for_restore(remote: Remote, args: list[str]) -> Result:
     return Result(detail="nothing to clean up after a restore")
 
 
-def list_backups(remote: Remote) -> list[paths.BackupDir]:
-    """Every backup directory under remote_dir/backups, by name only."""
-    top = posixpath.join(remote.cfg.remote_dir, paths.BACKUPS)
-
-    def scan() -> list[paths.BackupDir]:
-        if not transfer.is_dir(remote.sftp, top):
-            return []
-        found: list[paths.BackupDir] = []
-        for date in remote.sftp.listdir(top):
-            if not paths.DATE_RE.fullmatch(date):
-                continue
-            for timestamp in remote.sftp.listdir(posixpath.join(top, date)):
-                if paths.TIMESTAMP_RE.fullmatch(timestamp) and timestamp.startswith(date):
-                    found.append(paths.BackupDir(date, timestamp))
-        return found
-
-    with remote_errors(remote, "list backups", top):
-        return remote.retrying("list backups", scan)
-
-
-def backup_succeeded(remote: Remote, backup: paths.BackupDir) -> bool:
-    """Whether gpbackup's report for ``backup`` is stored and says it succeeded."""
-    return read_report_status(remote, backup) == retention.SUCCESS
-
-
-def read_report_status(remote: Remote, backup: paths.BackupDir) -> str | None:
-    """What gpbackup's report for ``backup`` says ("Success", "Failure"); None if there is none."""
-    report = posixpath.join(backup.remote(remote.cfg.remote_dir), retention.report_name(backup))
-
-    def read_report() -> str:
-        return (transfer.read_small(remote.sftp, report, 1024 * 1024) or b"").decode("utf-8", "replace")
-
-    with remote_errors(remote, "read backup report", report):
-        return retention.report_status(remote.retrying("read backup report", read_report))
-
-
 def prune(remote: Remote, current: paths.BackupDir) -> list[paths.BackupDir]:
+    """Apply retention at the end of the backup ``current``; the backups deleted, oldest first.
+
+    A backup the server refuses to delete is a warning in the log and is skipped: one stuck
+    old backup must not block the pruning of the others.
+    """
+    # Imported here: catalog.py imports Remote and remote_errors from this module.
+    from sftp_plugin import catalog
+
     cfg = remote.cfg
     if cfg.keep_last is None and cfg.keep_days is None:
         return []
-    if not backup_succeeded(remote, current):
-        log.warning("backup %s has no successful report; not pruning old backups", current.timestamp)
+    this_backup = catalog.read_entry(remote, current)
+    if not this_backup.succeeded:
+        log.warning("backup %s did not succeed (report: %s, config.yaml: %s); not pruning old backups",
+                    current.timestamp, this_backup.report_status or "none", this_backup.config_status or "no status")
         return []
-    backups = list_backups(remote)
-    # The current backup's report was just read above: not again.
-    succeeded = {b for b in backups if b == current or backup_succeeded(remote, b)}
-    doomed = retention.select_for_pruning(backups, succeeded, current, cfg.keep_last, cfg.keep_days, datetime.now())
-    for backup in doomed:
-        delete_backup_dir(remote, backup, reason=f"retention (keep_last={cfg.keep_last}, keep_days={cfg.keep_days})")
-    return doomed
+    # The current backup's files were just read above: not again.
+    others = [b for b in catalog.list_backup_dirs(remote) if b != current]
+    entries = [this_backup, *catalog.read_catalog(remote, others)]
+    decisions = retention.decide([e.facts() for e in entries], cfg.keep_last, cfg.keep_days, datetime.now(), current)
+    deleted: list[paths.BackupDir] = []
+    for decision in decisions:
+        if decision.keep:
+            log.debug("retention keeps %s: %s", decision.backup.timestamp, "; ".join(decision.reasons))
+            continue
+        try:
+            delete_backup_dir(remote, decision.backup, reason="retention: " + "; ".join(decision.reasons))
+        except RemoteError as err:  # the server refused; a lost connection (ConnectError) ends the pruning
+            log.warning("retention could not delete backup %s: %s", decision.backup.timestamp, err)
+            continue
+        deleted.append(decision.backup)
+    return deleted
 
 
 def delete_backup_dir(remote: Remote, backup: paths.BackupDir, reason: str) -> int:
@@ -345,8 +337,8 @@ def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> 
         return remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp))
 
     with remote_errors(remote, "upload", target):
-        sidecar_path = integrity.sidecar_path(target)
-        sidecar_temp = paths.temp_name_for(sidecar_path)  # one name for every attempt: no leftovers
+        # Each checksum file's temporary name serves every attempt: no leftovers.
+        checksum_files = [(path, paths.temp_name_for(path)) for path in _checksum_paths(target)]
         try:
             # Setup normally created the directory: open first and create it only when
             # missing, which saves two round trips on every call.
@@ -357,21 +349,32 @@ def _upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> 
                     raise
                 create_directories()
                 size = stream()
-            forkserver.heed_caller()  # in a worker: a signal or death of our caller stops the commit here
+            caller.confirm_before_commit()  # a cut-short input (our caller gone) is never committed
             if digest is not None:
-                sidecar = integrity.format_sidecar(digest.hexdigest(), target_file.name)
-                remote.retrying(
-                    "store checksum", lambda: transfer.put_bytes(remote.sftp, sidecar, sidecar_path, sidecar_temp)
-                )
+                found = digest.result()
+                contents = [integrity.format_sidecar(found.hexdigest, target_file.name)]
+                if found.size > blocks.BLOCK_SIZE:
+                    contents.append(blocks.format_blocks(blocks.BLOCK_SIZE, found.size, found.whole, found.blocks))
+                for (path, temp), data in zip(checksum_files, contents):
+                    remote.retrying(
+                        "store checksum", lambda p=path, t=temp, d=data: transfer.put_bytes(remote.sftp, d, p, t)
+                    )
             remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
         except BaseException:
             # Best effort on a session that may be the thing that broke; cleanup catches the rest.
             sftp = remote.open_sftp()
-            if sftp is not None:  # both removals are quiet: they never mask the original error
+            if sftp is not None:  # the removals are quiet: they never mask the original error
                 upload.abandon(sftp)
-                transfer.remove_quietly(sftp, sidecar_temp)
+                for _, temp in checksum_files:
+                    transfer.remove_quietly(sftp, temp)
             raise
     return size
+
+
+def _checksum_paths(path: str) -> tuple[str, str]:
+    """The sha256sum sidecar and the per-block digests of a stored file (the latter only for
+    streams longer than one block)."""
+    return integrity.sidecar_path(path), blocks.blocks_path(path)
 
 
 def backup_file(remote: Remote, args: list[str]) -> Result:
@@ -395,6 +398,7 @@ def _expected_digest(remote: Remote, source: str) -> str | None:
 
     text = remote.retrying("read checksum", lambda: transfer.read_small(remote.sftp, sidecar, 4096))
     if text is None:
+        log.warning("no checksum stored for %s; its bytes are not verified", remote.where(source))
         return None
     expected = integrity.parse_sidecar(text)
     if expected is None:
@@ -405,30 +409,137 @@ def _expected_digest(remote: Remote, source: str) -> str | None:
     return expected
 
 
-def _download(
-    remote: Remote, source: str, sink: Callable[[bytes], object], ranges: list[tuple[int, int]] | None = None
+def _damaged(remote: Remote, path: str, what: str) -> IntegrityError:
+    return IntegrityError(
+        f"{remote.where(path)} is damaged ({what}): not what was backed up; nothing of it was delivered",
+        f"restore from another backup; '{PLUGIN_VERIFY}' lists every damaged file of a backup",
+    )
+
+
+VerifiedPlan = tuple[blocks.BlockIndex, list[blocks.Step]]
+
+
+def _verified_plan(
+    remote: Remote, source: str, size: int, expected: str, wanted: list[tuple[int, int]]
+) -> VerifiedPlan | None:
+    """How to read ``wanted`` block by block, with the digests each block is checked against; None
+    for a file stored without per-block digests (by an earlier release): checkable only as a whole."""
+    if size <= blocks.BLOCK_SIZE:
+        if size == 0 and expected != integrity.empty_digest():
+            raise _damaged(remote, source, "it is empty, but its checksum is not that of an empty file")
+        index = blocks.BlockIndex.single(size, bytes.fromhex(expected))
+        return index, blocks.plan(wanted, index.block_size)
+    digests_path = blocks.blocks_path(source)
+    head = remote.retrying(
+        "read block digests", lambda: transfer.read_small(remote.sftp, digests_path, blocks.HEADER_SIZE)
+    )
+    if head is None:
+        return None
+    try:
+        header = blocks.parse_header(head)
+    except blocks.BlocksFormatError as err:
+        raise _damaged(remote, digests_path, str(err)) from None
+    if header.size != size:
+        raise _damaged(remote, source, f"it holds {size} bytes, but {header.size} were backed up")
+    if header.whole.hex() != expected:
+        raise _damaged(remote, digests_path, f"it disagrees with {integrity.sidecar_path(posixpath.basename(source))}")
+    steps = blocks.plan(wanted, header.block_size)
+    runs = blocks.block_runs(steps)
+    spans = [header.digest_span(run.start, run.stop - 1) for run in runs]
+    loaded = bytearray()
+    download = transfer.ResumableDownload(digests_path, loaded.extend, spans)
+    remote.retrying("read block digests", lambda: download.attempt(remote.sftp))
+    found: list[tuple[int, bytes]] = []
+    at = 0
+    for run in runs:
+        found.append((run.start, bytes(loaded[at : at + blocks.DIGEST_SIZE * len(run)])))
+        at += blocks.DIGEST_SIZE * len(run)
+    return blocks.BlockIndex(header.block_size, size, found), steps
+
+
+def read_stored(
+    remote: Remote, source: str, sink: Sink, ranges: list[tuple[int, int]] | None = None, ranges_from: str = "ranges"
 ) -> int:
-    """Stream ``source`` (or ranges of it) to ``sink``, resuming after resets; verify whole files."""
+    """Send a stored file, or ranges of it in the order given, to ``sink``; return the bytes sent.
+
+    Where digests are stored, no byte reaches ``sink`` before the block that
+    holds it has matched its digest (blocks.py); a mismatch raises
+    IntegrityError with nothing of that block sent. Files stored by an earlier
+    release (a whole-file checksum only, longer than one block) are checked
+    after the last byte, which gpbackup_helper never hears of: the log says so.
+    """
     allocator.keep_freed_memory()
     with remote_errors(remote, "download", source):
-        expected = _expected_digest(remote, source) if ranges is None else None
-        digest = integrity.new_hash() if expected else None
+        expected = _expected_digest(remote, source)
+        size = remote.retrying("look up file", lambda: transfer.size_of(remote.sftp, source))
+        wanted = [(0, size)] if ranges is None else ranges
+        if ranges is not None:
+            check_within(ranges, size, source=f"{ranges_from} for {remote.where(source)}")
+        verified = None if expected is None else _verified_plan(remote, source, size, expected, wanted)
+        if verified is not None:
+            return _read_verified(remote, source, *verified, sink)
+        if expected is not None:
+            log.warning(
+                "%s has no block digests (stored by an earlier release): its bytes %s",
+                remote.where(source),
+                "cannot be verified before delivery" if ranges is None else "are not verified",
+            )
+        return _read_unverified(remote, source, wanted, sink, expected if ranges is None else None)
 
-        def deliver(data: bytes) -> None:
-            if digest is not None:
-                digest.update(data)
-            sink(data)
 
-        download = transfer.ResumableDownload(source, deliver, ranges)
-        size = remote.retrying(f"download {source}", lambda: download.attempt(remote.sftp))
-    if ranges is None and expected is None and remote.cfg.verify_checksums:
-        log.warning("no checksum stored for %s; its bytes were not verified", remote.where(source))
+def _read_verified(remote: Remote, source: str, index: blocks.BlockIndex, steps: list[blocks.Step], sink: Sink) -> int:
+    output = blocks.VerifiedOutput(index, steps, sink)
+    download = transfer.ResumableDownload(source, output.feed, blocks.fetch_ranges(steps, index))
+    try:
+        remote.retrying(f"download {source}", lambda: download.attempt(remote.sftp))
+        output.finish()
+    except blocks.BlockMismatch as err:
+        raise _damaged(remote, source, str(err)) from None
+    except BaseException:
+        output.abandon()
+        raise
+    return output.delivered
+
+
+def _read_unverified(
+    remote: Remote, source: str, ranges: list[tuple[int, int]], sink: Sink, expected: str | None
+) -> int:
+    """Stream without per-block digests; a whole-file checksum, if given, is checked at the end."""
+    digest = integrity.new_hash() if expected else None
+
+    def deliver(data: bytes) -> None:
+        if digest is not None:
+            digest.update(data)
+        sink(memoryview(data))
+
+    download = transfer.ResumableDownload(source, deliver, ranges)
+    size = remote.retrying(f"download {source}", lambda: download.attempt(remote.sftp))
     if digest is not None and digest.hexdigest() != expected:
         raise IntegrityError(
             f"checksum mismatch for {remote.where(source)}: the stored bytes are not what was backed up",
             "the file on the backup host is damaged; restore from another backup",
         )
     return size
+
+
+def _stdout_sink() -> Sink:
+    """Writes to stdout; a reader that went away ends the call (ReaderGone), never a retry."""
+    out = sys.stdout.buffer
+
+    def write(data: memoryview) -> None:
+        try:
+            out.write(data)
+        except BrokenPipeError:
+            raise ReaderGone("the reader of stdout closed it (gpbackup_helper has what it needs, or failed)") from None
+
+    return write
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        raise ReaderGone("the reader of stdout closed it before the last bytes") from None
 
 
 def restore_file(remote: Remote, args: list[str]) -> Result:
@@ -439,7 +550,7 @@ def restore_file(remote: Remote, args: list[str]) -> Result:
     temp = paths.temp_name_for(final)
     try:
         with open(temp, "wb") as sink:
-            size = _download(remote, source, sink.write)
+            size = read_stored(remote, source, sink.write)
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(temp, local)
@@ -451,8 +562,8 @@ def restore_file(remote: Remote, args: list[str]) -> Result:
 
 def restore_data(remote: Remote, args: list[str]) -> Result:
     source = paths.parse_backup_file(args[0]).remote(remote.cfg.remote_dir)
-    size = _download(remote, source, sys.stdout.buffer.write)
-    sys.stdout.buffer.flush()
+    size = read_stored(remote, source, _stdout_sink())
+    _flush_stdout()
     return Result(size, f"{remote.where(source)} -> stdout")
 
 
@@ -463,8 +574,8 @@ def restore_data_subset(remote: Remote, args: list[str]) -> Result:
             ranges = parse_offsets(handle.read(), source=f"offsets file {args[1]}")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read offsets file {args[1]}: {err}", "check the path gprestore passed") from None
-    size = _download(remote, source, sys.stdout.buffer.write, ranges)
-    sys.stdout.buffer.flush()
+    size = read_stored(remote, source, _stdout_sink(), ranges, ranges_from=f"offsets file {args[1]}")
+    _flush_stdout()
     return Result(size, f"{len(ranges)} ranges of {remote.where(source)} -> stdout")
 
 

@@ -1,11 +1,17 @@
 """Load and validate the plugin's YAML configuration into a frozen, typed object.
 
-gpbackup re-serialises every value under ``options`` as a string before the
-plugin sees it (``port: 22`` arrives as ``"22"``, ``on`` may arrive as
-``"true"``), so every parser here takes native YAML values and their string
-forms alike. Keys gpbackup adds itself are accepted and ignored; any other
-unknown key is an error that suggests the closest valid one. All problems are
-reported together in one message, so one edit fixes the file.
+gpbackup reads ``options`` into a Go ``map[string]string`` (yaml.v2), which
+keeps every scalar's literal text: ``012345`` stays ``012345``, ``on`` stays
+``on``, ``12:30`` stays ``12:30``. It passes the plugin a re-serialised copy
+(``port: 22`` arrives as ``port: "22"``), while gpbackup_manager and gpbackman
+pass the admin's own file. So the values under ``options`` are read the way
+gpbackup reads them, as literal text (`read_options`, without PyYAML's YAML 1.1
+typing), and each parser converts its own text: either file gives the same
+result. A plain null (``key:``, ``~``, ``null``) means "no value"; a list or
+map is refused, as gpbackup refuses it. Keys gpbackup adds itself are accepted
+and ignored; any other unknown key is an error that suggests the closest valid
+one. All problems are reported together in one message, so one edit fixes the
+file.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import getpass
 import os
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Union
 
 from sftp_plugin.errors import ConfigError
 
@@ -31,12 +37,29 @@ MIN_RESUME_BUFFER = MIB
 # Largest: one plugin process per segment runs at once; more than 4 GiB each is
 # surely a unit mistake (a bare number means MiB, not bytes).
 MAX_RESUME_BUFFER = 4096 * MIB
-SIZE_RE = re.compile(r"(\d+)\s*([kmg]i?b?)?", re.IGNORECASE)
+SIZE_RE = re.compile(r"([0-9]+)\s*([kmg]i?b?)?", re.IGNORECASE)
 SIZE_UNITS = {"k": 1024, "m": MIB, "g": 1024 * MIB}
 # Options whose values are masked in every log line and message.
 SECRET_OPTIONS = ("password", "identity_passphrase")
 TRUE_WORDS = frozenset({"yes", "on", "true", "1", "y"})
 FALSE_WORDS = frozenset({"no", "off", "false", "0", "n"})
+INTEGER_RE = re.compile(r"[+-]?[0-9]+")
+# The tag PyYAML's resolver gives a plain ``key:``, ``~`` or ``null`` (yaml.v2 resolves them alike).
+YAML_NULL_TAG = "tag:yaml.org,2002:null"
+# gprestore uses restore_data_subset only when this option's text is exactly "on" (utils/plugin.go).
+RESTORE_SUBSET_WORDS = {"on": True, "off": False}
+
+
+class NotPlain:
+    """Stands for an option whose YAML value is a list or a map: gpbackup's map of string to string refuses it."""
+
+    def __repr__(self) -> str:
+        return "<list or map>"
+
+
+NOT_PLAIN = NotPlain()
+# One option's value as `read_options` returns it: its literal text, None for a plain null, or NOT_PLAIN.
+OptionText = Union[str, None, NotPlain]
 
 
 @dataclass(frozen=True)
@@ -78,27 +101,29 @@ class _Invalid(ValueError):
     """One option's value is unusable; the text says what is expected."""
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, (bool, int, float, str)):
-        return str(value).strip()
-    raise _Invalid("expected a plain value, not a list or map")
+def _text(value: str) -> str:
+    return value.strip()
 
 
-def _non_empty(value: Any) -> str:
+def _literal(value: str) -> str:
+    """A secret, taken as written: its spaces may be part of it."""
+    return value
+
+
+def _non_empty(value: str) -> str:
     text = _text(value)
     if not text:
         raise _Invalid("must not be empty")
     return text
 
 
-def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool):
-            raise _Invalid("expected a whole number")
-        try:
-            number = int(_text(value))
-        except ValueError:
-            raise _Invalid(f"expected a whole number, got {value!r}") from None
+def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        text = _text(value)
+        # Decimal digits only: no YAML 1.1 octal (010), hex, sexagesimal (1:30), floats or underscores.
+        if not INTEGER_RE.fullmatch(text):
+            raise _Invalid(f"expected a whole number, got {value!r}")
+        number = int(text)
         if number < minimum or (maximum is not None and number > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             raise _Invalid(f"must be {bound}, got {number}")
@@ -107,9 +132,7 @@ def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[Any], i
     return parse
 
 
-def parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
+def parse_bool(value: str) -> bool:
     word = _text(value).lower()
     if word in TRUE_WORDS:
         return True
@@ -118,10 +141,8 @@ def parse_bool(value: Any) -> bool:
     raise _Invalid(f"expected yes/no, on/off or true/false, got {value!r}")
 
 
-def _strict(value: Any) -> str:
-    # YAML 1.1 reads a bare `yes`/`no` as a boolean, and gpbackup passes it on as "true"/"false".
-    if isinstance(value, bool):
-        return "yes" if value else "no"
+def _strict(value: str) -> str:
+    # ssh_config's own words, plus the boolean words an admin may write for yes and no.
     word = _text(value).lower()
     if word in TRUE_WORDS:
         return "yes"
@@ -132,7 +153,17 @@ def _strict(value: Any) -> str:
     raise _Invalid(f"expected one of {', '.join(STRICT_CHOICES)}, got {value!r}")
 
 
-def _remote_dir(value: Any) -> str:
+def _restore_subset(value: str) -> bool:
+    """gprestore reads this option itself, as text: only the exact text ``on`` makes it use byte ranges."""
+    if value not in RESTORE_SUBSET_WORDS:
+        raise _Invalid(
+            f"expected exactly on or off, got {value!r}: gprestore reads this option as text and uses "
+            "restore_data_subset only when it is exactly 'on'"
+        )
+    return RESTORE_SUBSET_WORDS[value]
+
+
+def _remote_dir(value: str) -> str:
     text = _non_empty(value)
     if not text.startswith("/"):
         raise _Invalid(f"must be an absolute path, got {text!r}")
@@ -141,18 +172,18 @@ def _remote_dir(value: Any) -> str:
     return posixpath.normpath(text)
 
 
-def _local_path(value: Any) -> str:
+def _local_path(value: str) -> str:
     return os.path.expanduser(_non_empty(value))
 
 
-def _fingerprint(value: Any) -> str:
+def _fingerprint(value: str) -> str:
     text = _non_empty(value)
     if not FINGERPRINT_RE.fullmatch(text):
         raise _Invalid("expected SHA256:<43 base64 characters>, as `ssh-keygen -lf` prints it")
     return text.rstrip("=")
 
 
-def _size(value: Any) -> int:
+def _size(value: str) -> int:
     """A byte size: a bare number means MiB; K/M/G suffixes (binary, optional 'iB') are accepted."""
     match = SIZE_RE.fullmatch(_text(value))
     if not match:
@@ -164,7 +195,7 @@ def _size(value: Any) -> int:
     return size
 
 
-def _log_level(value: Any) -> str:
+def _log_level(value: str) -> str:
     word = _text(value).lower()
     if word not in LOG_LEVELS:
         raise _Invalid(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
@@ -172,14 +203,14 @@ def _log_level(value: Any) -> str:
 
 
 # The single table of options: name -> parser. Defaults live on PluginConfig.
-PARSERS: dict[str, Callable[[Any], Any]] = {
+PARSERS: dict[str, Callable[[str], Any]] = {
     "hostname": _non_empty,
     "remote_dir": _remote_dir,
     "port": _int_at_least(1, 65535),
     "username": _non_empty,
     "identity_file": _local_path,
-    "identity_passphrase": _text,
-    "password": _text,
+    "identity_passphrase": _literal,
+    "password": _literal,
     "known_hosts_file": _local_path,
     "strict_host_key_checking": _strict,
     "host_key_fingerprint": _fingerprint,
@@ -193,16 +224,17 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "verify_checksums": parse_bool,
     "log_dir": _local_path,
     "log_level": _log_level,
-    "restore_subset": parse_bool,
+    "restore_subset": _restore_subset,
     "fork_server": parse_bool,
 }
 REQUIRED = ("hostname", "remote_dir")
 assert set(PARSERS) == {f.name for f in fields(PluginConfig)}, "PARSERS and PluginConfig must list the same options"
 
 
-def parse_options(options: Any, source: str = "config") -> PluginConfig:
-    """Validate an ``options`` mapping; raise one ConfigError listing every problem."""
-    if not isinstance(options, dict):
+def parse_options(options: Mapping[str, OptionText], source: str = "config") -> PluginConfig:
+    """Validate an ``options`` mapping of option texts (see `read_options`); raise one ConfigError listing every
+    problem."""
+    if not isinstance(options, Mapping):
         raise ConfigError(f"{source}: 'options' must be a map of key: value", "see plugin.yaml.template")
     problems: list[str] = []
     values: dict[str, Any] = {}
@@ -220,6 +252,11 @@ def parse_options(options: Any, source: str = "config") -> PluginConfig:
         if raw is None:
             problems.append(f"option '{name}' has no value")
             continue
+        if not isinstance(raw, str):
+            if not isinstance(raw, (NotPlain, list, dict)):
+                raise TypeError(f"option {name!r}: expected its text as read from YAML, got {type(raw).__name__}")
+            problems.append(f"option '{name}': expected a plain value, not a list or map")
+            continue
         try:
             values[name] = parser(raw)
         except _Invalid as err:
@@ -230,21 +267,87 @@ def parse_options(options: Any, source: str = "config") -> PluginConfig:
     return PluginConfig(**values)
 
 
-def load_config(path: str) -> PluginConfig:
-    """Read the YAML file gpbackup passed and return its validated options."""
+def _unclosed(error: Any) -> bool:
+    """Whether a YAML error is about something opened at its context mark and never closed (a quote, a bracket,
+    a key without its colon): the parser notices only at a later token, often the end of the file, so the line
+    where it was opened is the one to look at."""
+    context, problem = error.context or "", error.problem or ""
+    if context.startswith(("while scanning a simple key", "while parsing a flow")):
+        return True
+    return context.startswith("while scanning") and ("end of stream" in problem or "document separator" in problem)
+
+
+def _yaml_error_detail(error: Any, text: str) -> str:
+    """Where a YAML error is and what it is, from its marks: never a snippet of the file (it may hold a secret)."""
+    problem_mark = getattr(error, "problem_mark", None)
+    context_mark = getattr(error, "context_mark", None)
+    if problem_mark is None and context_mark is None:
+        position = getattr(error, "position", None)  # a ReaderError: a character YAML does not allow
+        line = f" at line {text.count(chr(10), 0, position) + 1}" if isinstance(position, int) else ""
+        reason = getattr(error, "reason", None)
+        return f"{line}: {reason}" if reason else line
+    if problem_mark is None or (context_mark is not None and _unclosed(error)):
+        detail = f"{error.context}, {error.problem}" if error.problem else str(error.context)
+        if problem_mark is not None and problem_mark.line != context_mark.line:
+            detail += f" at line {problem_mark.line + 1}"
+        mark = context_mark
+    else:
+        detail, mark = str(error.problem), problem_mark
+        if detail.startswith("but ") and error.context:  # "expected a single document ..., but found another"
+            detail = f"{error.context}, {detail}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {detail}"
+
+
+def read_options(path: str) -> dict[str, OptionText]:
+    """The ``options`` of a YAML config file as gpbackup reads them: each value's literal text.
+
+    PyYAML's composer gives the nodes before any YAML 1.1 typing, so ``012345``, ``yes``, ``12:30`` and ``1e3``
+    stay the text written, as in gpbackup's ``map[string]string``. A plain null (``key:``, ``~``, ``null``) is
+    None ("no value"); a list or map is NOT_PLAIN. Only ``options`` is read this way; the rest of the document
+    is only checked to be YAML. Raises ConfigError naming the line of a syntax error.
+    """
     import yaml  # deferred: the version commands must not pay for it
 
     try:
         with open(path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
+            text = handle.read()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found", "check the --plugin-config path") from None
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}", "check its permissions") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start})", "save it as UTF-8") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        options = None
+        if isinstance(root, yaml.MappingNode):
+            found = [value for key, value in root.value if isinstance(key, yaml.ScalarNode) and key.value == "options"]
+            options = found[-1] if found else None
+        if isinstance(options, yaml.MappingNode):
+            yaml.constructor.SafeConstructor().flatten_mapping(options)  # `<<: *anchor` merges, as yaml.v2 does
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}", "check its indentation and quoting") from None
-    if not isinstance(document, dict) or "options" not in document:
-        raise ConfigError(f"config file {path} has no 'options' map", "see plugin.yaml.template")
-    return parse_options(document["options"], source=f"config file {path}")
+        raise ConfigError(
+            f"config file {path} is not valid YAML{_yaml_error_detail(err, text)}", "check its indentation and quoting"
+        ) from None
+    if not isinstance(options, yaml.MappingNode):
+        what = "has no 'options' map" if options is None else "has 'options' that is not a map of key: value"
+        raise ConfigError(f"config file {path} {what}", "see plugin.yaml.template")
+    values: dict[str, OptionText] = {}
+    for key, value in options.value:
+        if not isinstance(key, yaml.ScalarNode):
+            raise ConfigError(
+                f"config file {path}: a key under 'options' at line {key.start_mark.line + 1} is a list or map",
+                "option names are plain words (see plugin.yaml.template)",
+            )
+        if not isinstance(value, yaml.ScalarNode):
+            values[key.value] = NOT_PLAIN
+        elif value.style is None and value.tag == YAML_NULL_TAG:
+            values[key.value] = None
+        else:
+            values[key.value] = value.value
+    return values
+
+
+def load_config(path: str) -> PluginConfig:
+    """Read the YAML file gpbackup passed and return its validated options."""
+    return parse_options(read_options(path), source=f"config file {path}")

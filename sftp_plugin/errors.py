@@ -2,8 +2,8 @@
 
 Every failure a user can act on is a `PluginError` carrying what failed and
 what to check; `cli.py` turns it into one line on stderr and an exit code.
-Anything else reaching `cli.py` (but an interrupt or a closed stdout, which it
-names) is a bug and is reported as such.
+Anything else reaching `cli.py` (but an interrupt, which it names) is a bug
+and is reported as such.
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ class RemoteNotFound(RemoteError):
 
 class IntegrityError(PluginError):
     """Stored bytes do not match what was backed up."""
+
+
+class ReaderGone(PluginError):
+    """Whoever reads our stdout closed it: gpbackup_helper stops reading once it has the tables it
+    needs, and a failing COPY stops too. Final, never retried, and not worth a line on stderr."""
+
+    # What a shell reports for a writer ended by SIGPIPE, which is what this is.
+    exit_code = 141
 
 
 class CallerGone(PluginError):

@@ -52,7 +52,7 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 LISTEN_BACKLOG = 128
 # Request framing version: a client and a server of different code never talk
 # anyway (the socket name carries a digest of the code), this guards the rest.
-MAGIC = b"GSFP1"
+MAGIC = b"GSFP2"
 
 # Monitor -> client replies: the worker started (pid follows), the worker
 # ended (raw wait status follows), the request was refused (run it yourself).
@@ -242,6 +242,9 @@ def _encode_request(argv: list[str]) -> bytes:
         code_digest().encode(),
         os.fsencode(os.getcwd()),
         str(_current_umask()).encode(),
+        # Who started this call, for the worker's last check before a commit (caller.py).
+        str(os.getpid()).encode(),
+        str(os.getppid()).encode(),
         str(len(argv)).encode(),
         *(os.fsencode(arg) for arg in argv),
         *(key + b"=" + value for key, value in os.environb.items()),
@@ -249,12 +252,29 @@ def _encode_request(argv: list[str]) -> bytes:
     return b"\0".join(fields)
 
 
-def _decode_request(payload: bytes) -> tuple[bytes, str, str, int, list[str], dict[bytes, bytes]]:
-    magic, digest, cwd, umask, count, *rest = payload.split(b"\0")
+class Request:
+    """One call as the client hands it over (a plain class: the client imports nothing heavy)."""
+
+    def __init__(  # noqa: PLR0913 - the request's fields, as framed
+        self,
+        magic: bytes,
+        digest: str,
+        cwd: str,
+        umask: int,
+        caller: tuple[int, int],  # the client's pid and its parent's pid
+        argv: list[str],
+        env: dict[bytes, bytes],
+    ) -> None:
+        self.magic, self.digest, self.cwd, self.umask = magic, digest, cwd, umask
+        self.caller, self.argv, self.env = caller, argv, env
+
+
+def _decode_request(payload: bytes) -> Request:
+    magic, digest, cwd, umask, pid, parent, count, *rest = payload.split(b"\0")
     nargs = int(count)
     argv = [os.fsdecode(arg) for arg in rest[:nargs]]
     env = dict(item.split(b"=", 1) for item in rest[nargs:] if b"=" in item)
-    return magic, digest.decode(), os.fsdecode(cwd), int(umask), argv, env
+    return Request(magic, digest.decode(), os.fsdecode(cwd), int(umask), (int(pid), int(parent)), argv, env)
 
 
 def _current_umask() -> int:
@@ -451,14 +471,14 @@ def _monitor(conn: socket.socket, digest: str) -> None:
         if len(head) != _INT.size or len(fds) != 4:
             raise OSError("malformed request")
         payload = _recv_exact(conn, _INT.unpack(head)[0])
-        magic, their_digest, cwd, umask, argv, env = _decode_request(payload)
-        if magic != MAGIC or their_digest != digest:
+        request = _decode_request(payload)
+        if request.magic != MAGIC or request.digest != digest:
             conn.sendall(REFUSED + _INT.pack(0))
             os._exit(0)
         worker = os.fork()
         if worker == 0:
             conn.close()
-            _run_worker(fds, cwd, umask, argv, env)  # never returns
+            _run_worker(fds, request)  # never returns
         for fd in fds:
             os.close(fd)
         conn.settimeout(None)
@@ -494,11 +514,15 @@ def _monitor(conn: socket.socket, digest: str) -> None:
         os._exit(code)
 
 
-def _run_worker(fds: list[int], cwd: str, umask: int, argv: list[str], env: dict[bytes, bytes]) -> None:
+def _run_worker(fds: list[int], request: Request) -> None:
     """Become the process the client would have been, run the command, exit with its code."""
     global _caller_pipe
     code = 1
     try:
+        from sftp_plugin import caller
+
+        caller.remember(*request.caller)
+        caller.add_guard(heed_caller)
         *std, _caller_pipe = fds
         for target, fd in enumerate(std):
             os.dup2(fd, target)
@@ -507,15 +531,15 @@ def _run_worker(fds: list[int], cwd: str, umask: int, argv: list[str], env: dict
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
         os.environb.clear()
-        os.environb.update(env)
+        os.environb.update(request.env)
         import time
 
         time.tzset()  # log timestamps in the caller's TZ
-        os.chdir(cwd)
-        os.umask(umask)
+        os.chdir(request.cwd)
+        os.umask(request.umask)
         from sftp_plugin import cli
 
-        code = cli.main(argv, served_by=os.getppid())
+        code = cli.main(request.argv, served_by=os.getppid())
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt:

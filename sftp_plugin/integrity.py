@@ -2,9 +2,10 @@
 
 Each stored file ``<name>`` gets ``<name>.sha256`` beside it, in the format
 ``sha256sum`` writes (``<64 hex>  <name>``), so an admin can verify a backup on
-the backup host itself with ``sha256sum -c *.sha256``. The sidecar is put in
-place *before* its data file is renamed into place, so a file under its final
-name always has its checksum.
+the backup host itself with ``sha256sum -c *.sha256``. A stream longer than one
+block also gets its per-block digests (blocks.py), computed in the same pass.
+Both are put in place *before* their data file is renamed into place, so a
+file under its final name always has its checksums.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import hashlib
 import queue
 import re
 import threading
+from dataclasses import dataclass
+
+from sftp_plugin.blocks import BLOCK_SIZE, BLOCKS_SUFFIX
 
 SIDECAR_SUFFIX = ".sha256"
 _LINE_RE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
@@ -26,6 +30,15 @@ def is_sidecar(name: str) -> bool:
     return name.endswith(SIDECAR_SUFFIX)
 
 
+def is_checksum_file(name: str) -> bool:
+    """A sidecar or a blocks file: ours, beside a stored file, not one of gpbackup's."""
+    return is_sidecar(name) or name.endswith(BLOCKS_SUFFIX)
+
+
+def empty_digest() -> str:
+    return hashlib.sha256(b"").hexdigest()
+
+
 # Chunks waiting to be hashed (of up to 1 MiB each). SHA-256 (~1.6 GB/s here)
 # outruns the transfer, but on a busy machine its thread may be scheduled late:
 # then the transfer waits rather than holding more than this many chunks. 8, 64
@@ -33,8 +46,21 @@ def is_sidecar(name: str) -> bool:
 HASH_QUEUE_CHUNKS = 8
 
 
+@dataclass(frozen=True)
+class StreamDigests:
+    """What a stream's hashing found: its size, whole-stream SHA-256, and one SHA-256 per block."""
+
+    size: int
+    whole: bytes
+    blocks: bytes  # DIGEST_SIZE bytes per block of BLOCK_SIZE, in order
+
+    @property
+    def hexdigest(self) -> str:
+        return self.whole.hex()
+
+
 class BackgroundSha256:
-    """SHA-256 of a stream, computed on a helper thread while the transfer goes on.
+    """SHA-256 of a stream and of each of its blocks, computed on a helper thread while the transfer goes on.
 
     hashlib releases the GIL while it hashes, so on its own thread the hashing
     runs on another core instead of stalling the thread that feeds SSH: -8 to
@@ -42,27 +68,51 @@ class BackgroundSha256:
     be changed after update(); bytes never are.
     """
 
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
+    def __init__(self, block_size: int = BLOCK_SIZE) -> None:
+        self._block_size = block_size
+        self._whole = hashlib.sha256()
+        self._block = hashlib.sha256()
+        self._in_block = 0  # bytes of the current block hashed so far
+        self._blocks = bytearray()
+        self._size = 0
         self._chunks: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE_CHUNKS)
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self._thread.start()
-        self._digest: str | None = None
+        self._result: StreamDigests | None = None
 
     def _run(self) -> None:
         while (chunk := self._chunks.get()) is not None:
-            self._hash.update(chunk)
+            self._whole.update(chunk)
+            self._size += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                take = min(len(view), self._block_size - self._in_block)
+                self._block.update(view[:take])
+                self._in_block += take
+                view = view[take:]
+                if self._in_block == self._block_size:
+                    self._end_block()
+        if self._in_block:
+            self._end_block()
+
+    def _end_block(self) -> None:
+        self._blocks += self._block.digest()
+        self._block = hashlib.sha256()
+        self._in_block = 0
 
     def update(self, chunk: bytes) -> None:
         self._chunks.put(chunk)
 
-    def hexdigest(self) -> str:
-        """The digest of everything updated so far; no update() may follow."""
-        if self._digest is None:
+    def result(self) -> StreamDigests:
+        """The digests of everything updated so far; no update() may follow."""
+        if self._result is None:
             self._chunks.put(None)
             self._thread.join()
-            self._digest = self._hash.hexdigest()
-        return self._digest
+            self._result = StreamDigests(self._size, self._whole.digest(), bytes(self._blocks))
+        return self._result
+
+    def hexdigest(self) -> str:
+        return self.result().hexdigest
 
 
 def new_hash() -> BackgroundSha256:

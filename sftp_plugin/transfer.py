@@ -488,6 +488,10 @@ def is_dir(sftp: paramiko.SFTPClient, path: str) -> bool:
         return False
 
 
+def size_of(sftp: paramiko.SFTPClient, path: str) -> int:
+    return sftp.stat(path).st_size or 0
+
+
 def exists(sftp: paramiko.SFTPClient, path: str) -> bool:
     try:
         sftp.stat(path)

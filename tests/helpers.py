@@ -6,16 +6,19 @@ classes from here only for type hints and for the few plain functions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from tests.sshd_server import SshServer, free_port
 
@@ -156,3 +159,82 @@ def make_local_backup(root: Path, timestamp: str | None = None, segment: str = "
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return LocalBackup(path, timestamp)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as ended: its parent only has to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    try:
+        return status.read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+# Runs the command in argv[1:] as its child, prints the child's pid, waits: a parent a test can kill.
+_PARENT = ("import subprocess, sys; child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, "
+           "stderr=subprocess.DEVNULL); print(child.pid, flush=True); sys.exit(child.wait())")
+
+
+def start_under_a_parent(plugin: Plugin, *args: str | Path,
+                         env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Start the plugin as the child of a parent process (as gpbackup_helper starts it), its stdin a pipe
+    the test writes to. Returns the parent, the plugin's pid and the pipe's write end."""
+    read_end, write_end = os.pipe()
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, plugin.exe, *map(str, args)], stdin=read_end,
+                              stdout=subprocess.PIPE, env=isolated_env(plugin.home, env_extra))
+    os.close(read_end)
+    assert parent.stdout is not None
+    return parent, int(parent.stdout.readline()), write_end
+
+
+def gpbackup_report(timestamp: str, status: str, database: str = "prod") -> str:
+    """The coordinator's report as gpbackup writes it at the end of a backup (abridged)."""
+    return (f"Greenplum Database Backup Report\n\ntimestamp key:         {timestamp}\n"
+            f"gpbackup version:      1.30.5\ndatabase name:         {database}\n\nbackup status:         {status}\n")
+
+
+def gpbackup_config(timestamp: str, database: str, status: str | None = "Success",
+                    needs: tuple[str, ...] = ()) -> str:
+    """The coordinator's gpbackup_<ts>_config.yaml as gpbackup (yaml.v2) writes it; an incremental
+    backup when ``needs`` names the earlier backups whose data a restore of it reads (abridged)."""
+    plan = "".join(f'- timestamp: "{ts}"\n  tablefqns:\n  - public.t_{ts}\n' for ts in (*needs, timestamp))
+    return (f"backupdir: \"\"\nbackupversion: 1.30.5\ncompressed: true\ncompressiontype: gzip\n"
+            f"databasename: {database}\ndatabaseversion: 6.26.0 build commit:abc\nsegmentcount: 2\n"
+            f"excluderelations: []\nincremental: {'true' if needs else 'false'}\n"
+            f"metadataonly: false\nplugin: /usr/local/gpbackup_sftp_plugin/bin/gpbackup_sftp_plugin\n"
+            f"pluginversion: 0.1.0\nrestoreplan:\n{plan}singledatafile: false\ntimestamp: \"{timestamp}\"\n"
+            f"endtime: \"{timestamp}\"\nwithoutglobals: false\nwithstatistics: false\n"
+            + (f"status: {status}\n" if status is not None else ""))
+
+
+def gpbackup_files(timestamp: str, database: str = "prod", status: str = "Success",
+                   needs: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """What gpbackup leaves in a backup directory that retention reads: config.yaml and report, plus one data file."""
+    return {
+        f"gpbackup_0_{timestamp}": b"table data",
+        f"gpbackup_{timestamp}_config.yaml": gpbackup_config(timestamp, database, status, needs).encode(),
+        f"gpbackup_{timestamp}_report": gpbackup_report(timestamp, status, database).encode(),
+    }
+
+
+@contextlib.contextmanager
+def undeletable(directory: Path) -> Iterator[None]:
+    """Make the files in a remote directory undeletable for the test server (local, running as this user)."""
+    if os.geteuid() != 0:
+        directory.chmod(0o500)
+        try:
+            yield
+        finally:
+            directory.chmod(0o755)
+        return
+    # Root ignores file modes; the immutable attribute stops even root.
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i: cannot make a directory undeletable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)

@@ -1,4 +1,5 @@
-"""`check` and `list-backups`: the administrator's commands, run as the installed console script against a real sshd."""
+"""`check`, `list-backups` and `prune`: the administrator's commands, run as the installed console script against a
+real sshd."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import PLUGIN_EXE as PLUGIN
-from tests.helpers import isolated_env
+from tests.helpers import gpbackup_files, isolated_env, undeletable
 from tests.sshd_server import SshServer, free_port, keygen
 
 # A hung command must fail the test rather than hang the suite; not a timing assertion.
@@ -313,11 +314,12 @@ def test_list_backups_shows_each_backup_with_files_size_age_and_state(stored: Si
 
     assert result.returncode == 0, result.stderr
     header = result.stdout.splitlines()[0].split()
-    assert header == ["TIMESTAMP", "FILES", "SIZE", "AGE", "STATE"]
+    assert header == ["TIMESTAMP", "DATABASE", "FILES", "SIZE", "AGE", "NEEDS", "STATE"]
     complete = table_row(result.stdout, COMPLETE)
-    assert re.match(rf"^{COMPLETE}\s+3\s+3\.0 MiB\s+\d+d \d+h\s+complete$", complete), complete
+    # Its report names no database and it has no config.yaml: both unknown.
+    assert re.match(rf"^{COMPLETE}\s+\?\s+3\s+3\.0 MiB\s+\d+d \d+h\s+\?\s+complete$", complete), complete
     no_report = table_row(result.stdout, NO_REPORT)
-    assert re.match(rf"^{NO_REPORT}\s+2\s+", no_report), no_report
+    assert re.match(rf"^{NO_REPORT}\s+\?\s+2\s+", no_report), no_report
     assert "incomplete" in no_report and "no coordinator report" in no_report
     leftover = table_row(result.stdout, LEFTOVER)
     assert "incomplete" in leftover and "1 leftover temporary file" in leftover
@@ -373,3 +375,152 @@ def test_list_backups_fails_with_one_line_when_the_host_is_unreachable(site: Sit
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("gpbackup_sftp_plugin list-backups: ")
+
+
+
+# --------------------------------------------------------------------------- gpbackup's catalog: databases, chains
+
+SALES_OLD = "20200101000000"  # a full backup of sales that nothing needs any more
+SALES_FULL = "20200102000000"
+SALES_INCREMENTAL = "20200103000000"  # needs SALES_FULL
+HR_FULL = "20200104000000"
+RUNNING = "20200105000000"  # no config.yaml or report yet: database unknown
+
+
+def put_backups(site: Site) -> dict[str, Path]:
+    """Backups as gpbackup leaves them (config.yaml, report, data), written straight into the local server's disk."""
+    files = {
+        SALES_OLD: gpbackup_files(SALES_OLD, "sales"),
+        SALES_FULL: gpbackup_files(SALES_FULL, "sales"),
+        SALES_INCREMENTAL: gpbackup_files(SALES_INCREMENTAL, "sales", needs=(SALES_FULL,)),
+        HR_FULL: gpbackup_files(HR_FULL, "hr"),
+        RUNNING: {f"gpbackup_0_{RUNNING}": b"table data"},
+    }
+    directories: dict[str, Path] = {}
+    for timestamp, contents in files.items():
+        directory = site.remote_dir / "backups" / timestamp[:8] / timestamp
+        directory.mkdir(parents=True)
+        for name, data in contents.items():
+            (directory / name).write_bytes(data)
+        directories[timestamp] = directory
+    return directories
+
+
+def test_list_backups_shows_each_backups_database_and_what_an_incremental_needs(site: Site) -> None:
+    put_backups(site)
+
+    table = site.run("list-backups", site.config())
+    listing = site.run("list-backups", site.config(), "--json")
+
+    assert table.returncode == 0 and table.stderr == "", table
+    assert table.stdout.splitlines()[0].split()[:2] == ["TIMESTAMP", "DATABASE"]
+    assert "NEEDS" in table.stdout.splitlines()[0].split()
+    assert re.match(rf"^{SALES_INCREMENTAL}\s+sales\s.*\s{SALES_FULL}\s+complete$",
+                    table_row(table.stdout, SALES_INCREMENTAL))
+    assert re.match(rf"^{HR_FULL}\s+hr\s.*\s-\s+complete$", table_row(table.stdout, HR_FULL))
+    assert re.match(rf"^{RUNNING}\s+\?\s.*\s\?\s+incomplete", table_row(table.stdout, RUNNING))
+    backups = {b["timestamp"]: b for b in json.loads(listing.stdout)["backups"]}
+    assert backups[SALES_INCREMENTAL]["database"] == "sales" and backups[SALES_INCREMENTAL]["needs"] == [SALES_FULL]
+    assert backups[HR_FULL]["database"] == "hr" and backups[HR_FULL]["needs"] == []
+    assert backups[RUNNING]["database"] is None and backups[RUNNING]["needs"] is None
+
+
+def test_list_backups_marks_a_backup_whose_config_says_failure_incomplete(site: Site) -> None:
+    directory = put_backups(site)[HR_FULL]
+    config = directory / f"gpbackup_{HR_FULL}_config.yaml"
+    config.write_text(config.read_text().replace("status: Success", "status: Failure"))
+
+    listing = json.loads(site.run("list-backups", site.config(), "--json").stdout)
+    backups = {b["timestamp"]: b for b in listing["backups"]}
+
+    assert backups[HR_FULL]["complete"] is False and backups[HR_FULL]["config_status"] == "Failure"
+    assert backups[HR_FULL]["report_status"] == "Success"
+
+
+def test_list_backups_flags_a_file_whose_size_differs_from_what_was_backed_up_and_a_missing_one(site: Site) -> None:
+    store_backup(site, COMPLETE, report=True)
+    directory = site.remote_dir / "backups" / COMPLETE[:8] / COMPLETE
+    with open(directory / f"gpbackup_0_{COMPLETE}", "r+b") as handle:
+        handle.truncate(DATA_SIZE - 1)
+    (directory / f"gpbackup_{COMPLETE}_metadata.sql").unlink()
+
+    listing = json.loads(site.run("list-backups", site.config(), "--json").stdout)
+    (backup,) = listing["backups"]
+
+    assert backup["complete"] is False
+    assert backup["damaged_files"] == [f"gpbackup_{COMPLETE}_metadata.sql is missing (its checksum is stored)",
+                                       f"gpbackup_0_{COMPLETE} holds {DATA_SIZE - 1} bytes, {DATA_SIZE} were backed up"]
+
+
+def decision_lines(output: str) -> dict[str, str]:
+    """timestamp -> its `KEEP|DELETE  timestamp  database  reasons` line."""
+    found: dict[str, str] = {}
+    for line in output.splitlines():
+        match = re.match(r"^(KEEP|DELETE)\s+(\d{14})\s", line)
+        if match:
+            found[match.group(2)] = line
+    return found
+
+
+def test_prune_dry_run_says_what_it_would_delete_and_why_and_deletes_nothing(site: Site) -> None:
+    directories = put_backups(site)
+    before = sorted(p for p in site.remote_dir.rglob("*"))
+
+    result = site.run("prune", site.config(keep_last=1), "--dry-run")
+
+    assert result.returncode == 0 and result.stderr == "", result
+    lines = decision_lines(result.stdout)
+    assert set(lines) == set(directories)
+    assert re.match(rf"^DELETE\s+{SALES_OLD}\s+sales\s+older than the newest 1 of sales$", lines[SALES_OLD])
+    assert re.match(rf"^KEEP\s+{SALES_FULL}\s+sales\s+needed by {SALES_INCREMENTAL}$", lines[SALES_FULL])
+    assert re.match(rf"^KEEP\s+{SALES_INCREMENTAL}\s+sales\s+newest 1 of sales$", lines[SALES_INCREMENTAL])
+    assert re.match(rf"^KEEP\s+{HR_FULL}\s+hr\s+newest 1 of hr$", lines[HR_FULL])
+    assert re.match(rf"^KEEP\s+{RUNNING}\s+\?\s+database unknown$", lines[RUNNING])
+    assert "Dry run" in result.stdout
+    assert sorted(p for p in site.remote_dir.rglob("*")) == before
+
+
+def test_prune_deletes_what_retention_lets_go_and_keeps_the_rest(site: Site) -> None:
+    directories = put_backups(site)
+
+    result = site.run("prune", site.config(keep_last=1, keep_days=7))
+
+    assert result.returncode == 0 and result.stderr == "", result
+    assert decision_lines(result.stdout)[SALES_OLD].startswith("DELETE")
+    assert re.search(rf"^deleted {SALES_OLD} \(3 files\)$", result.stdout, re.MULTILINE), result.stdout
+    assert not directories[SALES_OLD].exists()
+    assert all(directories[ts].is_dir() for ts in (SALES_FULL, SALES_INCREMENTAL, HR_FULL, RUNNING))
+    again = site.run("prune", site.config(keep_last=1, keep_days=7))
+    assert again.returncode == 0 and "DELETE" not in again.stdout and "Nothing to delete" in again.stdout
+
+
+def test_prune_without_retention_options_says_nothing_is_pruned(site: Site) -> None:
+    directories = put_backups(site)
+
+    result = site.run("prune", site.config())
+
+    assert result.returncode == 0 and result.stderr == "", result
+    assert "nothing is pruned" in result.stdout
+    assert all(directory.is_dir() for directory in directories.values())
+
+
+def test_prune_that_cannot_delete_a_backup_fails_with_one_line(site: Site) -> None:
+    directories = put_backups(site)
+
+    with undeletable(directories[SALES_OLD]):
+        result = site.run("prune", site.config(keep_last=1))
+        assert directories[SALES_OLD].is_dir()
+
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("gpbackup_sftp_plugin prune: ")
+    assert f"FAILED to delete {SALES_OLD}" in result.stdout
+
+
+def test_prune_fails_with_one_line_when_the_host_is_unreachable(site: Site) -> None:
+    port = free_port()
+    result = site.run("prune", site.config(port=port, keep_last=1, retries=1, connect_timeout=2))
+
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("gpbackup_sftp_plugin prune: ") and str(port) in result.stderr, result.stderr

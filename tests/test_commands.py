@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from sftp_plugin import paths
-from tests.helpers import LocalBackup, Plugin, SiteConfig, assert_failed
+from tests.helpers import (
+    LocalBackup,
+    Plugin,
+    SiteConfig,
+    assert_failed,
+    gpbackup_config,
+    gpbackup_files,
+    gpbackup_report,
+    undeletable,
+)
 
 HOOKS = ("setup_plugin_for_backup", "setup_plugin_for_restore", "cleanup_plugin_for_backup",
          "cleanup_plugin_for_restore")
@@ -56,16 +65,15 @@ def make_remote_backup(remote_dir: Path, timestamp: str, files: dict[str, bytes]
     """Create a backup directly in the remote filesystem, as an earlier run would have left it."""
     directory = remote_dir / "backups" / timestamp[:8] / timestamp
     directory.mkdir(parents=True)
-    default = {f"gpbackup_{timestamp}_report": report_text(timestamp, "Success").encode()}
+    default = gpbackup_files(timestamp)  # a successful full backup of database prod
     for name, data in (files or default).items():
         (directory / name).write_bytes(data)
     return directory
 
 
-def report_text(timestamp: str, status: str) -> str:
+def report_text(timestamp: str, status: str, database: str = "prod") -> str:
     """The coordinator's report as gpbackup writes it at the end of a backup (abridged)."""
-    return (f"Greenplum Database Backup Report\n\ntimestamp key:         {timestamp}\n"
-            f"gpbackup version:      1.30.5\ndatabase name:         prod\n\nbackup status:         {status}\n")
+    return gpbackup_report(timestamp, status, database)
 
 
 def stamp(moment: datetime) -> str:
@@ -298,7 +306,7 @@ def test_restore_data_subset_prints_only_the_listed_ranges(plugin: Plugin, confi
     assert out == b"".join(data[s:e] for s, e in ranges)
 
 
-@pytest.mark.parametrize("content", ["", "2 0 2 5", "2 5 7 0 2", "1 7 5", "1 -1 3", "two 0 2", "2 0 4 2 6"])
+@pytest.mark.parametrize("content", ["", "2 0 2 5", "1 7 5", "1 -1 3", "two 0 2", "1 0 13", "2 0 2 12 13"])
 def test_restore_data_subset_with_invalid_offsets_prints_nothing_and_fails(plugin: Plugin, config: SiteConfig,
                                                                            backup: LocalBackup, tmp_path: Path,
                                                                            content: str) -> None:
@@ -472,14 +480,19 @@ def test_cleanup_plugin_for_backup_coordinator_removes_partial_leftovers(plugin:
     assert (remote / name).read_bytes() == b"complete"
 
 
-def take_backup(plugin: Plugin, cfg: Path, backup: LocalBackup, status: str | None = "Success") -> None:
-    """What gpbackup does before cleanup: setup, data, and at the end the coordinator's report (if it got there)."""
+def take_backup(plugin: Plugin, cfg: Path, backup: LocalBackup, status: str | None = "Success",
+                database: str = "prod", needs: tuple[str, ...] = ()) -> None:
+    """What gpbackup does before cleanup: setup, data, and at the end (if it got there) the coordinator's
+    config.yaml (an incremental backup's when ``needs`` names earlier backups) and then its report."""
     plugin.ok("setup_plugin_for_backup", cfg, backup.path, "coordinator", '"-1"')
     key = backup.file(f"gpbackup_0_{backup.timestamp}")
     plugin.ok("backup_data", cfg, key, stdin=b"table data")
     if status is not None:
+        config_file = backup.file(f"gpbackup_{backup.timestamp}_config.yaml")
+        config_file.write_text(gpbackup_config(backup.timestamp, database, status, needs))
+        plugin.ok("backup_file", cfg, config_file)
         report = backup.file(f"gpbackup_{backup.timestamp}_report")
-        report.write_text(report_text(backup.timestamp, status))
+        report.write_text(report_text(backup.timestamp, status, database))
         plugin.ok("backup_file", cfg, report)
 
 
@@ -532,6 +545,55 @@ def test_cleanup_after_a_failed_backup_prunes_nothing(plugin: Plugin, config: Si
     take_backup(plugin, cfg, failed, status=status)
     plugin.ok("cleanup_plugin_for_backup", cfg, failed.path, "coordinator", '"-1"')
     assert previous.is_dir()
+
+
+def test_keep_last_counts_per_database_so_a_backup_of_hr_never_deletes_the_only_backup_of_sales(
+        plugin: Plugin, config: SiteConfig, make_backup: MakeBackup) -> None:
+    # gpbackup backs up one database per run: keep_last 1 means one of each database, not one in all.
+    older_sales = make_remote_backup(config.remote_dir, "20200101000000", gpbackup_files("20200101000000", "sales"))
+    sales = make_remote_backup(config.remote_dir, "20200102000000", gpbackup_files("20200102000000", "sales"))
+    older_hr = make_remote_backup(config.remote_dir, "20200103000000", gpbackup_files("20200103000000", "hr"))
+    cfg = config.write("keep_last.yaml", keep_last="1")
+    hr = make_backup(stamp(datetime.now()))
+    take_backup(plugin, cfg, hr, database="hr")
+    plugin.ok("cleanup_plugin_for_backup", cfg, hr.path, "coordinator", '"-1"')
+    assert sales.is_dir(), "the newest (only kept) backup of sales must survive a backup of hr"
+    assert not older_sales.exists() and not older_hr.exists()
+    assert hr.remote(config.remote_dir).is_dir()
+
+
+def test_keep_last_keeps_the_full_backup_and_incrementals_the_newest_incremental_needs(
+        plugin: Plugin, config: SiteConfig, make_backup: MakeBackup) -> None:
+    now = datetime.now()
+    previous_full, base, first = (stamp(now - timedelta(days=days)) for days in (9, 8, 7))
+    old = make_remote_backup(config.remote_dir, previous_full, gpbackup_files(previous_full, "sales"))
+    full = make_remote_backup(config.remote_dir, base, gpbackup_files(base, "sales"))
+    incremental = make_remote_backup(config.remote_dir, first, gpbackup_files(first, "sales", needs=(base,)))
+    cfg = config.write("keep_last.yaml", keep_last="1")
+    newest = make_backup(stamp(now))
+    take_backup(plugin, cfg, newest, database="sales", needs=(base, first))
+    plugin.ok("cleanup_plugin_for_backup", cfg, newest.path, "coordinator", '"-1"')
+    assert full.is_dir() and incremental.is_dir(), "a restore of the newest incremental reads both"
+    assert newest.remote(config.remote_dir).is_dir()
+    assert not old.exists(), "a full backup no kept backup needs is pruned"
+
+
+def test_a_failing_prune_is_a_warning_in_the_log_and_cleanup_still_succeeds(
+        plugin: Plugin, config: SiteConfig, make_backup: MakeBackup) -> None:
+    # gpbackup makes a failed coordinator cleanup exit code 1 for a backup that succeeded.
+    stuck = make_remote_backup(config.remote_dir, "20200101000000")
+    deletable = make_remote_backup(config.remote_dir, "20200102000000")
+    cfg = config.write("keep_last.yaml", keep_last="1")
+    current = make_backup(stamp(datetime.now()))
+    take_backup(plugin, cfg, current)
+    with undeletable(stuck):
+        result = plugin.run("cleanup_plugin_for_backup", cfg, current.path, "coordinator", '"-1"')
+        assert stuck.is_dir()
+    assert result.returncode == 0 and result.stderr == b"", result
+    assert not deletable.exists(), "one stuck backup must not stop the pruning of the others"
+    warnings = [line for line in config.log_text().splitlines() if " WARNING " in line]
+    assert any("20200101000000" in line for line in warnings), config.log_text()
+    assert current.remote(config.remote_dir).is_dir()
 
 
 # ---------------------------------------------------------------- success contract over every command

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sftp_plugin.config import PluginConfig, load_config, parse_options
+from sftp_plugin.config import NOT_PLAIN, PluginConfig, load_config, parse_options, read_options
 from sftp_plugin.errors import ConfigError
 
 BASE: dict[str, Any] = {"hostname": "backup.example.com", "remote_dir": "/srv/gpbackup"}
@@ -39,8 +40,8 @@ def test_minimal_options_give_defaults() -> None:
     assert cfg.restore_subset is False
 
 
-@pytest.mark.parametrize("raw", [22, "22", " 22 "])
-def test_port_accepts_int_and_its_string_form(raw: Any) -> None:
+@pytest.mark.parametrize("raw", ["22", " 22 ", "022", "+22"])
+def test_port_accepts_its_decimal_text(raw: str) -> None:
     assert parse(port=raw).port == 22
 
 
@@ -49,33 +50,43 @@ def test_integer_options_accept_the_string_form_gpbackup_sends(key: str) -> None
     assert getattr(parse(**{key: "7"}), key) == 7
 
 
-@pytest.mark.parametrize("raw", ["abc", "2.5", "", True, [22]])
+@pytest.mark.parametrize("raw", ["abc", "2.5", "", "yes", [22]])
 def test_port_rejects_non_numbers(raw: Any) -> None:
     assert "'port'" in problems(port=raw)
 
 
-@pytest.mark.parametrize("raw", ["0", "65536", -1])
-def test_port_rejects_out_of_range_numbers(raw: Any) -> None:
+@pytest.mark.parametrize("raw", ["2_2", "٢٢"])
+def test_port_rejects_digits_python_reads_but_that_are_not_plain_decimal(raw: str) -> None:
+    # int() takes underscores and non-ASCII digits; a port is written in ASCII decimal digits.
+    assert f"'port': expected a whole number, got {raw!r}" in problems(port=raw)
+
+
+@pytest.mark.parametrize("raw", ["0", "65536", "-1"])
+def test_port_rejects_out_of_range_numbers(raw: str) -> None:
     assert "'port'" in problems(port=raw)
 
 
-@pytest.mark.parametrize("raw", ["0", 0, "-3"])
-def test_retries_must_be_at_least_one(raw: Any) -> None:
+@pytest.mark.parametrize("raw", ["0", "-3"])
+def test_retries_must_be_at_least_one(raw: str) -> None:
     assert "'retries'" in problems(retries=raw)
 
 
-@pytest.mark.parametrize("raw", [True, "true", "True", "on", "yes", "1"])
-def test_restore_subset_true_forms(raw: Any) -> None:
-    assert parse(restore_subset=raw).restore_subset is True
+def test_parse_options_takes_the_text_of_each_value_not_native_values() -> None:
+    with pytest.raises(TypeError, match="port"):
+        parse_options({**BASE, "port": 22})
 
 
-@pytest.mark.parametrize("raw", [False, "false", "off", "no", "0"])
-def test_restore_subset_false_forms(raw: Any) -> None:
-    assert parse(restore_subset=raw).restore_subset is False
+@pytest.mark.parametrize(("raw", "expected"), [("on", True), ("off", False)])
+def test_restore_subset_is_on_or_off(raw: str, expected: bool) -> None:
+    assert parse(restore_subset=raw).restore_subset is expected
 
 
-def test_restore_subset_rejects_other_words() -> None:
-    assert "'restore_subset'" in problems(restore_subset="maybe")
+@pytest.mark.parametrize("raw", ["true", "True", "yes", "1", "ON", "On", "false", "no", "0", "OFF", " on", "", "maybe"])
+def test_restore_subset_refuses_all_but_exactly_on_or_off(raw: str) -> None:
+    # gprestore compares the text with "on" itself: `true` would silently mean off to it.
+    message = problems(restore_subset=raw)
+    assert f"'restore_subset': expected exactly on or off, got {raw!r}" in message
+    assert "gprestore" in message and "exactly 'on'" in message
 
 
 def test_gpbackup_added_keys_are_accepted() -> None:
@@ -137,9 +148,9 @@ def test_remote_dir_is_normalised() -> None:
 
 @pytest.mark.parametrize(("raw", "expected"), [
     ("yes", "yes"), ("no", "no"), ("accept-new", "accept-new"), ("ACCEPT-NEW", "accept-new"),
-    (True, "yes"), (False, "no"), ("true", "yes"), ("false", "no"), ("on", "yes"), ("off", "no"),
+    ("true", "yes"), ("false", "no"), ("on", "yes"), ("off", "no"),
 ])
-def test_strict_host_key_checking_values(raw: Any, expected: str) -> None:
+def test_strict_host_key_checking_values(raw: str, expected: str) -> None:
     assert parse(strict_host_key_checking=raw).strict_host_key_checking == expected
 
 
@@ -182,7 +193,7 @@ def test_load_config_accepts_the_copy_gpbackup_writes(tmp_path: Path) -> None:
     # gpbackup re-serialises every option value as a string and adds its own keys.
     document = {"executablepath": "/usr/local/bin/gpbackup_sftp_plugin", "options": {
         "hostname": "backup.example.com", "remote_dir": "/srv/gpbackup", "port": "2222", "retries": "3",
-        "restore_subset": "true", "strict_host_key_checking": "accept-new", "keep_last": "4",
+        "restore_subset": "on", "strict_host_key_checking": "accept-new", "keep_last": "4",
         "pgport": "6000", "backup_plugin_version": "0.1.0"}}
     path = tmp_path / "gpbackup_copy.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -196,6 +207,114 @@ def test_load_config_accepts_native_yaml_values(tmp_path: Path) -> None:
                       "  restore_subset: on\n")
     cfg = load_config(str(path))
     assert cfg.port == 22 and cfg.restore_subset is True
+
+
+def test_read_options_gives_the_literal_text_and_none_only_for_a_plain_null(tmp_path: Path) -> None:
+    # As gpbackup's map[string]string (yaml.v2) reads them: no YAML 1.1 typing of the values.
+    path = write_yaml(tmp_path / "c.yaml", "executablepath: /x\noptions:\n"
+                      "  a: 012345\n  b: yes\n  c: 12:30\n  d: 1.5e+3\n  e: 0x1F\n  f: .inf\n"
+                      "  g:\n  h: ~\n  i: null\n  j: NULL\n  k: 'null'\n  l: \"~\"\n  m: \"\"\n"
+                      "  n: [1, 2]\n  o: {p: q}\n  pgport: \"6000\"\n")
+    assert read_options(str(path)) == {
+        "a": "012345", "b": "yes", "c": "12:30", "d": "1.5e+3", "e": "0x1F", "f": ".inf",
+        "g": None, "h": None, "i": None, "j": None, "k": "null", "l": "~", "m": "",
+        "n": NOT_PLAIN, "o": NOT_PLAIN, "pgport": "6000",
+    }
+
+
+def test_read_options_merges_an_anchored_map_as_yaml_v2_does(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "c.yaml", "common: &common\n  port: 022\n  retries: 3\n"
+                      "options:\n  <<: *common\n  retries: 5\n  hostname: h\n")
+    assert read_options(str(path)) == {"port": "022", "retries": "5", "hostname": "h"}
+
+
+@pytest.mark.parametrize(("written", "text"), [
+    ("012345", "012345"),  # YAML 1.1 octal: 5349
+    ("yes", "yes"),  # YAML 1.1 boolean: True
+    ("12:30", "12:30"),  # YAML 1.1 sexagesimal: 750
+    ("1.5e+3", "1.5e+3"),  # float: 1500.0
+    ("0x1F", "0x1F"),  # hex: 31
+    ('"  spaced out  "', "  spaced out  "),  # spaces are part of a secret
+])
+def test_secrets_are_the_literal_yaml_text(tmp_path: Path, written: str, text: str) -> None:
+    path = write_yaml(tmp_path / "c.yaml", "options:\n  hostname: h\n  remote_dir: /r\n"
+                      f"  identity_passphrase: {written}\n  password: {written}\n")
+    cfg = load_config(str(path))
+    assert (cfg.identity_passphrase, cfg.password) == (text, text)
+
+
+def test_integer_options_in_the_file_are_decimal_text_not_yaml_octal(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "c.yaml", "options:\n  hostname: h\n  remote_dir: /r\n  retries: 010\n"
+                      "  port: 0022\n")
+    cfg = load_config(str(path))
+    assert (cfg.retries, cfg.port) == (10, 22)
+
+
+@pytest.mark.parametrize("written", ["0x10", "1:30", "1_0", "0b11", "1.5e+3"])
+def test_yaml_1_1_numbers_in_the_file_are_refused_for_integer_options(tmp_path: Path, written: str) -> None:
+    path = write_yaml(tmp_path / "c.yaml", f"options:\n  hostname: h\n  remote_dir: /r\n  connect_timeout: {written}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"'connect_timeout': expected a whole number, got '{written}'")):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("written", ["yes", "true", "True", "1"])
+def test_restore_subset_in_the_file_other_than_on_or_off_is_refused(tmp_path: Path, written: str) -> None:
+    path = write_yaml(tmp_path / "c.yaml", f"options:\n  hostname: h\n  remote_dir: /r\n  restore_subset: {written}\n")
+    with pytest.raises(ConfigError, match="restore_subset': expected exactly on or off"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize(("text", "where", "what"), [
+    # remote_dir indented less than hostname
+    ("options:\n  hostname: h\n remote_dir: /r\n  port: 22\n", "at line 3, column 2", "expected <block end>"),
+    # remote_dir indented more than hostname
+    ("options:\n  hostname: h\n   remote_dir: /r\n  port: 22\n", "at line 3, column", "mapping values are not allowed"),
+])
+def test_yaml_error_names_the_misindented_line(tmp_path: Path, text: str, where: str, what: str) -> None:
+    path = write_yaml(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert f"{path} is not valid YAML {where}" in str(caught.value) and what in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("options:\n  hostname: h\n  password: 'secret-pw\n  remote_dir: /r\n  port: 22\n", 3),
+    ("options:\n  hostname: [unclosed, secret-pw\n  remote_dir: /r\n  port: 22\n", 2),
+    ("options:\n  hostname: h\n  secret-pw\n  remote_dir: /r\n", 3),
+])
+def test_yaml_error_names_the_line_where_an_unclosed_token_opens_and_shows_none_of_it(
+    tmp_path: Path, text: str, line: int
+) -> None:
+    # PyYAML notices these only at a later token (often the end of the file): its context mark is the line.
+    path = write_yaml(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    message = str(caught.value)
+    assert f"is not valid YAML at line {line}," in message
+    assert "secret-pw" not in message
+
+
+def test_check_masks_the_secrets_as_written_even_when_the_config_is_invalid(tmp_path: Path) -> None:
+    from sftp_plugin.admin import _raw_secrets  # admin imports much more than config: only here
+
+    path = write_yaml(tmp_path / "c.yaml", "options:\n  hostname: h\n  password: 012345\n"
+                      "  identity_passphrase: ' spaced '\n  port: nope\n")
+    assert _raw_secrets(str(path)) == ["012345", " spaced "]
+
+
+@pytest.mark.parametrize(("word", "says"), [
+    ("on", "filtered restores of --single-data-file backups read only the byte ranges they need"),
+    ("off", "filtered restores of --single-data-file backups stream each segment's whole data file"),
+])
+def test_check_says_whether_filtered_restores_read_byte_ranges(
+    capsys: pytest.CaptureFixture[str], word: str, says: str
+) -> None:
+    from sftp_plugin.admin import _print_options  # admin imports much more than config: only here
+
+    _print_options(parse(restore_subset=word), "c.yaml", [])
+    out = capsys.readouterr().out
+    assert re.search(rf"^  restore_subset +{word}$", out, re.M), out
+    assert re.search(rf"^  -> restore_subset +{word}: {re.escape(says)}", out, re.M), out
 
 
 def test_missing_config_file_error_names_the_path(tmp_path: Path) -> None:

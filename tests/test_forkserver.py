@@ -32,11 +32,13 @@ from tests.helpers import (
     LocalBackup,
     Plugin,
     SiteConfig,
+    alive,
     assert_failed,
     assert_ok,
     isolated_env,
     sha256,
     socket_dir_env,
+    start_under_a_parent,
     wait_until,
 )
 
@@ -103,16 +105,6 @@ def served(plugin: Plugin, config: SiteConfig) -> Iterator[Served]:
         except ProcessLookupError:
             pass
     shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes (its parent, the monitor, reaps it).
-    status = Path(f"/proc/{pid}/stat")
-    return status.exists() and status.read_text().split(") ")[-1][:1] != "Z"
 
 
 # ---------------------------------------------------------------- serving calls
@@ -292,6 +284,26 @@ def test_end_of_input_after_a_signal_to_the_caller_commits_nothing_even_before_t
     assert_ended_as_the_signal_ends_a_plugin_in_process(upload.caller, sig, err)
 
 
+def test_end_of_input_after_the_callers_parent_died_commits_nothing_in_a_worker(
+        served: Served, backup: LocalBackup) -> None:
+    # gpbackup_helper going down on SIGUSR1 closes our stdin and sends us no signal: only the
+    # caller's parent changes, and the worker looks at it before committing.
+    served.start_server(backup)
+    name = f"gpbackup_0_{backup.timestamp}_orphan"
+    parent, pid, feed = start_under_a_parent(served.plugin, "backup_data", served.config.path, backup.file(name),
+                                             env_extra=served.env)
+    try:
+        os.write(feed, os.urandom(32 * 1024))
+        assert wait_until(lambda: any(name in line for line in served.served_lines())), "not served by a worker"
+        parent.kill()
+        parent.wait(timeout=RUN_TIMEOUT)
+    finally:
+        os.close(feed)
+    assert wait_until(lambda: not alive(pid), timeout=RUN_TIMEOUT)
+    assert "is gone" in served.config.log_text()
+    assert not backup.remote(served.config.remote_dir, name).exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_caller_never_reports_success_even_when_its_worker_finished_first(
         served: Served, backup: LocalBackup, sig: signal.Signals) -> None:
@@ -370,11 +382,12 @@ def test_an_idle_server_removes_its_socket_and_exits(served: Served, tmp_path: P
 def test_a_request_round_trips_argv_cwd_umask_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPSFTP_TEST_VALUE", "a=b c\u00e9")
     argv = ["backup_data", "/cfg/plugin.yaml", "/data/gpseg0/backups/20261124/20261124101010/gpbackup_0_t"]
-    magic, digest, cwd, umask, decoded, env = forkserver._decode_request(forkserver._encode_request(argv))
-    assert magic == forkserver.MAGIC and digest == forkserver.code_digest()
-    assert cwd == os.getcwd() and decoded == argv
-    assert umask == forkserver._current_umask()
-    assert env[b"GPSFTP_TEST_VALUE"] == "a=b c\u00e9".encode()
+    request = forkserver._decode_request(forkserver._encode_request(argv))
+    assert request.magic == forkserver.MAGIC and request.digest == forkserver.code_digest()
+    assert request.cwd == os.getcwd() and request.argv == argv
+    assert request.umask == forkserver._current_umask()
+    assert request.caller == (os.getpid(), os.getppid())
+    assert request.env[b"GPSFTP_TEST_VALUE"] == "a=b c\u00e9".encode()
 
 
 def test_exit_code_of_returns_the_workers_exit_code() -> None:

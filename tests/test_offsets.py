@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sftp_plugin.errors import UsageError
-from sftp_plugin.offsets import parse_offsets
+from sftp_plugin.offsets import check_within, parse_offsets
 
 
 def apply(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
@@ -41,16 +41,50 @@ def test_count_mismatch_is_refused(text: str) -> None:
         parse_offsets(text)
 
 
-@pytest.mark.parametrize("text", ["1 5 5", "1 7 5", "2 0 2 6 6"])
-def test_start_not_below_end_is_refused(text: str) -> None:
-    with pytest.raises(UsageError):
+@pytest.mark.parametrize("text", ["1 7 5", "2 0 2 6 4"])
+def test_end_before_start_is_refused(text: str) -> None:
+    with pytest.raises(UsageError, match="ends before it starts"):
         parse_offsets(text)
 
 
-@pytest.mark.parametrize("text", ["2 5 7 0 2", "2 0 5 3 7", "3 0 2 10 12 4 6"])
-def test_descending_or_overlapping_ranges_are_refused(text: str) -> None:
-    with pytest.raises(UsageError, match="ascend"):
-        parse_offsets(text)
+def test_ranges_keep_the_helpers_oid_order() -> None:
+    # gpbackup_helper writes one pair per table in the order of its OID list, not by offset.
+    data = bytes(range(256))
+    ranges = parse_offsets("3 100 200 0 50 50 50")
+    assert ranges == [(100, 200), (0, 50), (50, 50)]
+    assert apply(data, ranges) == data[100:200] + data[0:50]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2 5 7 0 2", b"FGAB"),  # descending
+    ("2 0 5 3 7", b"ABCDEDEFG"),  # overlapping
+    ("2 2 4 2 4", b"CDCD"),  # the same range twice
+    ("3 0 2 10 12 4 6", b"ABKLEF"),  # out of order
+])
+def test_unordered_or_overlapping_ranges_are_served_in_file_order(text: str, expected: bytes) -> None:
+    assert apply(b"ABCDEFGHIJKL", parse_offsets(text)) == expected
+
+
+@pytest.mark.parametrize("text", ["1 5 5", "1 0 0", "3 0 2 6 6 5 7"])
+def test_empty_table_gives_an_empty_range_that_selects_nothing(text: str) -> None:
+    ranges = parse_offsets(text)
+    assert [(s, e) for s, e in ranges if s == e]
+    assert apply(b"ABCDEFGHIJKL", ranges) == apply(b"ABCDEFGHIJKL", [(s, e) for s, e in ranges if s != e])
+
+
+def test_ranges_up_to_the_end_of_the_file_are_within_it() -> None:
+    check_within([(0, 12), (12, 12), (3, 5), (0, 0)], size=12, source="offsets file /tmp/o")
+
+
+def test_no_ranges_are_within_an_empty_file() -> None:
+    check_within([], size=0)
+
+
+@pytest.mark.parametrize("ranges", [[(0, 13)], [(0, 5), (10, 13)], [(13, 13)], [(100, 200), (0, 5)]])
+def test_range_ending_beyond_the_stored_file_is_refused(ranges: list[tuple[int, int]]) -> None:
+    with pytest.raises(UsageError, match="beyond") as caught:
+        check_within(ranges, size=12, source="offsets file /tmp/offsets_7")
+    assert "/tmp/offsets_7" in str(caught.value) and "12 bytes" in str(caught.value)
 
 
 @pytest.mark.parametrize("text", ["1 -2 5", "1 -5 -2", "-1", "-1 0 2"])
@@ -59,7 +93,7 @@ def test_negative_numbers_are_refused(text: str) -> None:
         parse_offsets(text)
 
 
-@pytest.mark.parametrize("text", ["", "   \n", "two 0 2 5 7", "2 0 2 5 7.5", "1 0x0 0x10"])
+@pytest.mark.parametrize("text", ["", "   \n", "two 0 2 5 7", "2 0 2 5 7.5", "1 0x0 0x10", "1 +0 2", "1 0 1_0"])
 def test_empty_or_non_integer_file_is_refused(text: str) -> None:
     with pytest.raises(UsageError):
         parse_offsets(text)

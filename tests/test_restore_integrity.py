@@ -1,0 +1,286 @@
+"""What a restore delivers when the stored bytes are damaged, when its reader stops early, and what a
+backup commits when the process that started it is gone: the installed plugin against a real sshd."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sftp_plugin import blocks
+from tests.helpers import (
+    RUN_TIMEOUT,
+    LocalBackup,
+    Plugin,
+    SiteConfig,
+    alive,
+    assert_failed,
+    assert_ok,
+    isolated_env,
+    socket_dir_env,
+    start_under_a_parent,
+    wait_until,
+)
+
+MIB = 1024 * 1024
+BLOCK = blocks.BLOCK_SIZE
+
+
+def stored(plugin: Plugin, config: SiteConfig, backup: LocalBackup, data: bytes,
+           name: str | None = None) -> tuple[Path, Path]:
+    """Back ``data`` up as gpbackup_helper would; the key and the stored file on the (local) server."""
+    name = name or f"gpbackup_0_{backup.timestamp}"
+    key = backup.file(name)
+    plugin.ok("backup_data", config.path, key, stdin=data)
+    return key, backup.remote(config.remote_dir, name)
+
+
+def flip(path: Path, offset: int) -> None:
+    damaged = bytearray(path.read_bytes())
+    damaged[offset] ^= 0x01
+    path.write_bytes(bytes(damaged))
+
+
+def write_offsets(tmp_path: Path, ranges: list[tuple[int, int]]) -> Path:
+    offsets = tmp_path / "offsets"
+    offsets.write_text(f"{len(ranges)} " + " ".join(f"{s} {e}" for s, e in ranges))
+    return offsets
+
+
+# ---------------------------------------------------------------- verified before delivered
+
+
+def test_a_stream_longer_than_a_block_is_stored_with_its_block_digests(plugin: Plugin, config: SiteConfig,
+                                                                       backup: LocalBackup) -> None:
+    data = os.urandom(2 * BLOCK + 10)
+    _, path = stored(plugin, config, backup, data)
+    header = blocks.parse_header(Path(blocks.blocks_path(str(path))).read_bytes())
+    assert (header.size, header.whole) == (len(data), hashlib.sha256(data).digest())
+    assert Path(blocks.blocks_path(str(path))).stat().st_size == header.file_size == 64 + 3 * 32
+    # The sidecar stays what sha256sum -c checks on the backup host.
+    checked = subprocess.run(["sha256sum", "-c", path.name + ".sha256"], cwd=path.parent, capture_output=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_stream_of_one_block_has_only_its_sidecar(plugin: Plugin, config: SiteConfig, backup: LocalBackup) -> None:
+    _, path = stored(plugin, config, backup, os.urandom(BLOCK))
+    assert Path(str(path) + ".sha256").exists() and not Path(blocks.blocks_path(str(path))).exists()
+
+
+def test_a_changed_byte_stops_restore_data_before_the_block_that_holds_it(plugin: Plugin, config: SiteConfig,
+                                                                          backup: LocalBackup) -> None:
+    data = os.urandom(3 * BLOCK + BLOCK // 2)
+    key, path = stored(plugin, config, backup, data)
+    flip(path, 2 * BLOCK + 12345)
+
+    result = plugin.run("restore_data", config.path, key)
+
+    assert result.stdout == data[: 2 * BLOCK]  # the two good blocks, not one byte of the damaged one
+    line = assert_failed(result)
+    assert path.name in line and f"offset {2 * BLOCK}" in line and "checksum" in line, line
+
+
+def test_a_changed_byte_in_a_small_file_delivers_nothing(plugin: Plugin, config: SiteConfig,
+                                                         backup: LocalBackup) -> None:
+    data = os.urandom(200_000)
+    key, path = stored(plugin, config, backup, data)
+    flip(path, 199_999)
+
+    result = plugin.run("restore_data", config.path, key)
+
+    assert result.stdout == b""
+    assert path.name in assert_failed(result)
+
+
+def test_restore_data_subset_delivers_nothing_of_a_damaged_block_a_range_touches(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup, tmp_path: Path) -> None:
+    data = os.urandom(4 * BLOCK)
+    key, path = stored(plugin, config, backup, data)
+    flip(path, 3 * BLOCK + 5)  # outside the second range's bytes, inside its block
+    ranges = [(100, 200), (3 * BLOCK + 1000, 3 * BLOCK + 2000)]
+
+    result = plugin.run("restore_data_subset", config.path, key, write_offsets(tmp_path, ranges))
+
+    assert result.stdout == data[100:200]
+    assert "checksum" in assert_failed(result)
+
+
+def test_restore_data_subset_serves_ranges_in_the_order_given_empty_and_overlapping_ones_too(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup, tmp_path: Path) -> None:
+    data = os.urandom(5 * BLOCK + 77)
+    key, _ = stored(plugin, config, backup, data)
+    # As gpbackup_helper writes them: in OID order, an empty table as s == e.
+    ranges = [(4 * BLOCK - 10, 5 * BLOCK + 77), (0, 10), (BLOCK, BLOCK), (5, 2 * BLOCK + 1), (2 * BLOCK, 2 * BLOCK + 1)]
+
+    out = plugin.ok("restore_data_subset", config.path, key, write_offsets(tmp_path, ranges)).stdout
+
+    assert out == b"".join(data[s:e] for s, e in ranges)
+
+
+def test_a_truncated_stored_stream_fails_before_any_byte(plugin: Plugin, config: SiteConfig,
+                                                          backup: LocalBackup) -> None:
+    data = os.urandom(3 * BLOCK)
+    key, path = stored(plugin, config, backup, data)
+    with open(path, "r+b") as handle:
+        handle.truncate(2 * BLOCK + 1)
+
+    result = plugin.run("restore_data", config.path, key)
+
+    assert result.stdout == b""
+    line = assert_failed(result)
+    assert f"holds {2 * BLOCK + 1} bytes, but {3 * BLOCK} were backed up" in line, line
+
+
+def test_a_stream_stored_by_an_earlier_release_still_restores_and_the_log_says_it_was_unverified(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup) -> None:
+    data = os.urandom(2 * BLOCK + 3)
+    key, path = stored(plugin, config, backup, data)
+    Path(blocks.blocks_path(str(path))).unlink()  # what the previous release stored: the sidecar only
+
+    assert plugin.ok("restore_data", config.path, key).stdout == data
+    assert "cannot be verified before delivery" in config.log_text()
+
+
+def test_restore_file_of_a_damaged_multi_block_file_leaves_no_local_file(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup, tmp_path: Path) -> None:
+    name = f"gpbackup_{backup.timestamp}_metadata.sql"
+    data = os.urandom(2 * BLOCK + 1)
+    source = backup.file(name)
+    source.write_bytes(data)
+    plugin.ok("backup_file", config.path, source)
+    flip(backup.remote(config.remote_dir, name), 2 * BLOCK)
+    source.unlink()
+
+    assert "checksum" in assert_failed(plugin.run("restore_file", config.path, source))
+    assert list(backup.path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the reader that stops early
+
+
+@pytest.mark.parametrize("verify", ["yes", "no"])
+def test_a_reader_that_stops_early_ends_restore_data_at_once_without_a_retry_or_a_line(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup, verify: str) -> None:
+    cfg = config.write("reader.yaml", verify_checksums=verify)
+    data = os.urandom(40 * MIB)  # far more than a pipe and the read-ahead hold
+    key = backup.file(f"gpbackup_0_{backup.timestamp}")
+    plugin.ok("backup_data", cfg, key, stdin=data)
+
+    reader = subprocess.Popen([plugin.exe, "restore_data", str(cfg), str(key)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=isolated_env(plugin.home))
+    assert reader.stdout is not None and reader.stderr is not None
+    assert reader.stdout.read(65536) == data[:65536]
+    reader.stdout.close()  # as gpbackup_helper does once it has the last table it needs
+    stderr = reader.stderr.read()
+    code = reader.wait(timeout=RUN_TIMEOUT)
+
+    assert (code, stderr) == (141, b"")
+    log = config.log_text()
+    assert "retrying" not in log and "attempt 1 failed" not in log, log[-2000:]
+    assert "stopped after" in log and "closed it" in log
+
+
+# ---------------------------------------------------------------- the writer that dies
+
+
+def test_end_of_input_after_the_caller_died_commits_nothing(plugin: Plugin, config: SiteConfig,
+                                                            backup: LocalBackup, tmp_path: Path) -> None:
+    # In a process of its own: no fork server where it looks, and none started (the worker's case is
+    # in test_forkserver).
+    cfg = config.write("in_process.yaml", fork_server="no")
+    name = f"gpbackup_0_{backup.timestamp}"
+    parent, pid, feed = start_under_a_parent(plugin, "backup_data", cfg, backup.file(name),
+                                             env_extra=socket_dir_env(tmp_path))
+    try:
+        os.write(feed, os.urandom(32 * 1024))  # a stream under way (within what a pipe holds)
+        # The call has started (and noted its parent) once it logs; a parent gone before that is not seen.
+        assert wait_until(lambda: "start" in config.log_text())
+        parent.kill()  # gpbackup_helper going down on SIGUSR1 ...
+        parent.wait(timeout=RUN_TIMEOUT)
+    finally:
+        os.close(feed)  # ... which closes our stdin: an end of input like any other
+
+    assert wait_until(lambda: not alive(pid), timeout=RUN_TIMEOUT)
+    assert "is gone" in config.log_text() and "fork server worker" not in config.log_text()
+    directory = backup.remote(config.remote_dir)
+    assert not (directory / name).exists() and not (directory / f"{name}.sha256").exists()
+    assert [p.name for p in directory.iterdir()] == [] if directory.is_dir() else True
+
+
+def test_a_call_whose_parent_stays_commits_as_before(plugin: Plugin, config: SiteConfig,
+                                                     backup: LocalBackup) -> None:
+    cfg = config.write("in_process.yaml", fork_server="no")
+    name = f"gpbackup_0_{backup.timestamp}"
+    data = os.urandom(300_000)
+    parent, pid, feed = start_under_a_parent(plugin, "backup_data", cfg, backup.file(name))
+    os.write(feed, data)
+    os.close(feed)
+    assert parent.wait(timeout=RUN_TIMEOUT) == 0
+    assert (backup.remote(config.remote_dir) / name).read_bytes() == data
+    assert_ok(plugin.run("restore_data", cfg, backup.file(name)))
+
+
+# ---------------------------------------------------------------- verify
+
+
+def report(plugin: Plugin, config: SiteConfig, backup: LocalBackup) -> None:
+    """The coordinator's report, stored as gpbackup stores it at the end of a backup."""
+    path = backup.file(f"gpbackup_{backup.timestamp}_report")
+    path.write_text(f"timestamp key: {backup.timestamp}\ndatabase name: prod\nbackup status: Success\n")
+    plugin.ok("backup_file", config.path, path)
+
+
+def test_verify_of_an_intact_backup_exits_0_with_one_summary_line(plugin: Plugin, config: SiteConfig,
+                                                                  backup: LocalBackup) -> None:
+    stored(plugin, config, backup, os.urandom(2 * BLOCK + 1))
+    stored(plugin, config, backup, b"", name=f"gpbackup_1_{backup.timestamp}")
+    report(plugin, config, backup)
+
+    out = plugin.ok("verify", config.path, backup.timestamp).stdout.decode()
+
+    assert out.splitlines() == [out.strip()] and f"backup {backup.timestamp}: OK; 3 of 3 files verified" in out
+
+
+def test_verify_names_each_damaged_missing_and_unchecked_file_and_exits_1(plugin: Plugin, config: SiteConfig,
+                                                                          backup: LocalBackup) -> None:
+    _, damaged = stored(plugin, config, backup, os.urandom(2 * BLOCK + 1), name=f"gpbackup_0_{backup.timestamp}")
+    _, missing = stored(plugin, config, backup, b"gone", name=f"gpbackup_1_{backup.timestamp}")
+    _, unchecked = stored(plugin, config, backup, b"no sidecar", name=f"gpbackup_2_{backup.timestamp}")
+    _, truncated = stored(plugin, config, backup, os.urandom(2 * BLOCK), name=f"gpbackup_3_{backup.timestamp}")
+    _, intact = stored(plugin, config, backup, os.urandom(1000), name=f"gpbackup_4_{backup.timestamp}")
+    report(plugin, config, backup)
+    flip(damaged, BLOCK + 1)
+    missing.unlink()
+    Path(f"{unchecked}.sha256").unlink()
+    with open(truncated, "r+b") as handle:
+        handle.truncate(BLOCK + 1)
+
+    result = plugin.run("verify", config.path, backup.timestamp)
+
+    assert result.returncode == 1 and result.stderr == b""
+    lines = result.stdout.decode().splitlines()
+    assert any(line.startswith("DAMAGED") and damaged.name in line and f"offset {BLOCK}" in line for line in lines)
+    assert any(line.startswith("MISSING") and missing.name in line for line in lines)
+    assert any(line.startswith("NOCHECK") and unchecked.name in line for line in lines)
+    assert any(line.startswith("DAMAGED") and truncated.name in line and "holds" in line for line in lines)
+    assert not any(intact.name in line for line in lines)
+    assert lines[-1].startswith(f"backup {backup.timestamp}: 4 problems; 2 of 5 files verified")
+
+
+def test_verify_all_checks_every_backup_and_fails_if_one_is_bad(plugin: Plugin, config: SiteConfig,
+                                                                make_backup: Callable[..., LocalBackup]) -> None:
+    good, bad = make_backup("20260101010101"), make_backup("20260202020202")
+    for backup in (good, bad):
+        stored(plugin, config, backup, os.urandom(5000))
+        report(plugin, config, backup)
+    flip(bad.remote(config.remote_dir, f"gpbackup_0_{bad.timestamp}"), 4999)
+
+    result = plugin.run("verify", config.path, "--all")
+
+    out = result.stdout.decode()
+    assert result.returncode == 1
+    assert f"backup {good.timestamp}: OK" in out and f"backup {bad.timestamp}: 1 problem" in out
