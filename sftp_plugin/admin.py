@@ -31,8 +31,9 @@ from sftp_plugin.errors import AuthError, HostKeyError, PluginError, RemoteError
 
 if TYPE_CHECKING:
     from sftp_plugin.catalog import CatalogEntry
-    from sftp_plugin.commands import Remote
+    from sftp_plugin.config import PluginConfig
     from sftp_plugin.paths import BackupDir
+    from sftp_plugin.store import Remote
 
 log = logging.getLogger("gpbackup_sftp_plugin")
 
@@ -78,6 +79,33 @@ def _raw_secrets(config_path: str) -> list[str]:
     except Exception:  # noqa: BLE001 - unreadable or invalid: load_config reports it properly
         return []
     return [value for name in SECRET_OPTIONS if isinstance(value := options.get(name), str) and value]
+
+
+def _with_config(command: str, config_path: str, action: Callable[[PluginConfig], int]) -> int:
+    """Load the config, log to the plugin's log, run ``action``: every failure is one line (cli.fail), never a
+    traceback; secrets masked."""
+    from sftp_plugin.config import load_config
+    from sftp_plugin.log import mask
+
+    try:
+        cfg = load_config(config_path)
+    except PluginError as err:
+        return fail(command, mask(str(err), _raw_secrets(config_path)), err.exit_code)
+    _quiet_logging(cfg, command)
+    try:
+        return action(cfg)
+    except PluginError as err:
+        log.error("%s failed: %s", command, err)
+        return fail(command, mask(str(err), cfg.secrets()), err.exit_code)
+    except OSError as err:
+        log.error("%s failed: %s", command, err)
+        return fail(command, mask(f"{err or type(err).__name__}; check the backup host and the network",
+                                  cfg.secrets()), 1)
+    except KeyboardInterrupt:
+        return fail(command, "interrupted", 130)
+    except Exception as err:  # noqa: BLE001 - never a traceback
+        log.exception("%s: unexpected failure", command)
+        return fail(command, mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
 
 
 def human_size(size: float) -> str:
@@ -271,7 +299,7 @@ def _check_free_space(remote: Any, report: Report, probe_size: int) -> None:
 def _check_round_trip(remote: Any, report: Report, size: int) -> None:
     """Write ``size`` random bytes the way backup_data does, read them back, compare, delete."""
     from sftp_plugin import transfer
-    from sftp_plugin.commands import PROBE_PREFIX
+    from sftp_plugin.store import PROBE_PREFIX
 
     sftp = remote.sftp
     probe = posixpath.join(remote.cfg.remote_dir, f"{PROBE_PREFIX}.{os.getpid()}.{secrets.token_hex(4)}")
@@ -308,9 +336,9 @@ def _check_round_trip(remote: Any, report: Report, size: int) -> None:
 
 
 def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
-    from sftp_plugin.commands import Remote, check_writable, require_remote_dir
     from sftp_plugin.config import load_config
     from sftp_plugin.connection import fingerprint, resolve_endpoint
+    from sftp_plugin.store import Remote, check_writable, require_remote_dir
 
     try:
         cfg = load_config(config_path)
@@ -584,39 +612,25 @@ def list_backups(argv: list[str]) -> int:
     if isinstance(args, int):
         return args
 
-    from sftp_plugin.config import load_config
-    from sftp_plugin.log import mask
-
-    try:
-        cfg = load_config(args.config)
-    except PluginError as err:
-        return fail("list-backups", mask(str(err), _raw_secrets(args.config)), err.exit_code)
-    _quiet_logging(cfg, "list-backups")
-    try:
+    def show(cfg: PluginConfig) -> int:
         summaries = _collect(cfg)
-    except PluginError as err:
-        log.error("list-backups failed: %s", err)
-        return fail("list-backups", mask(str(err), cfg.secrets()), err.exit_code)
-    except KeyboardInterrupt:
-        return fail("list-backups", "interrupted", 130)
-    except Exception as err:  # noqa: BLE001 - never a traceback
-        log.exception("list-backups: unexpected failure")
-        return fail("list-backups", mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
-    if args.json:
-        document = {
-            "host": cfg.hostname,
-            "remote_dir": cfg.remote_dir,
-            "backups": [summary.as_json() for summary in summaries],
-        }
-        print(json.dumps(document, indent=2))
-    else:
-        _print_table(cfg.hostname, cfg.remote_dir, summaries)
-    return 0
+        if args.json:
+            document = {
+                "host": cfg.hostname,
+                "remote_dir": cfg.remote_dir,
+                "backups": [summary.as_json() for summary in summaries],
+            }
+            print(json.dumps(document, indent=2))
+        else:
+            _print_table(cfg.hostname, cfg.remote_dir, summaries)
+        return 0
+
+    return _with_config("list-backups", args.config, show)
 
 
 def _collect(cfg: Any) -> list[BackupSummary]:
     from sftp_plugin import catalog, transfer
-    from sftp_plugin.commands import Remote, remote_errors
+    from sftp_plugin.store import Remote, remote_errors
 
     # Two attempts at most: enough for a dropped handshake, short enough for a person waiting.
     remote = Remote(replace(cfg, retries=min(cfg.retries, 2)))
@@ -683,37 +697,19 @@ def prune(argv: list[str]) -> int:
     if isinstance(args, int):
         return args
 
-    from sftp_plugin.config import load_config
-    from sftp_plugin.log import mask
-
-    try:
-        cfg = load_config(args.config)
-    except PluginError as err:
-        return fail("prune", mask(str(err), _raw_secrets(args.config)), err.exit_code)
-    if cfg.keep_last is None and cfg.keep_days is None:
-        print(f"Neither keep_last nor keep_days is set in {args.config}: nothing is pruned.")
-        return 0
-    _quiet_logging(cfg, "prune")
-    try:
+    def run(cfg: PluginConfig) -> int:
+        if cfg.keep_last is None and cfg.keep_days is None:
+            print(f"Neither keep_last nor keep_days is set in {args.config}: nothing is pruned.")
+            return 0
         return _prune(cfg, args.dry_run)
-    except PluginError as err:
-        log.error("prune failed: %s", err)
-        return fail("prune", mask(str(err), cfg.secrets()), err.exit_code)
-    except OSError as err:
-        log.error("prune failed: %s", err)
-        return fail("prune", mask(f"{err or type(err).__name__}; check the backup host and the network",
-                                  cfg.secrets()), 1)
-    except KeyboardInterrupt:
-        return fail("prune", "interrupted", 130)
-    except Exception as err:  # noqa: BLE001 - never a traceback
-        log.exception("prune: unexpected failure")
-        return fail("prune", mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
+
+    return _with_config("prune", args.config, run)
 
 
 def _prune(cfg: Any, dry_run: bool) -> int:
     from sftp_plugin import catalog, retention
-    from sftp_plugin.commands import Remote, delete_backup_dir
     from sftp_plugin.log import mask
+    from sftp_plugin.store import Remote, delete_backup_dir
 
     remote = Remote(replace(cfg, retries=min(cfg.retries, 2)))
     try:
@@ -807,33 +803,13 @@ def verify(argv: list[str]) -> int:
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
-    from sftp_plugin.config import load_config
-    from sftp_plugin.log import mask
-
-    try:
-        cfg = load_config(args.config)
-    except PluginError as err:
-        return fail("verify", mask(str(err), _raw_secrets(args.config)), err.exit_code)
-    _quiet_logging(cfg, "verify")
-    try:
-        return _verify(replace(cfg, verify_checksums=True), None if args.all else args.timestamp)
-    except PluginError as err:
-        log.error("verify failed: %s", err)
-        return fail("verify", mask(str(err), cfg.secrets()), err.exit_code)
-    except OSError as err:
-        log.error("verify failed: %s", err)
-        return fail("verify", mask(f"{err or type(err).__name__}; check the backup host and the network",
-                                   cfg.secrets()), 1)
-    except KeyboardInterrupt:
-        return fail("verify", "interrupted", 130)
-    except Exception as err:  # noqa: BLE001 - never a traceback
-        log.exception("verify: unexpected failure")
-        return fail("verify", mask(f"unexpected error ({type(err).__name__}: {err})", cfg.secrets()), 1)
+    timestamp = None if args.all else args.timestamp
+    return _with_config("verify", args.config, lambda cfg: _verify(replace(cfg, verify_checksums=True), timestamp))
 
 
 def _verify(cfg: Any, timestamp: str | None) -> int:
     from sftp_plugin import catalog, paths
-    from sftp_plugin.commands import Remote
+    from sftp_plugin.store import Remote
 
     remote = Remote(cfg)
     try:
@@ -858,9 +834,9 @@ def _verify_backup(remote: Remote, backup: BackupDir) -> int:
     """Check every file of one backup; print a line per problem and a summary; return the problem count."""
     from sftp_plugin import paths, transfer
     from sftp_plugin.catalog import report_name
-    from sftp_plugin.commands import read_stored, remote_errors
     from sftp_plugin.errors import IntegrityError, RemoteError
     from sftp_plugin.integrity import SIDECAR_SUFFIX, is_checksum_file, is_sidecar
+    from sftp_plugin.store import read_stored, remote_errors
 
     directory = backup.remote(remote.cfg.remote_dir)
     try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sftp_plugin import paths, retention, transfer
-from sftp_plugin.commands import Remote, remote_errors
+from sftp_plugin.store import Remote, remote_errors
 
 log = logging.getLogger(__name__)
 

@@ -127,8 +127,9 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
     try:
         from sftp_plugin import commands
         from sftp_plugin.interrupts import interrupt_aborts
+        from sftp_plugin.store import Remote
 
-        remote = commands.Remote(cfg)
+        remote = Remote(cfg)
         with interrupt_aborts(remote.abort):
             result = getattr(commands, command)(remote, args)
             remote.close()
