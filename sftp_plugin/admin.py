@@ -44,6 +44,8 @@ LOW_SPACE_WARNING = 1024 * MIB
 # The SFTP extension that reports file system usage, and its reply fields (OpenSSH PROTOCOL, section 4.4).
 STATVFS_EXTENSION = "statvfs@openssh.com"
 STATVFS_FIELDS = ("bsize", "frsize", "blocks", "bfree", "bavail", "files", "ffree", "favail", "fsid", "flag", "namemax")
+# `check --cluster` without a host file: the hosts come from gp_segment_configuration.
+CLUSTER_FROM_CATALOG = "<gp_segment_configuration>"
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
@@ -265,6 +267,8 @@ def _print_options(cfg: Any, config_path: str, secrets: list[str]) -> None:
         return  # the connect check reports it
     identities = ", ".join(endpoint.identity_files) or "ssh-agent, then the default keys in ~/.ssh"
     print(mask(f"  {'-> connects to':<26} {endpoint} (after ~/.ssh/config), keys: {identities}", secrets))
+    if endpoint.route:
+        print(mask(f"  {'-> through':<26} {endpoint.route}", secrets))
 
 
 def _throughput(size: int, seconds: float) -> str:
@@ -306,7 +310,7 @@ def _check_round_trip(remote: Any, report: Report, size: int) -> None:
     data = os.urandom(size)
     try:
         started = time.monotonic()
-        with sftp.open(probe, "wb") as handle:
+        with transfer.create_private(sftp, probe) as handle:
             writer = transfer.PipelinedWriter(sftp, handle.handle)
             writer.write(data)
             writer.drain()
@@ -335,6 +339,101 @@ def _check_round_trip(remote: Any, report: Report, size: int) -> None:
     )
 
 
+def _check_secrets(config_path: str, cfg: PluginConfig, report: Report) -> None:
+    """WARN for a config holding a secret that every user can read, and for private keys open to others."""
+    from sftp_plugin.connection import resolve_endpoint
+    from sftp_plugin.permissions import exposures
+
+    key_files: list[str] = [cfg.identity_file] if cfg.identity_file else []
+    try:
+        key_files += resolve_endpoint(cfg).identity_files  # IdentityFile from ~/.ssh/config too
+    except PluginError:
+        pass  # a broken ~/.ssh/config: the connect check reports it
+    found = exposures(config_path, cfg, key_files)
+    for exposure in found:
+        report.warn("secrets", exposure.problem, exposure.fix)
+    if not found:
+        held = [name for name in SECRET_OPTIONS if getattr(cfg, name)]
+        what = [f"the config ({' and '.join(held)})"] if held else []
+        what += [f"key {key}" for key in dict.fromkeys(key_files)]
+        report.ok("secrets", f"readable by no other user: {', '.join(what)}" if what else
+                  "no password, passphrase or key file named in the config")
+
+
+def _check_privacy(remote: Remote, report: Report) -> None:
+    """WARN when group or others may list or read remote_dir: the backups below it are the database's data."""
+    import stat
+
+    from sftp_plugin import transfer
+
+    root = remote.cfg.remote_dir
+    mode = stat.S_IMODE(remote.retrying("look at remote_dir", lambda: remote.sftp.stat(root)).st_mode or 0)
+    others = [who for who, bits in (("group", 0o050), ("others", 0o005)) if mode & bits]
+    if others:
+        report.warn(
+            "privacy",
+            f"{remote.where(root)} has mode {mode:04o}: {' and '.join(others)} can reach the backups in it "
+            f"(what the plugin creates is {transfer.PRIVATE_FILE_MODE:04o}/{transfer.PRIVATE_DIR_MODE:04o}, "
+            "but older backups and other tools' files may not be)",
+            f"on the backup host: chmod 700 {root}",
+        )
+    else:
+        report.ok("privacy", f"{remote.where(root)} has mode {mode:04o}: only its owner reaches the backups")
+
+
+def _check_setup(remote: Remote, report: Report) -> None:
+    """Do what setup_plugin_for_backup does for the coordinator: create a directory under backups/<today>/;
+    then remove exactly what was created (empty directories only), so no backup is ever touched."""
+    import stat
+
+    from sftp_plugin import paths, transfer
+    from sftp_plugin.store import PROBE_PREFIX, remote_errors
+
+    root = remote.cfg.remote_dir
+    date_dir = posixpath.join(root, paths.BACKUPS, datetime.now().strftime("%Y%m%d"))
+    # Not a timestamp: list-backups, retention and a concurrent backup's cleanup ignore it.
+    probe = posixpath.join(date_dir, f"{PROBE_PREFIX}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        with remote_errors(remote, "create a backup directory", probe):
+            created = remote.retrying(
+                "create a backup directory", lambda: transfer.makedirs(remote.sftp, probe, stop_at=root)
+            )
+    except RemoteError as err:
+        report.fail("setup", f"setup_plugin_for_backup will fail: {err.message}", err.hint)
+        return
+    try:
+        mode = stat.S_IMODE(remote.sftp.stat(probe).st_mode or 0)
+    finally:
+        for directory in reversed(created):  # innermost first; a directory someone filled meanwhile stays
+            transfer.rmdir_if_empty(remote.sftp, directory)
+    if mode & 0o077:
+        report.warn(
+            "setup",
+            f"{remote.where(date_dir)}/ takes a backup directory, but the server made it {mode:04o}, "
+            f"not {transfer.PRIVATE_DIR_MODE:04o} as asked: it ignores the modes the plugin asks for",
+            f"keep remote_dir itself private: chmod 700 {root} on the backup host",
+        )
+        return
+    report.ok("setup", f"created and removed a backup directory in {remote.where(date_dir)}/, "
+              "as setup_plugin_for_backup will")
+
+
+def _check_ssh_config(cfg: PluginConfig, report: Report) -> None:
+    """WARN for each ~/.ssh/config option set for the host that would change where or how ssh connects, but that
+    the plugin does not honour: ssh and the plugin would connect differently, and nothing else says so."""
+    from sftp_plugin.ssh_config_unused import lookup, unused_options
+
+    found = lookup(cfg.hostname)
+    if found is None:
+        return  # no ~/.ssh/config, or one that cannot be read: the connect check reports that
+    for option in unused_options(found, cfg):
+        report.warn(
+            "ssh_config",
+            f"{option.keyword} {option.value} (~/.ssh/config, for {cfg.hostname}) is ignored by the plugin",
+            option.instead,
+        )
+
+
 def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
     from sftp_plugin.config import load_config
     from sftp_plugin.connection import fingerprint, resolve_endpoint
@@ -349,6 +448,7 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
     _print_options(cfg, config_path, report.secrets)
     print(flush=True)
     report.ok("config", f"{config_path} is valid")
+    _check_secrets(config_path, cfg, report)
 
     log_path = _quiet_logging(cfg, "check")
     if log_path is None:
@@ -361,6 +461,7 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
         )
     else:
         report.ok("log_dir", f"plugin calls log to {log_path}")
+    _check_ssh_config(cfg, report)
 
     # One attempt only: a person waiting on a preflight wants the first error, not a minute of backoff.
     remote = Remote(replace(cfg, retries=1))
@@ -410,7 +511,9 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
 
         steps: list[tuple[str, Callable[[], None]]] = [
             ("remote_dir", remote_dir_exists),
+            ("privacy", lambda: _check_privacy(remote, report)),
             ("writable", writable),
+            ("setup", lambda: _check_setup(remote, report)),
             ("free space", lambda: _check_free_space(remote, report, probe_size)),
         ]
         if probe_size:
@@ -438,12 +541,26 @@ def _probe_mib(text: str) -> int:
     return value * MIB
 
 
+def _hosts_at_once(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of hosts, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def check(argv: list[str]) -> int:
-    """``check <config> [--probe-mib N]``: preflight of a config, one OK/WARN/FAIL line per check."""
+    """``check <config> [--probe-mib N] [--cluster [HOSTFILE]]``: preflight of a config, one OK/WARN/FAIL line per
+    check; or, with --cluster, one summary line per host of the cluster."""
+    from sftp_plugin import cluster
+
     parser = argparse.ArgumentParser(
         prog=f"{PLUGIN_NAME} check",
-        description="Check a plugin config against its backup host: options, connection, host key, "
-        "authentication, cipher, remote_dir, free space and a write/read/delete round trip.",
+        description="Check a plugin config against its backup host: options, who can read the config and "
+        "keys, connection, host key, authentication, cipher, remote_dir and its mode, creating a backup "
+        "directory as setup does, free space and a write/read/delete round trip.",
     )
     parser.add_argument("config", help="the plugin config file (YAML) given to gpbackup --plugin-config")
     parser.add_argument(
@@ -453,9 +570,24 @@ def check(argv: list[str]) -> int:
         metavar="N",
         help=f"size of the round-trip probe file in MiB (default {DEFAULT_PROBE_MIB}; 0 skips it)",
     )
+    parser.add_argument(
+        "--cluster",
+        nargs="?",
+        const=CLUSTER_FROM_CATALOG,
+        metavar="HOSTFILE",
+        help="run check on every host over ssh (BatchMode, plus $SSH_OPTS) with a copy of the config, one summary "
+        "line per host: the hosts in HOSTFILE (one per line, # comments), or without it those psql finds in "
+        "gp_segment_configuration",
+    )
+    parser.add_argument(
+        "--parallel", type=_hosts_at_once, default=cluster.PARALLEL, metavar="N",
+        help=f"with --cluster: hosts checked at once (default {cluster.PARALLEL})",
+    )
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
+    if args.cluster is not None:
+        return _check_cluster(args.config, args.cluster, args.probe_mib // MIB, args.parallel)
     report = Report(secrets=_raw_secrets(args.config))
     print(f"{PLUGIN_NAME} check {args.config}", flush=True)
     try:
@@ -472,6 +604,43 @@ def check(argv: list[str]) -> int:
         return 1
     warned = sum(1 for line in report.lines if line.status == "WARN")
     print(f"All checks passed{f' ({warned} with warnings)' if warned else ''}: this config is ready for gpbackup.")
+    return 0
+
+
+def _check_cluster(config_path: str, host_file: str, probe_mib: int, parallel: int) -> int:
+    """``check --cluster``: the config validated here once, then checked on every host (cluster.py)."""
+    from sftp_plugin import cluster
+    from sftp_plugin.config import load_config
+    from sftp_plugin.errors import ConfigError
+    from sftp_plugin.log import mask
+
+    hidden = _raw_secrets(config_path)
+    try:
+        load_config(config_path)
+        try:
+            with open(config_path, "rb") as handle:
+                config = handle.read()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {config_path}: {err.strerror or err}",
+                              "check its permissions") from None
+        hosts = cluster.read_host_file(host_file) if host_file != CLUSTER_FROM_CATALOG else cluster.hosts_from_catalog()
+        print(f"{PLUGIN_NAME} check {config_path} on {len(hosts)} host{'s' if len(hosts) != 1 else ''} over ssh, "
+              f"{min(parallel, len(hosts))} at a time:", flush=True)
+        width = max(map(len, hosts))
+        failed = 0
+        for result in cluster.check_hosts(hosts, config, probe_mib, parallel):
+            failed += not result.ok
+            print(mask(f"  {result.host:<{width}}  {result.summary}", hidden), flush=True)
+    except PluginError as err:
+        return fail("check", mask(str(err), hidden), err.exit_code)
+    except KeyboardInterrupt:
+        return fail("check", "interrupted", 130)
+    print()
+    if failed:
+        print(f"{failed} of {len(hosts)} hosts FAILED: run '{PLUGIN_NAME} check {config_path}' on "
+              f"{'it' if failed == 1 else 'each'} for the details.")
+        return 1
+    print(f"All {len(hosts)} hosts passed check.")
     return 0
 
 

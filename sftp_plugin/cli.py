@@ -23,20 +23,20 @@ from sftp_plugin import API_VERSION, PLUGIN_NAME, __version__
 sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 
 # Each command is the function of that name in commands.py, with the number of
-# arguments it accepts after the config path (at least, at most).
-COMMANDS: dict[str, tuple[int, int]] = {
-    "setup_plugin_for_backup": (2, 3),
-    "setup_plugin_for_restore": (2, 3),
-    "cleanup_plugin_for_backup": (2, 3),
-    "cleanup_plugin_for_restore": (2, 3),
-    "backup_file": (1, 1),
-    "restore_file": (1, 1),
-    "backup_data": (1, 1),
-    "restore_data": (1, 1),
-    "restore_data_subset": (2, 2),
-    "delete_backup": (1, 1),
-    "list_directory": (0, 1),
-    "delete_directory": (1, 1),
+# arguments it accepts after the config path (at least, at most) and their names.
+COMMANDS: dict[str, tuple[int, int, str]] = {
+    "setup_plugin_for_backup": (2, 3, "<local_backup_dir> <scope> [<content_id>]"),
+    "setup_plugin_for_restore": (2, 3, "<local_backup_dir> <scope> [<content_id>]"),
+    "cleanup_plugin_for_backup": (2, 3, "<local_backup_dir> <scope> [<content_id>]"),
+    "cleanup_plugin_for_restore": (2, 3, "<local_backup_dir> <scope> [<content_id>]"),
+    "backup_file": (1, 1, "<local_file>"),
+    "restore_file": (1, 1, "<local_file>"),
+    "backup_data": (1, 1, "<data_filekey>"),
+    "restore_data": (1, 1, "<data_filekey>"),
+    "restore_data_subset": (2, 2, "<data_filekey> <offsets_file>"),
+    "delete_backup": (1, 1, "<timestamp>"),
+    "list_directory": (0, 1, "[<path>]"),
+    "delete_directory": (1, 1, "<path>"),
 }
 # Answered without a config; gpbackup may or may not pass one, so one extra argument is ignored.
 VERSION_COMMANDS: dict[str, str] = {
@@ -51,6 +51,34 @@ ADMIN_COMMANDS: dict[str, str] = {
     "stop-fork-server": "stop_fork_server",
     "verify": "verify",
 }
+# `help [<command>]` and its synonyms: the usage below, or one command's.
+HELP_COMMANDS = ("help", "--help", "-h")
+# What each command does, one line for `help`, in the order it lists them: the
+# commands gpbackup and gprestore run, then the administrator's.
+DESCRIPTIONS: dict[str, str] = {
+    "plugin_api_version": "print the storage plugin API version implemented",
+    "--version": "print the plugin's name and version",
+    "setup_plugin_for_backup": "create the backup's directory (coordinator), prove remote_dir writable (segment_host)",
+    "setup_plugin_for_restore": "check that the backup exists on the backup host",
+    "cleanup_plugin_for_backup": "remove upload leftovers, then apply keep_last/keep_days (coordinator)",
+    "cleanup_plugin_for_restore": "nothing to clean up after a restore (arguments are checked)",
+    "backup_file": "upload a local file; the local file stays",
+    "restore_file": "download a stored file to that local path",
+    "backup_data": "store standard input under the data file key",
+    "restore_data": "write a stored stream to standard output, each block verified first",
+    "restore_data_subset": "write the byte ranges the offsets file lists to standard output",
+    "delete_backup": "delete one backup; a backup that is not there is not an error",
+    "list_directory": "list the files under remote_dir (or a path below it) with their sizes",
+    "delete_directory": "delete a directory below remote_dir",
+    "check": "preflight a config against its backup host (--cluster: on every host over ssh)",
+    "list-backups": "list the stored backups: size, age, database, completeness",
+    "prune": "apply keep_last and keep_days now (--dry-run: only say what would go)",
+    "verify": "re-read a backup (or --all) and check every file against its checksums",
+    "stop-fork-server": "stop this user's fork servers on this host",
+    "help": "this text, or one command's arguments: help <command>",
+}
+GPBACKUP_FACING = (*VERSION_COMMANDS, *COMMANDS)
+assert set(DESCRIPTIONS) == {*GPBACKUP_FACING, *ADMIN_COMMANDS, HELP_COMMANDS[0]}, "every command needs a description"
 USAGE = f"usage: {PLUGIN_NAME} <command> <config.yaml> [args...]"
 
 
@@ -61,29 +89,76 @@ def fail(command: str, message: str, code: int) -> int:
     return code
 
 
+def unknown_command(command: str) -> str:
+    """The message for a command we do not have, with the closest one we do."""
+    import difflib  # only here: the commands gpbackup runs must not pay for it
+
+    close = difflib.get_close_matches(command.lower(), list(DESCRIPTIONS), n=1)
+    suggestion = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown command; {suggestion}'{PLUGIN_NAME} help' lists the commands"
+
+
+def _usage_text() -> str:
+    width = max(map(len, DESCRIPTIONS)) + 2
+    groups = (
+        ("Commands gpbackup and gprestore run:", GPBACKUP_FACING),
+        ("Commands for the administrator:", (*ADMIN_COMMANDS, HELP_COMMANDS[0])),
+    )
+    lines = [USAGE]
+    for title, names in groups:
+        lines += ["", title, *(f"  {name:<{width}}{DESCRIPTIONS[name]}" for name in names)]
+    lines += ["", f"'{PLUGIN_NAME} help <command>' shows one command's arguments."]
+    return "\n".join(lines) + "\n"
+
+
+def show_help(command: str, rest: list[str]) -> int:
+    """``help``, ``--help``, ``-h``: the usage with every command; ``help <command>``: that command's."""
+    if not rest:
+        sys.stdout.write(_usage_text())
+        return 0
+    if len(rest) > 1:
+        return fail(command, f"takes at most one command name, got {len(rest)}; {PLUGIN_NAME} help <command>", 2)
+    name = rest[0]
+    if name in ADMIN_COMMANDS:  # its own argparse help, the one source of its options
+        from sftp_plugin import admin
+
+        return getattr(admin, ADMIN_COMMANDS[name])(["--help"])
+    if name in VERSION_COMMANDS:
+        usage = f"{PLUGIN_NAME} {name}"
+    elif name in COMMANDS:
+        usage = f"{PLUGIN_NAME} {name} <config.yaml> {COMMANDS[name][2]}".rstrip()
+    elif name in HELP_COMMANDS:
+        usage, name = f"{PLUGIN_NAME} help [<command>]", HELP_COMMANDS[0]
+    else:
+        return fail(command, f"{name}: {unknown_command(name)}", 2)
+    sys.stdout.write(f"usage: {usage}\n\n{DESCRIPTIONS[name]}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
     """Run one plugin call; `served_by` is the fork server monitor's pid when this is its worker."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        return fail("", f"no command given; {USAGE}", 2)
+        return fail("", f"no command given; {USAGE}; '{PLUGIN_NAME} help' lists the commands", 2)
     command, rest = argv[0], argv[1:]
     if command in VERSION_COMMANDS:
         if len(rest) > 1:
             return fail(command, f"takes no arguments, got {len(rest)}", 2)
         sys.stdout.write(VERSION_COMMANDS[command] + "\n")
         return 0
+    if command in HELP_COMMANDS:
+        return show_help(command, rest)
     if command in ADMIN_COMMANDS:
         from sftp_plugin import admin
 
         return getattr(admin, ADMIN_COMMANDS[command])(rest)
     counts = COMMANDS.get(command)
     if counts is None:
-        known = ", ".join([*VERSION_COMMANDS, *COMMANDS, *ADMIN_COMMANDS])
-        return fail(command, f"unknown command; expected one of {known}", 2)
+        return fail(command, unknown_command(command), 2)
     if not rest:
         return fail(command, f"no config file given; {USAGE}", 2)
     config_path, args = rest[0], rest[1:]
-    min_args, max_args = counts
+    min_args, max_args, _ = counts
     if not min_args <= len(args) <= max_args:
         expected = str(min_args) if min_args == max_args else f"{min_args} to {max_args}"
         return fail(command, f"expected {expected} arguments after the config file, got {len(args)}", 2)
@@ -123,6 +198,10 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
     log = logging.getLogger("gpbackup_sftp_plugin")
     started = time.monotonic()
     log.info("start %s%s", " ".join(args), "" if served_by is None else f" (fork server worker, monitor {served_by})")
+    from sftp_plugin.permissions import exposures
+
+    for exposure in exposures(config_path, cfg):  # a stat per file; names options, never their values
+        log.warning("%s: %s", exposure.problem, exposure.fix)
     remote = None
     try:
         from sftp_plugin import commands

@@ -247,6 +247,17 @@ def restore_data_subset(remote: Remote, args: list[str]) -> Result:
 
 def delete_backup(remote: Remote, args: list[str]) -> Result:
     backup = paths.parse_timestamp(args[0].strip("\"'"))
+    target = backup.remote(remote.cfg.remote_dir)
+    with remote_errors(remote, "find backup", target):
+        present = remote.retrying("find backup", lambda: transfer.is_dir(remote.sftp, target))
+    if not present:
+        # Success all the same: gpbackup_manager deletes backups that may be gone already. A person who
+        # typed the timestamp by hand is told on the terminal; stdout, since any stderr byte is a failure.
+        where = remote.where(remote.cfg.remote_dir)
+        log.info("no backup %s under %s: nothing to delete", backup.timestamp, where)
+        if os.isatty(sys.stdout.fileno()):
+            sys.stdout.write(f"no backup {backup.timestamp} under {where}\n")
+        return Result(detail=f"no backup {backup.timestamp}: nothing deleted")
     files = delete_backup_dir(remote, backup, reason="delete_backup")
     return Result(detail=f"removed {files} files of backup {backup.timestamp}")
 

@@ -163,6 +163,32 @@ def _restore_subset(value: str) -> bool:
     return RESTORE_SUBSET_WORDS[value]
 
 
+def _is_ipv6_address(text: str) -> bool:
+    import ipaddress  # only for a hostname with a colon: every call reads the config
+
+    try:
+        ipaddress.IPv6Address(text)  # also takes a zone (fe80::1%eth0), as getaddrinfo does
+    except ValueError:
+        return False
+    return True
+
+
+def _hostname(value: str) -> str:
+    """A host name, IP address or ~/.ssh/config Host alias: never ``user@host`` or ``host:port``.
+
+    Those would only fail to resolve, retried for half a minute. An IPv6 address has colons too, so a colon is
+    refused only outside one; a bracketed ``[::1]`` (known_hosts' and URLs' form) is refused: ssh cannot resolve it
+    either.
+    """
+    text = _non_empty(value)
+    if "@" in text or "[" in text or (":" in text and not _is_ipv6_address(text)):
+        raise _Invalid(
+            f"expected a host name, IP address (IPv6 without brackets) or ~/.ssh/config Host alias, got {text!r}: "
+            "put the user in 'username', the port in 'port'"
+        )
+    return text
+
+
 def _remote_dir(value: str) -> str:
     text = _non_empty(value)
     if not text.startswith("/"):
@@ -204,7 +230,7 @@ def _log_level(value: str) -> str:
 
 # The single table of options: name -> parser. Defaults live on PluginConfig.
 PARSERS: dict[str, Callable[[str], Any]] = {
-    "hostname": _non_empty,
+    "hostname": _hostname,
     "remote_dir": _remote_dir,
     "port": _int_at_least(1, 65535),
     "username": _non_empty,

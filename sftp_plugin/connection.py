@@ -10,17 +10,20 @@ throughput-oriented algorithm and window settings.
 from __future__ import annotations
 
 import base64
+import getpass
 import hashlib
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import paramiko
 
+from sftp_plugin import hostkeys, proxy
 from sftp_plugin.channel_buffer import ChunkedPipe
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.errors import AuthError, ConfigError, ConnectError, HostKeyError
+from sftp_plugin.negotiation import OfferRecordingTransport, mismatch
 from sftp_plugin.packetizer import InPlacePacketizer
 
 log = logging.getLogger(__name__)
@@ -55,37 +58,103 @@ class Endpoint:
     port: int
     user: str
     identity_files: tuple[str, ...]
+    host_key_alias: str | None = None  # HostKeyAlias from ~/.ssh/config
+    # The way there when ~/.ssh/config sets one (proxy.py): jump hosts, first to last, or a ProxyCommand
+    # (tokens expanded); ``route`` says which, for messages.
+    jumps: tuple[Endpoint, ...] = ()
+    proxy_command: str | None = None
+    route: str = ""
 
     @property
     def known_hosts_name(self) -> str:
-        # The key OpenSSH files a host under in known_hosts.
-        return self.host if self.port == DEFAULT_PORT else f"[{self.host}]:{self.port}"
+        # The name OpenSSH files a host under in known_hosts: its HostKeyAlias alone, if it has one.
+        return self.host_key_alias or hostkeys.known_hosts_name(self.host, self.port)
 
     def __str__(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
 
 
+# The ~/.ssh/config keywords the plugin honours, as paramiko's SSHConfig.lookup spells them (lower case).
+# The one list: `check` warns about every other keyword set for the host that would change where or how ssh
+# connects (ssh_config_unused.py), so a keyword added here stops being warned about.
+HONOURED_SSH_CONFIG = frozenset(
+    {"hostname", "port", "user", "identityfile", "proxyjump", "proxycommand", "hostkeyalias"}
+)
+
+
 def resolve_endpoint(cfg: PluginConfig) -> Endpoint:
     """Apply ``~/.ssh/config`` to the hostname; explicit plugin options take precedence."""
-    found: dict = {}
-    path = os.path.expanduser(SSH_CONFIG_PATH)
-    if os.path.isfile(path):
-        try:
-            found = paramiko.SSHConfig.from_path(path).lookup(cfg.hostname)
-        except Exception as err:  # noqa: BLE001 - a broken ssh_config must name itself, not crash
-            raise ConfigError(f"cannot parse {path}: {err}", "fix or move that file") from None
-    port = cfg.port or int(found.get("port", DEFAULT_PORT))
-    if cfg.identity_file:
-        identities: tuple[str, ...] = (cfg.identity_file,)
-    else:
-        # Like ssh, skip IdentityFile entries that do not exist (ssh_config often lists several).
-        candidates = (os.path.expanduser(p) for p in found.get("identityfile", []))
-        identities = tuple(p for p in candidates if os.path.isfile(p))
-    return Endpoint(
+    ssh_config = _read_ssh_config()
+    found = _lookup(ssh_config, cfg.hostname)
+    endpoint = Endpoint(
         host=found.get("hostname", cfg.hostname),
-        port=port,
+        port=cfg.port or int(found.get("port", DEFAULT_PORT)),
         user=cfg.username or found.get("user") or cfg.effective_username(),
-        identity_files=identities,
+        identity_files=_identities(cfg, found),
+        host_key_alias=found.get("hostkeyalias"),
+    )
+    return _with_route(cfg, endpoint, ssh_config, found)
+
+
+def _read_ssh_config() -> paramiko.SSHConfig | None:
+    path = os.path.expanduser(SSH_CONFIG_PATH)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return proxy.RawProxySSHConfig.from_path(path)
+    except Exception as err:  # noqa: BLE001 - a broken ssh_config must name itself, not crash
+        raise ConfigError(f"cannot parse {path}: {err}", "fix or move that file") from None
+
+
+def _lookup(ssh_config: paramiko.SSHConfig | None, host: str) -> dict:
+    if ssh_config is None:
+        return {}
+    try:
+        return ssh_config.lookup(host)
+    except Exception as err:  # noqa: BLE001 - a broken ssh_config must name itself, not crash
+        raise ConfigError(f"cannot parse {SSH_CONFIG_PATH}: {err}", "fix or move that file") from None
+
+
+def _identities(cfg: PluginConfig, found: dict) -> tuple[str, ...]:
+    if cfg.identity_file:
+        return (cfg.identity_file,)
+    # Like ssh, skip IdentityFile entries that do not exist (ssh_config often lists several).
+    candidates = (os.path.expanduser(p) for p in found.get("identityfile", []))
+    return tuple(p for p in candidates if os.path.isfile(p))
+
+
+def _with_route(cfg: PluginConfig, endpoint: Endpoint, ssh_config: paramiko.SSHConfig | None,
+                found: dict) -> Endpoint:
+    """The endpoint with the ProxyJump hosts or the ProxyCommand ~/.ssh/config sets for it (proxy.py)."""
+    route = proxy.route_of(found)
+    if route is None:
+        return endpoint
+    value = proxy.expand_tokens(route.value, host=endpoint.host, port=endpoint.port, user=endpoint.user,
+                                original=cfg.hostname)
+    where = f"{route.keyword} {value} (~/.ssh/config, for {cfg.hostname})"
+    if route.keyword == "ProxyCommand":
+        return replace(endpoint, proxy_command=value, route=where)
+    try:
+        specs = proxy.parse_proxy_jump(value)
+    except ValueError as err:
+        raise ConfigError(f"cannot use {where}: {err}",
+                          "write ProxyJump as [user@]host[:port], several separated by commas") from None
+    return replace(endpoint, jumps=tuple(_jump_endpoint(cfg, ssh_config, spec) for spec in specs), route=where)
+
+
+def _jump_endpoint(cfg: PluginConfig, ssh_config: paramiko.SSHConfig | None, spec: proxy.JumpSpec) -> Endpoint:
+    """A jump host as ssh -J reaches it: its own HostName, Port, User, IdentityFile and HostKeyAlias in
+    ~/.ssh/config apply (what ProxyJump says wins); identity_file, when set, is offered to it too. The
+    plugin's username and port are the backup host's, not its."""
+    found = _lookup(ssh_config, spec.host)
+    if proxy.route_of(found) is not None:
+        log.info("jump host %s: its own ProxyJump/ProxyCommand in %s is not followed", spec.host, SSH_CONFIG_PATH)
+    return Endpoint(
+        host=found.get("hostname", spec.host),
+        port=spec.port or int(found.get("port", DEFAULT_PORT)),
+        user=spec.user or found.get("user") or getpass.getuser(),
+        identity_files=_identities(cfg, found),
+        host_key_alias=found.get("hostkeyalias"),
     )
 
 
@@ -95,32 +164,29 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-def _load_known_hosts(path: str) -> paramiko.HostKeys:
-    host_keys = paramiko.HostKeys()
-    if os.path.isfile(path):
-        try:
-            host_keys.load(path)
-        except (OSError, paramiko.SSHException) as err:
-            raise ConfigError(f"cannot read known_hosts_file {path}: {err}", "check the file") from None
-    return host_keys
-
-
-def _append_known_host(path: str, endpoint: Endpoint, key: paramiko.PKey) -> None:
-    # One O_APPEND write per line: many plugin processes may add the same host at
-    # once, and rewriting the whole file (HostKeys.save) would lose entries.
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    line = f"{endpoint.known_hosts_name} {key.get_name()} {key.get_base64()}\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+def _load_known_hosts(path: str) -> hostkeys.KnownHosts:
     try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+        return hostkeys.KnownHosts.load(path)
+    except OSError as err:
+        raise ConfigError(f"cannot read known_hosts_file {path}: {err.strerror or err}", "check the file") from None
 
 
-def verify_host_key(cfg: PluginConfig, endpoint: Endpoint, key: paramiko.PKey, known: paramiko.HostKeys) -> str:
-    """Accept or refuse the server's key; return how it was verified (for logs and `check`)."""
+def _host_key_subject(endpoint: Endpoint, jump: bool) -> hostkeys.Host:
+    return hostkeys.Host(endpoint.known_hosts_name, endpoint.host, endpoint.port, endpoint.host_key_alias,
+                         role="jump host " if jump else "", pinnable=not jump)
+
+
+def verify_host_key(cfg: PluginConfig, endpoint: Endpoint, key: paramiko.PKey, known: hostkeys.KnownHosts,
+                    jump: bool = False) -> str:
+    """Accept or refuse the server's key; return how it was verified (for logs and `check`).
+
+    A jump host (``jump``) is checked against known_hosts_file under strict_host_key_checking; the
+    host_key_fingerprint pin is the backup host's. A key @revoked in known_hosts_file is refused always.
+    """
     seen = fingerprint(key)
-    if cfg.host_key_fingerprint:
+    subject = _host_key_subject(endpoint, jump)
+    hostkeys.refuse_revoked(known, subject, key, seen)
+    if cfg.host_key_fingerprint and not jump:
         if seen == cfg.host_key_fingerprint:
             return "pinned fingerprint"
         raise HostKeyError(
@@ -130,28 +196,9 @@ def verify_host_key(cfg: PluginConfig, endpoint: Endpoint, key: paramiko.PKey, k
             "ssh-keygen -lf on its public key file; if that key really changed, update host_key_fingerprint",
         )
     if cfg.strict_host_key_checking == "no":
-        log.warning("host key of %s not verified (strict_host_key_checking: no): %s", endpoint.host, seen)
+        log.warning("host key of %s not verified (strict_host_key_checking: no): %s", subject.label, seen)
         return "not verified (strict_host_key_checking: no)"
-    known_hosts_file = os.path.expanduser(cfg.known_hosts_file)
-    entries = known.lookup(endpoint.known_hosts_name)
-    if entries is not None and key.get_name() in entries:
-        if entries[key.get_name()] == key:
-            return f"known_hosts ({known_hosts_file})"
-        raise HostKeyError(
-            f"host key of {endpoint.known_hosts_name} CHANGED: it is now {seen}, "
-            f"which does not match {known_hosts_file}",
-            "this may be an attack; if the key was legitimately replaced, remove the old line "
-            f"with: ssh-keygen -R '{endpoint.known_hosts_name}' -f {known_hosts_file}",
-        )
-    if cfg.strict_host_key_checking == "accept-new":
-        _append_known_host(known_hosts_file, endpoint, key)
-        log.warning("added new host key of %s to %s: %s", endpoint.known_hosts_name, known_hosts_file, seen)
-        return f"accepted new key into {known_hosts_file}"
-    raise HostKeyError(
-        f"host key of {endpoint.known_hosts_name} ({key.get_name()} {seen}) is not in {known_hosts_file}",
-        f"verify it and add it (ssh-keyscan -p {endpoint.port} {endpoint.host} >> {known_hosts_file}), "
-        "or set host_key_fingerprint or strict_host_key_checking: accept-new",
-    )
+    return hostkeys.verify(known, subject, key, seen, cfg.strict_host_key_checking)
 
 
 def _candidate_keys(cfg: PluginConfig, endpoint: Endpoint) -> list[tuple[str, paramiko.PKey]]:
@@ -173,14 +220,27 @@ def _candidate_keys(cfg: PluginConfig, endpoint: Endpoint) -> list[tuple[str, pa
     return keys
 
 
+def _is_encrypted(path: str) -> bool:
+    """Whether the key file needs a passphrase: cryptography raises TypeError, and only then, when a key is
+    encrypted and no passphrase is given (PasswordRequiredException is paramiko's older form of it)."""
+    try:
+        paramiko.PKey.from_path(path, None)
+    except (TypeError, paramiko.PasswordRequiredException):
+        return True
+    except Exception:  # noqa: BLE001 - unreadable for another reason: not a question of its passphrase
+        return False
+    return False
+
+
 def _load_key(path: str, passphrase: str | None, required: bool) -> paramiko.PKey | None:
     try:
         # paramiko 5 hands the passphrase to cryptography, which takes bytes only.
         return paramiko.PKey.from_path(path, passphrase.encode() if passphrase else None)
-    except (paramiko.PasswordRequiredException, TypeError) as err:
-        # paramiko 5 reports a missing passphrase as TypeError("...password-protected...").
-        if isinstance(err, TypeError) and "password" not in str(err).lower():
-            raise
+    except (paramiko.PasswordRequiredException, TypeError):
+        # cryptography's TypeError means the passphrase does not fit the file: given for a key that is not
+        # encrypted, or missing for one that is. Like ssh, use an unencrypted key as it is.
+        if passphrase:
+            return _load_key(path, None, required)
         if not required:
             log.info("skipping encrypted default key %s", path)
             return None
@@ -190,9 +250,16 @@ def _load_key(path: str, passphrase: str | None, required: bool) -> paramiko.PKe
     except FileNotFoundError:
         raise AuthError(f"identity_file {path} does not exist", "check the identity_file option") from None
     except (OSError, ValueError, paramiko.SSHException) as err:
+        # A wrong passphrase does not decrypt the key, and paramiko then reports what its fallback to the
+        # PEM format found ("Valid PEM but no BEGIN/END delimiters..."): tell it apart by the file itself.
+        wrong_passphrase = bool(passphrase) and isinstance(err, ValueError) and _is_encrypted(path)
         if not required:
-            log.info("skipping default key %s: %s", path, err)
+            log.info("skipping default key %s: %s", path, "wrong passphrase" if wrong_passphrase else err)
             return None
+        if wrong_passphrase:
+            raise AuthError(
+                f"wrong passphrase for {path}", "check identity_passphrase: the key does not decrypt with it"
+            ) from None
         raise AuthError(f"cannot load identity_file {path}: {err}", "check the file and identity_passphrase") from None
 
 
@@ -270,23 +337,106 @@ def start_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
     return paramiko.SFTPClient(channel)
 
 
+def _limit_unacknowledged(sock: object, io_timeout: int) -> None:
+    """On a TCP socket: paramiko retries a send that times out for ever; with TCP_USER_TIMEOUT the kernel
+    fails the socket once sent data stays unacknowledged for io_timeout (a dead peer or a black-holing
+    firewall), and the retry policy reconnects. (A ProxyCommand's socket pair and a jump host's channel
+    are not TCP: the TCP connection under a channel is the first jump host's, limited when it is made.)"""
+    if hasattr(socket, "TCP_USER_TIMEOUT") and isinstance(sock, socket.socket) and sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, io_timeout * 1000)
+
+
+def _prefer_known_key_types(options: paramiko.transport.SecurityOptions, known: hostkeys.KnownHosts,
+                            endpoint: Endpoint) -> None:
+    # Ask for the key types on file for the host (under its name, HostKeyAlias or a matching pattern)
+    # first, as ssh does, so a server with several host keys is checked against the one on file.
+    known_types = known.lookup(endpoint.known_hosts_name).key_types()
+    options.key_types = hostkeys.preferred_algorithms(options.key_types, known_types)
+
+
+def _open_socket(cfg: PluginConfig, endpoint: Endpoint, known: hostkeys.KnownHosts) -> object:
+    """The connection to the backup host's sshd: direct (a socket error is the caller's to report), through
+    ~/.ssh/config's ProxyCommand, or through its ProxyJump hosts (a failure names the one that failed)."""
+    if endpoint.route:
+        log.debug("reaching %s through %s", endpoint, endpoint.route)
+    if endpoint.proxy_command:
+        return proxy.start_proxy_command(endpoint.proxy_command, cfg.connect_timeout, endpoint.route)
+    if endpoint.jumps:
+        def describe(jump: Endpoint) -> str:
+            return f"jump host {jump} (ProxyJump for {cfg.hostname})"
+
+        return proxy.open_tunnel(
+            endpoint.jumps, (endpoint.host, endpoint.port), cfg.connect_timeout,
+            lambda sock, jump: _open_jump(cfg, jump, sock, known, describe(jump)), describe,
+            WINDOW_SIZE, MAX_PACKET_SIZE,
+        )
+    return socket.create_connection((endpoint.host, endpoint.port), timeout=cfg.connect_timeout)
+
+
+def _open_jump(cfg: PluginConfig, jump: Endpoint, sock: object, known: hostkeys.KnownHosts,
+               label: str) -> paramiko.Transport:
+    """The SSH connection to one jump host over ``sock``: handshake, its host key verified like the backup
+    host's (before any credential is sent), then its authentication, with keys only: the password
+    option is the backup host's, never sent elsewhere."""
+    _limit_unacknowledged(sock, cfg.io_timeout)
+    transport = OfferRecordingTransport(
+        sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE,
+        packetizer_class=InPlacePacketizer,
+    )
+    try:
+        options = transport.get_security_options()
+        options.ciphers = [c for c in PREFERRED_CIPHERS if c in options.ciphers] + [
+            c for c in options.ciphers if c not in PREFERRED_CIPHERS
+        ]
+        _prefer_known_key_types(options, known, jump)
+        transport.banner_timeout = cfg.connect_timeout
+        transport.auth_timeout = cfg.connect_timeout
+        try:
+            transport.start_client(timeout=cfg.connect_timeout)
+        except paramiko.IncompatiblePeer as err:
+            found = mismatch(transport, transport.server_offer) if transport.server_offer else None
+            raise ConnectError(f"SSH handshake with {label} failed: {found.describe() if found else err}",
+                               found.advice() if found else "the jump host speaks no SSH version or algorithms "
+                               "the plugin supports (README: Supported algorithms)") from err
+        except (paramiko.SSHException, EOFError, OSError) as err:
+            raise ConnectError(f"SSH handshake with {label} failed: {err or type(err).__name__}",
+                               "check that an SSH server answers there (ProxyJump in ~/.ssh/config)") from err
+        status = verify_host_key(cfg, jump, transport.get_remote_server_key(), known, jump=True)
+        try:
+            method = authenticate(transport, replace(cfg, password=None), jump)
+        except AuthError as err:
+            refused = err.message.startswith("authentication as")  # not a key file of ours that failed to load
+            raise AuthError(f"{label}: {err.message}",
+                            "check that the user's public key is in authorized_keys on the jump host (jump hosts "
+                            "are offered keys only)" if refused else err.hint) from None
+        transport.set_keepalive(KEEPALIVE_INTERVAL)
+        log.debug("connected to %s (%s, %s)", label, status, method)
+        return transport
+    except BaseException:
+        transport.close()
+        raise
+
+
 def connect(cfg: PluginConfig) -> Session:
     """Open one session: TCP, SSH handshake, host key check, auth, SFTP. No retries here."""
     endpoint = resolve_endpoint(cfg)
     known = _load_known_hosts(os.path.expanduser(cfg.known_hosts_file))
     try:
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=cfg.connect_timeout)
+        sock = _open_socket(cfg, endpoint, known)
+    except socket.gaierror as err:
+        # retry.is_connection_lost decides from the cause: "no such name" is final, a DNS timeout is retried.
+        alias = f" (the HostName of {cfg.hostname} in {SSH_CONFIG_PATH})" if endpoint.host != cfg.hostname else ""
+        raise ConnectError(
+            f"cannot resolve {endpoint.host}{alias}: {err.strerror or err}",
+            "check the hostname option (or its HostName in ~/.ssh/config) and this host's DNS",
+        ) from err
     except OSError as err:
         raise ConnectError(
             f"cannot connect to {endpoint.host}:{endpoint.port}: {err.strerror or err}",
             "check hostname and port, that sshd runs there, and any firewall between",
         ) from err
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        # paramiko retries a send that times out for ever; with this, the kernel fails the
-        # socket once sent data stays unacknowledged for io_timeout (a dead peer or a
-        # black-holing firewall), and the retry policy reconnects.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, cfg.io_timeout * 1000)
-    transport = paramiko.Transport(
+    _limit_unacknowledged(sock, cfg.io_timeout)
+    transport = OfferRecordingTransport(
         sock,
         default_window_size=WINDOW_SIZE,
         default_max_packet_size=MAX_PACKET_SIZE,
@@ -298,17 +448,20 @@ def connect(cfg: PluginConfig) -> Session:
         options.ciphers = [c for c in PREFERRED_CIPHERS if c in offered] + [
             c for c in offered if c not in PREFERRED_CIPHERS
         ]
-        known_types = list((known.lookup(endpoint.known_hosts_name) or {}).keys())
-        if known_types and not cfg.host_key_fingerprint:
-            # Ask for the key type we already trust, as ssh does, so a server with
-            # several host keys is checked against the one on file.
-            options.key_types = [t for t in options.key_types if t in known_types] + [
-                t for t in options.key_types if t not in known_types
-            ]
+        if not cfg.host_key_fingerprint:
+            _prefer_known_key_types(options, known, endpoint)
         transport.banner_timeout = cfg.connect_timeout
         transport.auth_timeout = cfg.connect_timeout
         try:
             transport.start_client(timeout=cfg.connect_timeout)
+        except paramiko.IncompatiblePeer as err:
+            # No algorithm in common: the server's configuration, final (retry.is_connection_lost).
+            found = mismatch(transport, transport.server_offer) if transport.server_offer else None
+            raise ConnectError(
+                f"SSH handshake with {endpoint.host}:{endpoint.port} failed: {found.describe() if found else err}",
+                found.advice() if found else "the server speaks no SSH version or algorithms the plugin supports "
+                "(README: Supported algorithms)",
+            ) from err
         except (paramiko.SSHException, EOFError, OSError) as err:
             raise ConnectError(
                 f"SSH handshake with {endpoint.host}:{endpoint.port} failed: {err or type(err).__name__}",

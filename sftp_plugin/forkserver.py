@@ -22,6 +22,12 @@ The client imports nothing heavy, and any trouble before the worker has
 started (no server, stale socket, wrong owner, another version) means "run it
 in this process", never a failed call. `fork_server: no` stops new servers
 from being started; a running one exits after IDLE_SECONDS.
+
+Trust goes both ways. The client uses a socket only in a directory nobody
+else can change the way to (runtime_dir), and talks only to a server of its
+own uid (SO_PEERCRED). The server serves only callers whose credentials and
+namespaces are its own (refusal), since its worker runs with the server's,
+not the caller's. Either refusal means: run in this process.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ MAGIC = b"GSFP2"
 # ended (raw wait status follows), the request was refused (run it yourself).
 STARTED, ENDED, REFUSED = b"P", b"S", b"R"
 _INT = struct.Struct("!i")
+# struct ucred, as SO_PEERCRED returns it: pid, uid, gid.
+_PEERCRED = struct.Struct("3i")
 
 # In a worker: the read end of its client's liveness pipe (see heed_caller).
 _caller_pipe: int | None = None
@@ -74,6 +82,14 @@ PRELOAD = (
     "encodings.idna",
     "ctypes",
 )
+# The installed distributions whose code the server holds loaded besides ours
+# (normalized project names): an upgrade of any of them (a security fix of
+# paramiko or cryptography above all) must reach the next call, so their
+# versions are part of the digest that names the server.
+DEPENDENCIES = ("paramiko", "cryptography", "pyyaml", "tenacity", "bcrypt", "pynacl")
+# How an installed distribution's metadata is named: <name>-<version>.dist-info
+# (pip) or <name>-<version>[-pyX.Y].egg-info (distro packages, setup.py).
+_METADATA_SUFFIXES = (".dist-info", ".egg-info")
 
 
 # ---------------------------------------------------------------- location
@@ -81,25 +97,67 @@ PRELOAD = (
 
 @functools.cache  # once per process: a call names its server and its request with it
 def code_digest() -> str:
-    """Names this interpreter and this copy of the code: an upgrade gets a new server."""
+    """Names this interpreter, this copy of the code and its dependencies: an upgrade gets a new server."""
     package = os.path.dirname(os.path.abspath(__file__))
-    parts = [sys.executable, package]
+    site = sys.modules.get("site")  # imported at start-up unless -S; not worth importing for this
+    site_dirs = site.getsitepackages() if site is not None else []
+    return digest_of(package, [os.path.dirname(package), *site_dirs])
+
+
+def digest_of(package: str, site_dirs: list[str]) -> str:
+    """The digest of the code in `package`, the interpreter, and DEPENDENCIES as installed in `site_dirs`.
+
+    Cheap, since every call computes it: a stat per module of ours, and the
+    names and times of the dependencies' metadata directories from a listing
+    of the site directory, not importlib.metadata (whose import alone costs
+    several times all of this). The time counts because a distro's security
+    update keeps the upstream version in the name but rewrites the directory.
+    """
+    parts = [sys.executable, sys.version, package]
     with os.scandir(package) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             if entry.name.endswith(".py"):
                 info = entry.stat()
                 parts.append(f"{entry.name}:{info.st_size}:{info.st_mtime_ns}")
+    parts.extend(_dependency_versions(site_dirs))
     return f"{zlib.crc32(chr(0).join(parts).encode()):08x}"
+
+
+def _dependency_versions(site_dirs: list[str]) -> list[str]:
+    """`<name>=<metadata entry>:<mtime>` for each of DEPENDENCIES, from the first of `site_dirs` holding it."""
+    found: dict[str, list[str]] = {}
+    for directory in dict.fromkeys(site_dirs):  # in order, each once; mostly the first has them all
+        if len(found) == len(DEPENDENCIES):
+            break
+        here: dict[str, list[str]] = {}
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if not entry.name.endswith(_METADATA_SUFFIXES):
+                        continue
+                    name = entry.name.partition("-")[0].lower()  # DEPENDENCIES need no more normalizing
+                    if name in DEPENDENCIES and name not in found:
+                        here.setdefault(name, []).append(f"{entry.name}:{entry.stat().st_mtime_ns}")
+        except OSError:
+            continue  # a site dir that does not exist (or vanished while listed) holds nothing
+        found.update(here)
+    return [f"{name}={','.join(sorted(found.get(name, ['-'])))}" for name in DEPENDENCIES]
 
 
 def runtime_dir() -> str | None:
     """The per-user directory for the socket, created 0700; None when it is not safe to use.
 
     XDG_RUNTIME_DIR when the session has one (private, tmpfs), else the temp
-    directory. A directory owned by someone else or open to others is refused:
-    whoever can reach the socket can run plugin commands with our fds.
+    directory. Whoever can reach the socket can run plugin commands with our
+    fds, and whoever can rename or replace a directory on the way to it can
+    put their own socket there and receive our calls' input and environment.
+    So the directory must be ours and 0700, and every directory above it pass
+    _private_chain; else None.
     """
     base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
+    base = os.path.realpath(base)  # checked as resolved: a symbolic link on the way could be swapped after
+    if not _private_chain(base):
+        return None
     path = os.path.join(base, f"gpbackup_sftp_plugin-{os.getuid()}")
     try:
         os.mkdir(path, 0o700)
@@ -111,6 +169,31 @@ def runtime_dir() -> str | None:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         return None
     return path
+
+
+def _private_chain(directory: str) -> bool:
+    """Whether only we and root can change what `directory` (resolved) and every directory above it hold.
+
+    Each must be a directory owned by us or root and not writable by group or
+    others, unless it has the sticky bit (as /tmp): there others can add
+    entries of their own but not rename or remove ours or root's, and the
+    entry below it on our way is checked for its owner in turn.
+    """
+    uid = os.getuid()
+    path = directory
+    while True:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (uid, 0):
+            return False
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
 
 
 def socket_path() -> str | None:
@@ -138,6 +221,9 @@ def delegate(argv: list[str]) -> int | None:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.settimeout(START_TIMEOUT)
         conn.connect(path)
+        if peer_credentials(conn)[1] != os.getuid():
+            conn.close()  # not our server: it gets nothing of ours, not even the request
+            return None
         payload = _encode_request(argv)
         # The worker's news of us (see heed_caller): the first signal we receive is
         # written here, and the write end closes only when we end.
@@ -227,6 +313,15 @@ def exit_code_of(status: int) -> int:
         os.kill(os.getpid(), sig)
         return 128 + sig  # only reached for a signal whose default is not to terminate
     return os.WEXITSTATUS(status)
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """The pid, uid and gid of the process at the other end of a connected Unix socket (SO_PEERCRED).
+
+    The kernel's word, as of connect() for a client and listen() for a server,
+    whatever the socket file's owner says.
+    """
+    return _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
 
 
 def _forward(conn: socket.socket, signum: int) -> None:
@@ -343,6 +438,10 @@ def _take_lock(path: str) -> int | None:
         return None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A lock file removed as stale (see remove_stale) between our open and
+        # our flock locks nothing: another process may create and take it anew.
+        if os.fstat(lock).st_ino != os.stat(path + ".lock").st_ino:
+            raise FileNotFoundError(path + ".lock")
     except OSError:
         os.close(lock)
         return None
@@ -371,6 +470,11 @@ def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
     if not path.endswith(f"-{digest}.sock"):
         log.warning("code changed while starting; not serving %s", path)
         return
+    try:
+        own = process_identity("self")  # the credentials every worker of ours will run with
+    except OSError as err:  # no /proc: no caller could be checked, so none is served
+        log.warning("fork server cannot read its own credentials (%s); calls run in their own process", err)
+        return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
@@ -385,13 +489,21 @@ def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, _stop)
+    # Now, not in a call: what other versions left behind costs no call anything to remove.
+    try:
+        removed = remove_stale(os.path.dirname(path))
+    except OSError as err:  # only tidiness is lost; serving goes on
+        log.warning("could not remove what fork servers of other code left in %s: %s", os.path.dirname(path), err)
+    else:
+        if removed:
+            log.info("removed what fork servers of other code left: %s", ", ".join(removed))
     log.info("fork server %d serving %s", os.getpid(), path)
     served = 0
     why = f"after {idle_seconds:g} s idle"
     try:
         while select.select([listener], [], [], idle_seconds)[0]:
             conn, _ = listener.accept()
-            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            uid = peer_credentials(conn)[1]
             if uid != os.getuid():
                 log.warning("refused a connection from uid %d", uid)
                 conn.close()
@@ -399,7 +511,7 @@ def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
             if os.fork() == 0:
                 listener.close()
                 os.close(lock)  # a flock holds while any copy is open: a long call must not keep it
-                _monitor(conn, digest)  # never returns
+                _monitor(conn, digest, own)  # never returns
             conn.close()
             served += 1
     except _Stopped as stop:
@@ -428,8 +540,6 @@ def stop_servers() -> list[int]:
     and the benchmark, which must leave nothing running. Calls in flight are
     not touched; a lock nobody holds is a leftover and is removed.
     """
-    import fcntl
-
     directory = runtime_dir()
     if directory is None:
         return []
@@ -437,28 +547,114 @@ def stop_servers() -> list[int]:
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".sock.lock"):
             continue
-        lock_path = os.path.join(directory, name)
-        fd = os.open(lock_path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: a live server, whose pid is in the file
-            text = os.read(fd, 32).decode(errors="replace").strip()
-            if text.isdigit():
-                os.kill(int(text), signal.SIGTERM)
-                stopped.append(int(text))
-        else:
-            for leftover in (lock_path, lock_path[: -len(".lock")]):
-                try:
-                    os.unlink(leftover)
-                except FileNotFoundError:
-                    pass
-        finally:
-            os.close(fd)
+        pid = _lock_holder(os.path.join(directory, name))
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
     return stopped
 
 
-def _monitor(conn: socket.socket, digest: str) -> None:
-    """One call: receive it, fork the worker, forward signals, report the wait status."""
+def remove_stale(directory: str) -> list[str]:
+    """Remove the lock files and sockets of other code's servers that no server holds; their names.
+
+    Every installed version (every code digest) leaves a lock file, and a
+    server that was killed its socket too: one more per upgrade, forever,
+    without this. A held lock is a server serving or starting, and stays.
+    """
+    current = f"-{code_digest()}.sock"
+    names = set(os.listdir(directory))
+    removed = []
+    for name in sorted(names):
+        if name.endswith(".sock.lock"):
+            sock = name[: -len(".lock")]
+        elif name.endswith(".sock") and name + ".lock" not in names:
+            sock = name  # a socket whose lock is gone
+        else:
+            continue  # not a server's, or a socket judged with its lock
+        if sock.endswith(current):
+            continue  # this code's: held by its server (us), or about to be
+        if _lock_holder(os.path.join(directory, sock + ".lock")) is None:
+            removed.append(name)
+    return removed
+
+
+def _lock_holder(lock_path: str) -> int | None:
+    """The pid a held server lock names (0 if not written yet); None if nobody holds it.
+
+    A lock nobody holds, and its socket, are leftovers and removed (under the
+    lock: see _take_lock for a process that opened it meanwhile).
+    """
+    import fcntl
+
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = None  # a socket without a lock: no server can be serving it
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: a live server, whose pid is in the file
+                text = os.read(fd, 32).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else 0
+        for leftover in (lock_path, lock_path[: -len(".lock")]):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+        return None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+# What of a process's credentials /proc/<pid>/status shows that a worker takes
+# from the server and not from its caller: user and group ids (real,
+# effective, saved, filesystem), supplementary groups, capabilities,
+# no_new_privs and the seccomp mode. A caller differing in any of them could
+# reach, through a worker, what it cannot reach itself (or the reverse).
+CREDENTIAL_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
+# The namespaces (/proc/<pid>/ns/<name>) a worker shares with the server and
+# not with its caller; a kernel without one of them has no link for it.
+NAMESPACES = ("mnt", "pid", "net", "user", "uts", "ipc", "cgroup")
+
+
+def process_identity(pid: int | str) -> dict[str, str]:
+    """The credentials and namespaces of process `pid` ("self" for this one), as /proc shows them.
+
+    Raises OSError when they cannot be read (a process gone, or one we may not inspect).
+    """
+    identity: dict[str, str] = {}
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+        for line in status:
+            field, _, value = line.partition(":")
+            if field in CREDENTIAL_FIELDS:
+                identity[field] = " ".join(value.split())
+    for name in NAMESPACES:
+        try:
+            identity[f"{name} namespace"] = os.readlink(f"/proc/{pid}/ns/{name}")
+        except FileNotFoundError:
+            if not os.path.isdir(f"/proc/{pid}"):
+                raise  # the process is gone, not the namespace
+    return identity
+
+
+def refusal(caller_pid: int, own: dict[str, str]) -> str | None:
+    """Why the caller `caller_pid` must not be served by a worker with identity `own`; None if it may be."""
+    try:
+        caller = process_identity(caller_pid)
+    except OSError as err:
+        return f"cannot read its credentials ({err.strerror})"
+    differing = [  # ids, capability masks and namespace inodes: nothing secret
+        f"{field} {caller.get(field) or '-'} (server's {own.get(field) or '-'})"
+        for field in dict.fromkeys([*own, *caller])
+        if caller.get(field) != own.get(field)
+    ]
+    return "not the server's credentials: " + ", ".join(differing) if differing else None
+
+
+def _monitor(conn: socket.socket, digest: str, own: dict[str, str]) -> None:
+    """One call: check the caller, receive it, fork the worker, forward signals, report the wait status."""
     import threading
 
     code = 1
@@ -466,6 +662,15 @@ def _monitor(conn: socket.socket, digest: str) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # we wait for our worker ourselves
         for sig in FORWARDED_SIGNALS:  # stopping the server does not stop the calls in flight
             signal.signal(sig, signal.SIG_IGN)
+        caller_pid = peer_credentials(conn)[0]
+        why = refusal(caller_pid, own)
+        if why is not None:  # before reading anything of the call: it runs in its own process
+            import logging
+
+            logging.getLogger("gpbackup_sftp_plugin.forkserver").warning(
+                "refused the call of pid %d, which runs in its own process: %s", caller_pid, why)
+            conn.sendall(REFUSED + _INT.pack(0))
+            os._exit(0)
         conn.settimeout(START_TIMEOUT)
         head, fds, _flags, _addr = socket.recv_fds(conn, _INT.size, 4)
         if len(head) != _INT.size or len(fds) != 4:

@@ -4,7 +4,9 @@ Built on tenacity: exponential backoff with full jitter (so hundreds of
 segments that failed together do not come back together), bounded by the
 ``retries`` option (attempts in all). Authentication, host key, permission,
 missing-file and disk-full errors are never retried: a new connection cannot
-fix them, and retrying a bad password can lock an account.
+fix them, and retrying a bad password can lock an account. Nor are the
+answers that stay the same however often we ask: a server with no algorithm
+in common, a host name that does not exist.
 """
 
 from __future__ import annotations
@@ -42,12 +44,49 @@ TRANSIENT_ERRNOS = frozenset(
 )
 
 
-def is_connection_lost(error: BaseException) -> bool:
-    """True when the error means "the connection failed", not "the server answered no"."""
-    if isinstance(error, ConnectError):
+# getaddrinfo answers meaning "there is no such name" (or no address for it): the DNS gave its final word, and
+# asking again gives the same answer. EAI_AGAIN (the DNS server did not answer in time) is not among them: that
+# one may pass. (EAI_NODATA is glibc's; other platforms fold it into EAI_NONAME, hence getattr.)
+PERMANENT_NAME_ERRORS = frozenset(
+    getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL") if hasattr(socket, name)
+)
+# The other getaddrinfo answer a new attempt can fix.
+TRANSIENT_NAME_ERRORS = frozenset({socket.EAI_AGAIN})
+# Answers a new connection cannot change: the server's or the resolver's final word, not a lost connection.
+PERMANENT_ERRORS = (
+    paramiko.AuthenticationException,
+    paramiko.BadHostKeyException,
+    # Raised when the server and we share no key exchange, host key, cipher, MAC or compression algorithm
+    # (or SSH version): the server's configuration, the same on every attempt.
+    paramiko.IncompatiblePeer,
+)
+# A jump host's refusals of a forwarding channel (RFC 4254 5.1) that are its configuration, not its state:
+# "administratively prohibited" (AllowTcpForwarding no) and "unknown channel type". "Connect failed" (the
+# target is down) and "resource shortage" may pass.
+PERMANENT_CHANNEL_REFUSALS = frozenset({1, 3})
+
+
+def is_permanent(error: BaseException) -> bool:
+    """True for an answer no new connection can change (no such host name, no common algorithm, auth refused)."""
+    if isinstance(error, PERMANENT_ERRORS):
         return True
-    if isinstance(error, (paramiko.AuthenticationException, paramiko.BadHostKeyException)):
+    if isinstance(error, paramiko.ChannelException):
+        return error.code in PERMANENT_CHANNEL_REFUSALS
+    return isinstance(error, socket.gaierror) and error.errno in PERMANENT_NAME_ERRORS
+
+
+def is_connection_lost(error: BaseException) -> bool:
+    """True when the error means "the connection failed" (worth a new one), not "the answer was no".
+
+    The one predicate the retry policy asks. A ConnectError (connection.connect's report of a failed
+    connection) is retried unless what it reports, its cause, is permanent.
+    """
+    if isinstance(error, ConnectError):
+        return error.__cause__ is None or not is_permanent(error.__cause__)
+    if is_permanent(error):
         return False
+    if isinstance(error, socket.gaierror):
+        return error.errno in TRANSIENT_NAME_ERRORS
     if isinstance(error, (socket.timeout, TimeoutError, EOFError, paramiko.SSHException)):
         return True
     if isinstance(error, OSError):

@@ -13,6 +13,11 @@ ties us to paramiko internals (``_async_request``, ``_read_response``,
 Uploads always go to a temporary name in the target directory, are flushed to
 disk (fsync@openssh.com where offered) and renamed into place only when
 complete: a partial file never sits under its final name.
+
+Everything created on the backup host is private to the SSH user: files
+0600, directories 0700, the mode sent with the OPEN or MKDIR request itself
+(sftp-server otherwise creates 0644 files and 0755 directories, readable by
+every account on the host), so there is no moment when it is open to others.
 """
 
 from __future__ import annotations
@@ -26,7 +31,18 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 import paramiko
-from paramiko.sftp import CMD_EXTENDED, CMD_READ, CMD_STATUS, CMD_WRITE, int64
+from paramiko.sftp import (
+    CMD_EXTENDED,
+    CMD_HANDLE,
+    CMD_OPEN,
+    CMD_READ,
+    CMD_STATUS,
+    CMD_WRITE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_TRUNC,
+    SFTP_FLAG_WRITE,
+    int64,
+)
 
 from sftp_plugin import paths
 from sftp_plugin.connection import WINDOW_SIZE
@@ -70,6 +86,11 @@ READ_AHEAD_BYTES = WINDOW_SIZE
 LIMITS_EXTENSION = "limits@openssh.com"
 # How much we read from a local source at once: few Python calls per MiB.
 LOCAL_CHUNK = 1024 * 1024
+# Modes of what the plugin creates on the backup host: backups hold a database's
+# data, so only the SSH user may read them. The server applies its umask on top,
+# which can only take bits away.
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
 
 Sink = Callable[[bytes], object]
 
@@ -258,6 +279,25 @@ def _abandon(pipe: _Pipeline) -> None:
             pass
 
 
+def create_private(sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPFile:
+    """``sftp.open(path, "wb")``, but a file it creates gets PRIVATE_FILE_MODE from the start.
+
+    paramiko's ``open`` sends no attributes with the OPEN request, so the server
+    uses its default mode (0644 for sftp-server) and a chmod afterwards would
+    leave a window; the SFTP OPEN request carries the mode for a new file, so this
+    sends it there (as paramiko's own ``open`` frames the request). An existing
+    file keeps its mode: ours were created private.
+    """
+    attrs = paramiko.SFTPAttributes()
+    attrs.st_mode = PRIVATE_FILE_MODE
+    kind, msg = sftp._request(
+        CMD_OPEN, sftp._adjust_cwd(path), SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC, attrs
+    )
+    if kind != CMD_HANDLE:
+        raise paramiko.SFTPError(f"expected a handle in reply to opening {path}, got message type {kind}")
+    return paramiko.SFTPFile(sftp, msg.get_binary(), "wb")
+
+
 def fsync(sftp: paramiko.SFTPClient, handle: bytes) -> None:
     """Ask the server to flush the file to disk; servers without the extension are tolerated."""
     try:
@@ -338,13 +378,13 @@ class ResumableUpload:
     def _open(self, sftp: paramiko.SFTPClient) -> paramiko.SFTPFile:
         if not self._started:
             self._started = True
-            return sftp.open(self.temp_path, "wb")
+            return create_private(sftp, self.temp_path)
         try:
             durable = sftp.stat(self.temp_path).st_size or 0
         except FileNotFoundError:
             if self.confirmed == 0:
                 # The connection broke before the server created the file: start afresh.
-                return sftp.open(self.temp_path, "wb")
+                return create_private(sftp, self.temp_path)
             raise ShortFileError(
                 f"{self.temp_path} vanished after reconnecting, but the server had acknowledged "
                 f"{self.confirmed} bytes of it; the stream cannot be resumed"
@@ -385,7 +425,7 @@ def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path
     Repeating it with the same ``temp_path`` after a lost connection is safe: the
     temporary file is rewritten, so retries leave no leftovers behind.
     """
-    with sftp.open(temp_path, "wb") as remote:
+    with create_private(sftp, temp_path) as remote:
         writer = PipelinedWriter(sftp, remote.handle)
         writer.write(data)
         writer.drain()
@@ -465,20 +505,26 @@ class ResumableDownload:
         return self.delivered
 
 
-def makedirs(sftp: paramiko.SFTPClient, path: str, stop_at: str) -> None:
-    """mkdir -p ``path`` below the existing directory ``stop_at``; safe when many hosts race."""
+def makedirs(sftp: paramiko.SFTPClient, path: str, stop_at: str) -> list[str]:
+    """mkdir -p ``path`` below the existing directory ``stop_at``, each new directory
+    PRIVATE_DIR_MODE; safe when many hosts race. Returns the directories this call
+    created, outermost first (those another process made meanwhile are not among them)."""
     missing: list[str] = []
     current = path
     while current != stop_at and not is_dir(sftp, current):
         missing.append(current)
         current = posixpath.dirname(current)
+    created: list[str] = []
     for directory in reversed(missing):
         try:
-            sftp.mkdir(directory)
+            sftp.mkdir(directory, PRIVATE_DIR_MODE)
         except OSError:
             # Another segment may have created it between our stat and mkdir.
             if not is_dir(sftp, directory):
                 raise
+            continue
+        created.append(directory)
+    return created
 
 
 def is_dir(sftp: paramiko.SFTPClient, path: str) -> bool:

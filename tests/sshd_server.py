@@ -60,8 +60,11 @@ def keygen(path: Path, key_type: str = "ed25519", passphrase: str = "") -> Path:
 class SshServer:
     """One sshd process and the client-side files to reach it."""
 
-    def __init__(self, workdir: Path, max_startups: str = "10:30:100") -> None:
+    def __init__(self, workdir: Path, max_startups: str = "10:30:100", extra_config: str = "") -> None:
+        """``extra_config``: sshd_config lines (global keywords, no Match) for this server only, e.g. to offer
+        other algorithms; they win over the backup host's template (see `_entrypoint`)."""
         self.workdir = workdir
+        self.extra_config = extra_config
         self.server_dir = workdir / "server"
         self.client_dir = workdir / "client"
         self.remote_dir = workdir / "remote"
@@ -81,11 +84,32 @@ class SshServer:
                    AUTHORIZED_KEYS=str(self.authorized_keys), BACKUP_USER="", REMOTE_DIR=str(self.remote_dir),
                    SSHD_MAX_STARTUPS=self.max_startups)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen([str(self._entrypoint())], env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         wait_for_ssh_banner("127.0.0.1", self.port, self.process, self.log_path)
         self.known_hosts.write_text(known_hosts_line(self.server_dir, "127.0.0.1", self.port))
         return self
+
+    def _entrypoint(self) -> Path:
+        """The backup host's entrypoint; with ``extra_config``, an unchanged copy of it next to a copy of its
+        template that starts with those lines (sshd keeps the first value of a keyword, so they win)."""
+        if not self.extra_config:
+            return ENTRYPOINT
+        directory = self.workdir / "backup-host"
+        directory.mkdir(exist_ok=True)
+        shutil.copy2(ENTRYPOINT, directory / ENTRYPOINT.name)
+        template = ENTRYPOINT.with_name("sshd_config.template")
+        (directory / template.name).write_text(self.extra_config.rstrip("\n") + "\n" + template.read_text())
+        return directory / ENTRYPOINT.name
+
+    def authorize(self, public_key: Path) -> None:
+        """Let the holder of another key log in too (sshd reads authorized_keys at each login), e.g. the
+        plugin's key of another server's config, when this server is a jump host in front of that one."""
+        with open(self.authorized_keys, "a") as keys:
+            keys.write(public_key.read_text())
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

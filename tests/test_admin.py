@@ -24,13 +24,16 @@ from tests.sshd_server import SshServer, free_port, keygen
 RUN_TIMEOUT = 120
 ALL_CHECKS = (
     "config",
+    "secrets",
     "log_dir",
     "connect",
     "host key",
     "auth",
     "cipher",
     "remote_dir",
+    "privacy",
     "writable",
+    "setup",
     "free space",
     "round trip",
 )
@@ -82,7 +85,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
 
 def make_site(server: SshServer, root: Path) -> Site:
     remote_dir = server.remote_dir / f"{root.name}-{secrets.token_hex(4)}"
-    remote_dir.mkdir()
+    remote_dir.mkdir(mode=0o700)  # private, as README's setup makes it (check warns otherwise)
     home = root / "home"
     home.mkdir()
     return Site(server, root, remote_dir, home)

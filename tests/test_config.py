@@ -40,6 +40,22 @@ def test_minimal_options_give_defaults() -> None:
     assert cfg.restore_subset is False
 
 
+@pytest.mark.parametrize(
+    "raw", ["backup", "backup-01.example.com", "my_backup_alias", "10.0.0.7", "::1", "fe80::1%eth0", "2001:db8::7"]
+)
+def test_hostname_accepts_names_addresses_ipv6_and_ssh_config_aliases(raw: str) -> None:
+    assert parse(hostname=raw).hostname == raw
+
+
+@pytest.mark.parametrize(
+    "raw", ["gpadmin@backup", "backup:2222", "gpadmin@backup:2222", "[::1]", "[::1]:2222", "backup:22:22", "::1::2"]
+)
+def test_hostname_with_a_user_port_or_brackets_is_refused_saying_where_they_go(raw: str) -> None:
+    message = problems(hostname=raw)
+    assert "option 'hostname'" in message and repr(raw) in message
+    assert "put the user in 'username', the port in 'port'" in message
+
+
 @pytest.mark.parametrize("raw", ["22", " 22 ", "022", "+22"])
 def test_port_accepts_its_decimal_text(raw: str) -> None:
     assert parse(port=raw).port == 22

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -376,6 +377,138 @@ def test_an_idle_server_removes_its_socket_and_exits(served: Served, tmp_path: P
         p.read_text() for p in (tmp_path / "server_logs").glob("*"))
 
 
+# ---------------------------------------------------------------- whom to trust
+
+# The unprivileged user and group every Debian/Red Hat host has: "someone else".
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("opening", ["group-writable", "owned by another user"])
+def test_a_socket_directory_whose_way_others_can_change_is_never_used(served: Served, backup: LocalBackup,
+                                                                      opening: str) -> None:
+    # TMPDIR on a shared scratch directory: whoever can rename entries in it could put their
+    # own socket where ours was, even though our own 0700 directory below it is intact.
+    scratch = served.tmpdir / "scratch"
+    scratch.mkdir(mode=0o700)
+    site = Served(served.plugin, served.config, scratch)
+    site.start_server(backup)
+    if opening == "group-writable":
+        scratch.chmod(0o770)  # no sticky bit
+    else:
+        os.chown(scratch, NOBODY, NOBODY)
+
+    data = os.urandom(10_000)
+    key = backup.file("gpbackup_0_shared_tmpdir")
+    assert_ok(site.run("backup_data", site.config.path, key, stdin=data))
+    assert site.served_lines() == []
+    assert sha256(backup.remote(site.config.remote_dir, "gpbackup_0_shared_tmpdir").read_bytes()) == sha256(data)
+
+
+# A listener at the server's socket that answers as another user would, and
+# prints how many request bytes and fds it received before the caller hung up.
+FOREIGN_SERVER = f"""
+import os, socket, struct, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+os.setgroups([])
+os.setresgid({NOBODY}, {NOBODY}, {NOBODY})
+os.setresuid({NOBODY}, {NOBODY}, {NOBODY})
+listener.listen(1)  # SO_PEERCRED tells a caller the credentials of this moment
+listener.settimeout({RUN_TIMEOUT})
+print("listening", flush=True)
+conn, _ = listener.accept()
+conn.settimeout({RUN_TIMEOUT})
+head, fds, _flags, _addr = socket.recv_fds(conn, 4, 4)
+try:
+    conn.sendall(b"R" + struct.pack("!i", 0))  # "refused": the caller runs the call itself
+except OSError:
+    pass
+print(len(head), len(fds), flush=True)
+"""
+
+
+def test_a_server_socket_of_another_user_gets_nothing_and_the_call_runs_in_its_own_process(
+        served: Served, backup: LocalBackup) -> None:
+    socket_path = served.start_server(backup)  # where this code's server listens
+    assert_ok(served.run("stop-fork-server"))
+    assert wait_until(lambda: not socket_path.exists())
+    foreign = subprocess.Popen([sys.executable, "-c", FOREIGN_SERVER, str(socket_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        assert foreign.stdout is not None
+        assert foreign.stdout.readline() == b"listening\n", foreign.stderr.read() if foreign.stderr else b""
+        data = os.urandom(10_000)
+        key = backup.file("gpbackup_0_foreign_server")
+        assert_ok(served.run("backup_data", served.config.path, key, stdin=data))
+        out, err = foreign.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if foreign.poll() is None:
+            foreign.kill()
+    assert out == b"0 0\n", (out, err)  # neither the request nor the caller's stdin, stdout and stderr
+    assert served.served_lines() == []
+    assert sha256(backup.remote(served.config.remote_dir, "gpbackup_0_foreign_server").read_bytes()) == sha256(data)
+
+
+def _can_run(*command: str) -> bool:
+    try:
+        return subprocess.run([*command, "true"], capture_output=True, timeout=RUN_TIMEOUT).returncode == 0
+    except OSError:
+        return False
+
+
+# Ways a caller can differ from the server that started before it: (how, the field the
+# server's log names, the command prefix and subprocess options that make the caller so).
+CALLER_DIFFERENCES = {
+    "other supplementary groups": ("Groups", [], {"extra_groups": [NOBODY]}),
+    "another uts namespace": ("uts namespace", ["unshare", "--uts"], {}),
+    "no_new_privs set": ("NoNewPrivs", ["setpriv", "--no-new-privs"], {}),
+}
+
+
+@pytest.mark.parametrize("difference", CALLER_DIFFERENCES)
+def test_a_caller_whose_credentials_differ_from_the_servers_is_refused_and_runs_in_its_own_process(
+        served: Served, backup: LocalBackup, difference: str) -> None:
+    field, prefix, options = CALLER_DIFFERENCES[difference]
+    if prefix and not _can_run(*prefix):
+        pytest.skip(f"{' '.join(prefix)} is not permitted here")
+    assert NOBODY not in os.getgroups()
+    served.start_server(backup)
+
+    data = os.urandom(10_000)
+    key = backup.file("gpbackup_0_other_caller")
+    result = subprocess.run([*prefix, served.plugin.exe, "backup_data", str(served.config.path), str(key)],
+                            input=data, capture_output=True, env=isolated_env(served.plugin.home, served.env),
+                            timeout=RUN_TIMEOUT, check=False, **options)
+    assert_ok(result)
+    assert served.served_lines() == []
+    assert sha256(backup.remote(served.config.remote_dir, "gpbackup_0_other_caller").read_bytes()) == sha256(data)
+    refused = [line for line in served.config.log_text().splitlines() if "refused the call of pid" in line]
+    assert len(refused) == 1 and field in refused[0], refused
+
+    assert_ok(served.run("restore_data", served.config.path, key))  # a caller like the server is still served
+    assert len(served.served_lines()) == 1
+
+
+def test_a_starting_server_removes_what_servers_of_other_code_left_but_not_what_one_holds(
+        served: Served, backup: LocalBackup) -> None:
+    served.socket_dir.mkdir(mode=0o700)
+    killed = served.socket_dir / "0.0.1-0badc0de.sock"  # a server killed: its lock and its socket
+    (served.socket_dir / "0.0.1-0badc0de.sock.lock").write_text("4242\n")
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(str(killed))
+    leftover.close()
+    idled = served.socket_dir / "0.0.2-0badc0de.sock.lock"  # a server that idled out: its lock
+    idled.write_text("4243\n")
+    held = served.socket_dir / "0.0.3-0badc0de.sock.lock"  # a server of another version, still serving
+    held.write_text("4244\n")
+    with held.open() as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        socket_path = served.start_server(backup)
+        assert sorted(path.name for path in served.socket_dir.iterdir()) == sorted(
+            [held.name, socket_path.name, socket_path.name + ".lock"])
+    assert "0.0.1-0badc0de.sock.lock" in served.config.log_text()
+
+
 # ---------------------------------------------------------------- pure parts
 
 
@@ -388,6 +521,48 @@ def test_a_request_round_trips_argv_cwd_umask_and_environment(monkeypatch: pytes
     assert request.umask == forkserver._current_umask()
     assert request.caller == (os.getpid(), os.getppid())
     assert request.env[b"GPSFTP_TEST_VALUE"] == "a=b c\u00e9".encode()
+
+
+@pytest.fixture
+def site_packages(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake site-packages holding a copy of the plugin's package and its dependencies' metadata; a
+    second site dir after it (a distro's dist-packages) holding cryptography's, as Debian installs it."""
+    site, distro = tmp_path / "site-packages", tmp_path / "dist-packages"
+    package = site / "sftp_plugin"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name in ("paramiko-3.4.0.dist-info", "pyyaml-6.0.1.dist-info", "tenacity-8.2.3.dist-info",
+                 "pytest-8.0.0.dist-info"):
+        (site / name).mkdir()
+    distro.mkdir()
+    (distro / "cryptography-38.0.4.egg-info").mkdir()
+    return package, distro
+
+
+def _digest(package: Path, distro: Path) -> str:
+    return forkserver.digest_of(str(package), [str(package.parent), str(distro)])
+
+
+@pytest.mark.parametrize("upgrade", ["paramiko by pip", "cryptography by the distro"])
+def test_the_code_digest_changes_when_a_dependency_is_upgraded(site_packages: tuple[Path, Path],
+                                                               upgrade: str) -> None:
+    package, distro = site_packages
+    before = _digest(package, distro)
+    assert _digest(package, distro) == before
+    if upgrade == "paramiko by pip":
+        (package.parent / "paramiko-3.4.0.dist-info").rename(package.parent / "paramiko-3.4.1.dist-info")
+    else:  # a security update keeps the upstream version in the name and rewrites the directory
+        metadata = distro / "cryptography-38.0.4.egg-info"
+        info = metadata.stat()
+        os.utime(metadata, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    assert _digest(package, distro) != before
+
+
+def test_the_code_digest_ignores_distributions_the_plugin_does_not_load(site_packages: tuple[Path, Path]) -> None:
+    package, distro = site_packages
+    before = _digest(package, distro)
+    (package.parent / "pytest-8.0.0.dist-info").rename(package.parent / "pytest-8.1.0.dist-info")
+    assert _digest(package, distro) == before
 
 
 def test_exit_code_of_returns_the_workers_exit_code() -> None:
