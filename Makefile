@@ -5,12 +5,22 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PREFIX ?= /usr/local/gpbackup_sftp_plugin
 
-.PHONY: test lint deps system-deps install bench demo clean
+.PHONY: test test-oldest lint deps system-deps install bench demo clean
 
 test: deps lint
 	@# pytest exits 5 when it collected no test: that is a failure here, not a pass.
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no test" >&2; exit 1; fi; exit $$rc
+
+# The lowest paramiko setup.cfg allows (sftp_plugin/fastpath: TESTED_PARAMIKO), in a virtualenv of its
+# own: the fast packet code needs paramiko >= 3.5, so this runs the suite through paramiko's own code.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PARAMIKO ?= 3.4.1
+test-oldest: system-deps
+	@test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q '.[test]' 'paramiko==$(OLDEST_PARAMIKO)'
+	$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-oldest: pytest ran no test" >&2; exit 1; fi; exit $$rc
 
 lint: deps
 	$(VENV)/bin/ruff check sftp_plugin tests bench scripts
@@ -34,7 +44,7 @@ $(VENV)/.installed:
 # call), again whenever its sources change, so tests and the bench run the
 # installed console script. pip always rebuilds and reinstalls a local
 # directory, so one install per change is enough.
-$(VENV)/.package: $(VENV)/.installed setup.cfg setup.py pyproject.toml $(wildcard sftp_plugin/*.py)
+$(VENV)/.package: $(VENV)/.installed setup.cfg setup.py pyproject.toml $(wildcard sftp_plugin/*.py sftp_plugin/*/*.py)
 	$(VENV)/bin/pip install -q '.[test]'
 	touch $@
 

@@ -214,15 +214,15 @@ class FsUsage:
 def statvfs(sftp: Any, path: str) -> FsUsage | None:
     """File system usage of ``path`` on the server; None when the server lacks the extension.
 
-    paramiko has no public call for it, so the extended request goes through
-    the SFTPClient's own request machinery (as transfer.fsync does).
+    paramiko has no public call for it: an extended request (fastpath.sftp).
     """
-    from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
+    from paramiko.sftp import CMD_EXTENDED_REPLY
 
     from sftp_plugin import transfer
+    from sftp_plugin.fastpath.sftp import extended
 
     try:
-        kind, msg = sftp._request(CMD_EXTENDED, STATVFS_EXTENSION, path)
+        kind, msg = extended(sftp, STATVFS_EXTENSION, path)
     except OSError as err:
         if transfer.extension_unsupported(err):
             return None

@@ -88,6 +88,7 @@ class PluginConfig:
     log_level: str = "info"
     restore_subset: bool = False
     fork_server: bool = True
+    fast_path: bool = True
 
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line or a message."""
@@ -252,6 +253,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _log_level,
     "restore_subset": _restore_subset,
     "fork_server": parse_bool,
+    "fast_path": parse_bool,
 }
 REQUIRED = ("hostname", "remote_dir")
 assert set(PARSERS) == {f.name for f in fields(PluginConfig)}, "PARSERS and PluginConfig must list the same options"

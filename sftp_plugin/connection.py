@@ -19,12 +19,10 @@ from dataclasses import dataclass, replace
 
 import paramiko
 
-from sftp_plugin import hostkeys, proxy
-from sftp_plugin.channel_buffer import ChunkedPipe
+from sftp_plugin import fastpath, hostkeys, proxy
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.errors import AuthError, ConfigError, ConnectError, HostKeyError
-from sftp_plugin.negotiation import OfferRecordingTransport, mismatch
-from sftp_plugin.packetizer import InPlacePacketizer
+from sftp_plugin.fastpath.negotiation import OfferRecordingTransport, mismatch
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ log = logging.getLogger(__name__)
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 # Flow-control window we grant the server: how far it may send ahead of our
 # reads, and so the most a download buffers. With arriving packets kept as
-# they are (channel_buffer.ChunkedPipe) a bigger window costs memory, not CPU,
+# they are (fastpath.channel.ChunkedPipe) a bigger window costs memory, not CPU,
 # and the server stalls less: restore_data of 256 MiB on loopback took ~1.1 s
 # with 4 MiB, ~0.95 s with 16 MiB, no less with 32 MiB (bench/RESULTS.md).
 WINDOW_SIZE = 16 * 1024 * 1024
@@ -327,14 +325,30 @@ class Session:
             pass  # already closed
 
 
-def start_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
-    """SFTPClient.from_transport, with our window, packet size and receive buffer (channel_buffer.py)."""
-    channel = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
-    channel.in_buffer = ChunkedPipe()  # before the subsystem starts, so nothing is buffered yet
-    if isinstance(transport.packetizer, InPlacePacketizer):
-        transport.packetizer.hand_views_to(channel.get_id())
-    channel.invoke_subsystem("sftp")
-    return paramiko.SFTPClient(channel)
+def use_fast_path(cfg: PluginConfig) -> bool:
+    """Whether this connection takes the fast packet path (fastpath/): on unless ``fast_path: no`` or this
+    paramiko lacks what it needs; then paramiko's own packet code, slower, and one warning says why."""
+    if not cfg.fast_path:
+        return False
+    missing = fastpath.packet_code_missing()
+    if missing:
+        log.warning(
+            "paramiko %s lacks %s: using paramiko's own packet code (slower; tested fast with paramiko %s)",
+            paramiko.__version__, ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""),
+            fastpath.TESTED_PARAMIKO[1],
+        )
+        return False
+    return True
+
+
+def _require_sftp_code() -> None:
+    missing = fastpath.sftp_code_missing()
+    if missing:
+        raise ConfigError(
+            f"paramiko {paramiko.__version__} lacks {', '.join(missing)}, which the plugin's SFTP requests use",
+            f"install a paramiko from {fastpath.TESTED_PARAMIKO[0]} to {fastpath.TESTED_PARAMIKO[1]} "
+            "in the plugin's virtualenv",
+        )
 
 
 def _limit_unacknowledged(sock: object, io_timeout: int) -> None:
@@ -381,7 +395,7 @@ def _open_jump(cfg: PluginConfig, jump: Endpoint, sock: object, known: hostkeys.
     _limit_unacknowledged(sock, cfg.io_timeout)
     transport = OfferRecordingTransport(
         sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE,
-        packetizer_class=InPlacePacketizer,
+        **fastpath.transport_options(use_fast_path(cfg)),
     )
     try:
         options = transport.get_security_options()
@@ -419,6 +433,7 @@ def _open_jump(cfg: PluginConfig, jump: Endpoint, sock: object, known: hostkeys.
 
 def connect(cfg: PluginConfig) -> Session:
     """Open one session: TCP, SSH handshake, host key check, auth, SFTP. No retries here."""
+    _require_sftp_code()
     endpoint = resolve_endpoint(cfg)
     known = _load_known_hosts(os.path.expanduser(cfg.known_hosts_file))
     try:
@@ -440,7 +455,7 @@ def connect(cfg: PluginConfig) -> Session:
         sock,
         default_window_size=WINDOW_SIZE,
         default_max_packet_size=MAX_PACKET_SIZE,
-        packetizer_class=InPlacePacketizer,
+        **fastpath.transport_options(use_fast_path(cfg)),
     )
     try:
         options = transport.get_security_options()
@@ -469,7 +484,7 @@ def connect(cfg: PluginConfig) -> Session:
             ) from err
         host_key_status = verify_host_key(cfg, endpoint, transport.get_remote_server_key(), known)
         auth_method = authenticate(transport, cfg, endpoint)
-        sftp = start_sftp(transport)
+        sftp = fastpath.start_sftp(transport, WINDOW_SIZE, MAX_PACKET_SIZE)
         transport.set_keepalive(KEEPALIVE_INTERVAL)
         # A read or a send that makes no progress for io_timeout seconds raises
         # socket.timeout, which the retry policy turns into a reconnect.

@@ -1,14 +1,8 @@
 """Streaming SFTP transfers and directory operations. Knows SFTP, not gpbackup.
 
 Reads and writes keep many requests in flight (pipelining) and check the
-server's reply to every one of them. Paramiko's own pipelined ``SFTPFile``
-write drops the status of replies it collects while waiting for another
-request, so a full disk could go unnoticed; this module therefore issues the
-requests itself through ``SFTPClient``'s request primitives and waits for each
-reply in order; WRITE requests it frames itself, so that their data goes from
-the caller's buffer into the encrypted packets uncopied (packetizer.py). That
-ties us to paramiko internals (``_async_request``, ``_read_response``,
-``_expecting``), hence the upper bound on paramiko in setup.cfg.
+server's reply to every one of them, through fastpath.sftp's Pipeline (the
+request machinery below paramiko's public SFTPClient lives there, not here).
 
 Uploads always go to a temporary name in the target directory, are flushed to
 disk (fsync@openssh.com where offered) and renamed into place only when
@@ -26,18 +20,12 @@ import errno
 import logging
 import posixpath
 import stat
-import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 
 import paramiko
 from paramiko.sftp import (
-    CMD_EXTENDED,
-    CMD_HANDLE,
-    CMD_OPEN,
     CMD_READ,
-    CMD_STATUS,
-    CMD_WRITE,
     SFTP_FLAG_CREATE,
     SFTP_FLAG_TRUNC,
     SFTP_FLAG_WRITE,
@@ -46,7 +34,7 @@ from paramiko.sftp import (
 
 from sftp_plugin import paths
 from sftp_plugin.connection import WINDOW_SIZE
-from sftp_plugin.packetizer import send_channel_data
+from sftp_plugin.fastpath.sftp import WRITE_HEADER, EndOfFile, Pipeline, extended, open_with_attributes
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +50,6 @@ REQUEST_SIZE = 32 * 1024
 # few dozen bytes, doubling paramiko's per-packet work; writes sized to fill
 # exactly one packet took 9% less CPU on a 256 MiB upload (bench/RESULTS.md).
 CHANNEL_PACKET_RESERVE = 64
-_WRITE_HEADER = struct.Struct(">IBII")  # SFTP length, type, request id, handle length (the handle follows)
-_WRITE_TAIL = struct.Struct(">QI")  # offset, data length
-WRITE_HEADER = _WRITE_HEADER.size + _WRITE_TAIL.size  # 25 bytes besides the handle
 # SSH packets per WRITE request once a stream is known to be long (a full
 # LOCAL_CHUNK read) and the server's limits@openssh.com allows it (OpenSSH:
 # 255 KiB, so about eight packets). Fewer requests, fewer status replies to
@@ -99,72 +84,6 @@ class ShortFileError(Exception):
     """The remote file ended before the bytes we were asked for (not a connection failure)."""
 
 
-class _EndOfFile(Exception):
-    """The server answered a read with SFTP's EOF status."""
-
-
-class _Replies:
-    """Holds replies that arrive while we wait for an earlier one.
-
-    Paramiko calls ``_async_response`` for every reply that is not the one
-    being waited for; keeping them here (instead of paramiko's default of
-    discarding write statuses) means no error reply is ever lost.
-    """
-
-    def __init__(self) -> None:
-        self.early: dict[int, tuple[int, paramiko.Message]] = {}
-
-    def _async_response(self, kind: int, msg: paramiko.Message, num: int) -> None:
-        self.early[num] = (kind, msg)
-
-
-class _Pipeline:
-    """Requests in flight on one SFTP handle, their replies consumed strictly in order."""
-
-    def __init__(self, sftp: paramiko.SFTPClient) -> None:
-        self.sftp = sftp
-        self.replies = _Replies()
-        self.pending: deque[tuple[int, int, int]] = deque()  # (request number, offset, length)
-
-    def send(self, kind: int, *args: object) -> int:
-        return self.sftp._async_request(self.replies, kind, *args)
-
-    def send_write(self, handle: bytes, offset: int, data: memoryview) -> int:
-        """A WRITE request, as ``send`` would frame it, without copying `data` on the way:
-        its bytes go from the caller's buffer straight into the encrypted packets."""
-        sftp = self.sftp
-        with sftp._lock:  # numbering and registration exactly as SFTPClient._async_request
-            num = sftp.request_number
-            sftp._expecting[num] = self.replies
-            sftp.request_number += 1
-        header = (
-            _WRITE_HEADER.pack(WRITE_HEADER - 4 + len(handle) + len(data), CMD_WRITE, num, len(handle))
-            + handle
-            + _WRITE_TAIL.pack(offset, len(data))
-        )
-        send_channel_data(sftp.sock, [header, data])
-        return num
-
-    def wait(self, num: int) -> tuple[int, paramiko.Message]:
-        """The reply to request ``num``; an error status raises IOError, SFTP's EOF status _EndOfFile.
-
-        paramiko raises a bare EOFError both for the SFTP EOF status and for a
-        connection lost while *sending*; only here, converting a reply, does it
-        mean end of file. Anything else must reach the retry policy as a lost
-        connection, not be mistaken for a truncated file.
-        """
-        try:
-            early = self.replies.early.pop(num, None)
-            if early is None:
-                return self.sftp._read_response(num)
-            kind, msg = early
-            if kind == CMD_STATUS:
-                self.sftp._convert_status(msg)
-            return kind, msg
-        except EOFError:
-            raise _EndOfFile() from None
-
-
 def write_request_size(max_packet: int, handle: bytes, packets: int = 1, max_write: int = REQUEST_SIZE) -> int:
     """Data per WRITE request so that each request fills exactly `packets` SSH packets of the
     peer's maximum size, and stays within what the server accepts (`max_write`)."""
@@ -180,7 +99,7 @@ class PipelinedWriter:
     """
 
     def __init__(self, sftp: paramiko.SFTPClient, handle: bytes, offset: int = 0) -> None:
-        self._pipe = _Pipeline(sftp)
+        self._pipe = Pipeline(sftp)
         self._handle = handle
         self._set_request_size(write_request_size(sftp.get_channel().out_max_packet_size, handle))
         self.sent = offset
@@ -231,7 +150,7 @@ def read_range(
 
     Raises ShortFileError if the file ends before ``end``.
     """
-    pipe = _Pipeline(sftp)
+    pipe = Pipeline(sftp)
     next_offset = start
     delivered = start
     while pipe.pending or next_offset < end:
@@ -242,7 +161,7 @@ def read_range(
         num, offset, length = pipe.pending.popleft()
         try:
             _, msg = pipe.wait(num)
-        except _EndOfFile:
+        except EndOfFile:
             _abandon(pipe)
             raise ShortFileError(f"remote file ends at byte {delivered}, expected {end}") from None
         data = msg.get_binary()
@@ -257,11 +176,11 @@ def read_range(
 
 
 def _read_serially(sftp: paramiko.SFTPClient, handle: bytes, offset: int, end: int, sink: Sink) -> int:
-    pipe = _Pipeline(sftp)
+    pipe = Pipeline(sftp)
     while offset < end:
         try:
             _, msg = pipe.wait(pipe.send(CMD_READ, handle, int64(offset), end - offset))
-        except _EndOfFile:
+        except EndOfFile:
             raise ShortFileError(f"remote file ends at byte {offset}, expected {end}") from None
         data = msg.get_binary()
         sink(data)
@@ -269,13 +188,13 @@ def _read_serially(sftp: paramiko.SFTPClient, handle: bytes, offset: int, end: i
     return offset
 
 
-def _abandon(pipe: _Pipeline) -> None:
+def _abandon(pipe: Pipeline) -> None:
     """Collect (and drop) replies to requests we no longer want, keeping the channel in sync."""
     while pipe.pending:
         num, _, _ = pipe.pending.popleft()
         try:
             pipe.wait(num)
-        except (_EndOfFile, OSError):
+        except (EndOfFile, OSError):
             pass
 
 
@@ -284,24 +203,18 @@ def create_private(sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPFile:
 
     paramiko's ``open`` sends no attributes with the OPEN request, so the server
     uses its default mode (0644 for sftp-server) and a chmod afterwards would
-    leave a window; the SFTP OPEN request carries the mode for a new file, so this
-    sends it there (as paramiko's own ``open`` frames the request). An existing
-    file keeps its mode: ours were created private.
+    leave a window; the SFTP OPEN request carries the mode for a new file. An
+    existing file keeps its mode: ours were created private.
     """
     attrs = paramiko.SFTPAttributes()
     attrs.st_mode = PRIVATE_FILE_MODE
-    kind, msg = sftp._request(
-        CMD_OPEN, sftp._adjust_cwd(path), SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC, attrs
-    )
-    if kind != CMD_HANDLE:
-        raise paramiko.SFTPError(f"expected a handle in reply to opening {path}, got message type {kind}")
-    return paramiko.SFTPFile(sftp, msg.get_binary(), "wb")
+    return open_with_attributes(sftp, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC, attrs, "wb")
 
 
 def fsync(sftp: paramiko.SFTPClient, handle: bytes) -> None:
     """Ask the server to flush the file to disk; servers without the extension are tolerated."""
     try:
-        sftp._request(CMD_EXTENDED, "fsync@openssh.com", handle)
+        extended(sftp, "fsync@openssh.com", handle)
     except OSError as err:
         if not extension_unsupported(err):
             raise
@@ -456,7 +369,7 @@ def read_small(sftp: paramiko.SFTPClient, path: str, limit: int) -> bytes | None
 def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
     """(max-read-length, max-write-length) from limits@openssh.com; None where the server does not say."""
     try:
-        _, msg = sftp._request(CMD_EXTENDED, LIMITS_EXTENSION)
+        _, msg = extended(sftp, LIMITS_EXTENSION)
     except OSError:  # SFTP "unsupported" status: the server predates the extension
         return None
     msg.get_int64()  # max-packet-length

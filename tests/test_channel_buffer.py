@@ -9,7 +9,7 @@ import time
 import pytest
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 
-from sftp_plugin.channel_buffer import ChunkedPipe
+from sftp_plugin.fastpath.channel import ChunkedPipe
 
 
 @pytest.mark.parametrize("seed", range(20))

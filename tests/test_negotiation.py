@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import paramiko
 import pytest
 
-from sftp_plugin.negotiation import OfferRecordingTransport, ServerOffer, mismatch
+from sftp_plugin.fastpath.negotiation import OfferRecordingTransport, ServerOffer, mismatch
 
 # What OpenSSH 9 offers by default, abridged; each test replaces one list.
 OPENSSH = {
@@ -60,7 +60,7 @@ def test_an_offer_sharing_an_algorithm_of_each_kind_is_no_mismatch(transport: pa
     ("lists", "kind", "keyword"),
     [
         ({"kex": ["sntrup761x25519-sha512@openssh.com", "ext-info-s"]}, "key exchange algorithm", "KexAlgorithms"),
-        ({"host_keys": ["ssh-dss"]}, "host key type", "HostKey"),
+        ({"host_keys": ["sk-ssh-ed25519@openssh.com"]}, "host key type", "HostKey"),
         ({"ciphers": ["chacha20-poly1305@openssh.com"]}, "cipher", "Ciphers"),
         ({"macs": ["umac-128-etm@openssh.com"]}, "MAC", "MACs"),
     ],
@@ -79,5 +79,6 @@ def test_a_mismatch_names_its_kind_what_the_server_offers_and_what_the_plugin_su
 
 
 def test_the_first_kind_without_a_common_algorithm_is_named_in_paramikos_order(transport: paramiko.Transport) -> None:
-    found = mismatch(transport, ServerOffer.parse(kexinit_body(ciphers=["x"], host_keys=["ssh-dss"])))
+    offer = kexinit_body(ciphers=["x"], host_keys=["sk-ssh-ed25519@openssh.com"])
+    found = mismatch(transport, ServerOffer.parse(offer))
     assert found is not None and found.kind == "host key type"

@@ -1,0 +1,109 @@
+"""SFTP requests below paramiko's public SFTPClient: our own request pipeline and extended requests.
+
+paramiko's pipelined ``SFTPFile`` write drops the status of replies it
+collects while waiting for another request, so a full disk could go
+unnoticed, and it has no call for extensions (fsync@openssh.com,
+limits@openssh.com, statvfs@openssh.com) nor for OPEN with attributes. So
+requests go through SFTPClient's own request machinery (``_async_request``,
+``_read_response``, ``_expecting``, ``_convert_status``, ``_request``): its
+private state, touched here and nowhere else (checked by fastpath.missing).
+WRITE requests are framed here, so that their data goes from the caller's
+buffer into the packets uncopied (packets.send_channel_data).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+import paramiko
+from paramiko.sftp import CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, CMD_STATUS, CMD_WRITE
+
+from sftp_plugin.fastpath.packets import send_channel_data
+
+_WRITE_HEADER = struct.Struct(">IBII")  # SFTP length, type, request id, handle length (the handle follows)
+_WRITE_TAIL = struct.Struct(">QI")  # offset, data length
+WRITE_HEADER = _WRITE_HEADER.size + _WRITE_TAIL.size  # 25 bytes besides the handle
+# SFTPClient attributes the pipeline uses; fastpath.missing checks they exist.
+REQUIRED = ("_async_request", "_read_response", "_convert_status", "_request", "_adjust_cwd")
+
+
+class EndOfFile(Exception):
+    """The server answered a read with SFTP's EOF status."""
+
+
+class _Replies:
+    """Holds replies that arrive while we wait for an earlier one.
+
+    Paramiko calls ``_async_response`` for every reply that is not the one
+    being waited for; keeping them here (instead of paramiko's default of
+    discarding write statuses) means no error reply is ever lost.
+    """
+
+    def __init__(self) -> None:
+        self.early: dict[int, tuple[int, paramiko.Message]] = {}
+
+    def _async_response(self, kind: int, msg: paramiko.Message, num: int) -> None:
+        self.early[num] = (kind, msg)
+
+
+class Pipeline:
+    """Requests in flight on one SFTP handle, their replies consumed strictly in order."""
+
+    def __init__(self, sftp: paramiko.SFTPClient) -> None:
+        self.sftp = sftp
+        self.replies = _Replies()
+        self.pending: deque[tuple[int, int, int]] = deque()  # (request number, offset, length)
+
+    def send(self, kind: int, *args: object) -> int:
+        return self.sftp._async_request(self.replies, kind, *args)
+
+    def send_write(self, handle: bytes, offset: int, data: memoryview) -> int:
+        """A WRITE request, as ``send`` would frame it, without copying `data` on the way:
+        its bytes go from the caller's buffer straight into the encrypted packets."""
+        sftp = self.sftp
+        with sftp._lock:  # numbering and registration exactly as SFTPClient._async_request
+            num = sftp.request_number
+            sftp._expecting[num] = self.replies
+            sftp.request_number += 1
+        header = (
+            _WRITE_HEADER.pack(WRITE_HEADER - 4 + len(handle) + len(data), CMD_WRITE, num, len(handle))
+            + handle
+            + _WRITE_TAIL.pack(offset, len(data))
+        )
+        send_channel_data(sftp.sock, [header, data])
+        return num
+
+    def wait(self, num: int) -> tuple[int, paramiko.Message]:
+        """The reply to request ``num``; an error status raises IOError, SFTP's EOF status EndOfFile.
+
+        paramiko raises a bare EOFError both for the SFTP EOF status and for a
+        connection lost while *sending*; only here, converting a reply, does it
+        mean end of file. Anything else must reach the retry policy as a lost
+        connection, not be mistaken for a truncated file.
+        """
+        try:
+            early = self.replies.early.pop(num, None)
+            if early is None:
+                return self.sftp._read_response(num)
+            kind, msg = early
+            if kind == CMD_STATUS:
+                self.sftp._convert_status(msg)
+            return kind, msg
+        except EOFError:
+            raise EndOfFile() from None
+
+
+def extended(sftp: paramiko.SFTPClient, name: str, *args: object) -> tuple[int, paramiko.Message]:
+    """An SFTP extended request (fsync@openssh.com, limits@openssh.com, statvfs@openssh.com...) and its reply;
+    an error status (an extension the server lacks: "unsupported") raises IOError."""
+    return sftp._request(CMD_EXTENDED, name, *args)
+
+
+def open_with_attributes(sftp: paramiko.SFTPClient, path: str, flags: int,
+                         attrs: paramiko.SFTPAttributes, mode: str) -> paramiko.SFTPFile:
+    """OPEN with attributes for a file it creates (paramiko's ``open`` sends none), framed as ``open`` frames it."""
+    kind, msg = sftp._request(CMD_OPEN, sftp._adjust_cwd(path), flags, attrs)
+    if kind != CMD_HANDLE:
+        raise paramiko.SFTPError(f"expected a handle in reply to opening {path}, got message type {kind}")
+    return paramiko.SFTPFile(sftp, msg.get_binary(), mode)
