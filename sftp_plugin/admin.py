@@ -25,9 +25,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sftp_plugin import PLUGIN_NAME
-from sftp_plugin.cli import fail
 from sftp_plugin.config import SECRET_OPTIONS
 from sftp_plugin.errors import AuthError, HostKeyError, PluginError, RemoteError, RemoteNotFound
+from sftp_plugin.stderr import fail
 
 if TYPE_CHECKING:
     from sftp_plugin.catalog import CatalogEntry
@@ -84,7 +84,7 @@ def _raw_secrets(config_path: str) -> list[str]:
 
 
 def _with_config(command: str, config_path: str, action: Callable[[PluginConfig], int]) -> int:
-    """Load the config, log to the plugin's log, run ``action``: every failure is one line (cli.fail), never a
+    """Load the config, log to the plugin's log, run ``action``: every failure is one line (stderr.fail), never a
     traceback; secrets masked."""
     from sftp_plugin.config import load_config
     from sftp_plugin.log import mask

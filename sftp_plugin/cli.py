@@ -14,6 +14,7 @@ import sys
 import time
 
 from sftp_plugin import API_VERSION, PLUGIN_NAME, __version__
+from sftp_plugin.stderr import fail
 
 # Keep paramiko from importing `invoke`, which it needs only for ssh_config
 # "Match exec": that import cost ~180 ms of every call (437 -> 174 ms to import
@@ -82,13 +83,6 @@ assert set(DESCRIPTIONS) == {*GPBACKUP_FACING, *ADMIN_COMMANDS, HELP_COMMANDS[0]
 USAGE = f"usage: {PLUGIN_NAME} <command> <config.yaml> [args...]"
 
 
-def fail(command: str, message: str, code: int) -> int:
-    text = " ".join(message.split())  # exactly one line, whatever the message held
-    sys.stderr.write(f"{PLUGIN_NAME} {command}: {text}\n")
-    sys.stderr.flush()
-    return code
-
-
 def unknown_command(command: str) -> str:
     """The message for a command we do not have, with the closest one we do."""
     import difflib  # only here: the commands gpbackup runs must not pay for it
@@ -133,6 +127,17 @@ def show_help(command: str, rest: list[str]) -> int:
         return fail(command, f"{name}: {unknown_command(name)}", 2)
     sys.stdout.write(f"usage: {usage}\n\n{DESCRIPTIONS[name]}\n")
     return 0
+
+
+# What a detached fork server runs (forkserver.start_server): `serve_calls` below, by name.
+ENTRY_POINT = ("sftp_plugin.cli", "serve_calls")
+
+
+def serve_calls(socket_path: str, log_dir: str) -> None:
+    """The fork server's process: serve calls, each in a worker that runs `main` (forkserver.serve)."""
+    from sftp_plugin import forkserver
+
+    forkserver.serve(socket_path, log_dir, run_call=main)
 
 
 def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
@@ -236,7 +241,7 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         from sftp_plugin import forkserver
 
         try:
-            forkserver.start_server(cfg.log_dir)
+            forkserver.start_server(cfg.log_dir, ENTRY_POINT)
         except OSError:  # only later calls lose: they run in their own process, as this one did
             log.warning("could not start the fork server", exc_info=True)
     return 0

@@ -40,6 +40,7 @@ import stat
 import struct
 import sys
 import zlib
+from collections.abc import Callable
 
 # A server exits after this long without a call: a backup's calls come in
 # bursts seconds apart, and a minute after the last one nothing should linger.
@@ -391,8 +392,12 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
 # ------------------------------------------------------------------ server
 
 
-def start_server(log_dir: str) -> None:
+def start_server(log_dir: str, entry: tuple[str, str]) -> None:
     """Start a detached fork server for later calls, unless one can't be placed safely.
+
+    ``entry`` names the module and function the server process runs, with the
+    socket path and ``log_dir`` as arguments; it is expected to call `serve`
+    with what each call runs (this module knows nothing of the commands).
 
     Called after a successful call that ran in-process. The server inherits
     nothing of ours: no fds (gpbackup waits for EOF on our stdout), a new
@@ -411,7 +416,11 @@ def start_server(log_dir: str) -> None:
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # -I: no PYTHON* variables, no user site (Greenplum's PYTHONHOME would break
     # the interpreter), so the package's own location is put on the path by hand.
-    bootstrap = f"import sys; sys.path.insert(0, {package_parent!r}); from sftp_plugin.forkserver import main; main()"
+    module, function = entry
+    bootstrap = (
+        f"import sys; sys.path.insert(0, {package_parent!r}); from {module} import {function}; "
+        f"{function}(sys.argv[1], sys.argv[2])"
+    )
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     for name in ("LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE"):
         if name in os.environ:
@@ -448,7 +457,10 @@ def _take_lock(path: str) -> int | None:
     return lock
 
 
-def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
+RunCall = Callable[[list[str], int], int]  # argv, the monitor's pid -> exit code
+
+
+def serve(path: str, log_dir: str, run_call: RunCall, idle_seconds: float = IDLE_SECONDS) -> None:
     """The server: preload, then accept calls until `idle_seconds` pass without one."""
     import importlib
     import logging
@@ -511,7 +523,7 @@ def serve(path: str, log_dir: str, idle_seconds: float = IDLE_SECONDS) -> None:
             if os.fork() == 0:
                 listener.close()
                 os.close(lock)  # a flock holds while any copy is open: a long call must not keep it
-                _monitor(conn, digest, own)  # never returns
+                _monitor(conn, digest, own, run_call)  # never returns
             conn.close()
             served += 1
     except _Stopped as stop:
@@ -653,7 +665,7 @@ def refusal(caller_pid: int, own: dict[str, str]) -> str | None:
     return "not the server's credentials: " + ", ".join(differing) if differing else None
 
 
-def _monitor(conn: socket.socket, digest: str, own: dict[str, str]) -> None:
+def _monitor(conn: socket.socket, digest: str, own: dict[str, str], run_call: RunCall) -> None:
     """One call: check the caller, receive it, fork the worker, forward signals, report the wait status."""
     import threading
 
@@ -683,7 +695,7 @@ def _monitor(conn: socket.socket, digest: str, own: dict[str, str]) -> None:
         worker = os.fork()
         if worker == 0:
             conn.close()
-            _run_worker(fds, request)  # never returns
+            _run_worker(fds, request, run_call)  # never returns
         for fd in fds:
             os.close(fd)
         conn.settimeout(None)
@@ -719,7 +731,7 @@ def _monitor(conn: socket.socket, digest: str, own: dict[str, str]) -> None:
         os._exit(code)
 
 
-def _run_worker(fds: list[int], request: Request) -> None:
+def _run_worker(fds: list[int], request: Request, run_call: RunCall) -> None:
     """Become the process the client would have been, run the command, exit with its code."""
     global _caller_pipe
     code = 1
@@ -742,9 +754,7 @@ def _run_worker(fds: list[int], request: Request) -> None:
         time.tzset()  # log timestamps in the caller's TZ
         os.chdir(request.cwd)
         os.umask(request.umask)
-        from sftp_plugin import cli
-
-        code = cli.main(request.argv, served_by=os.getppid())
+        code = run_call(request.argv, os.getppid())
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt:
@@ -759,9 +769,3 @@ def _run_worker(fds: list[int], request: Request) -> None:
 
         logging.shutdown()
         os._exit(code)
-
-
-def main() -> None:
-    """Entry point of the detached server process: argv is [socket path, log dir]."""
-    serve(sys.argv[1], sys.argv[2])
-

@@ -360,7 +360,7 @@ def test_a_stale_socket_is_replaced_and_calls_never_fail_for_it(served: Served, 
 
 def test_an_idle_server_removes_its_socket_and_exits(served: Served, tmp_path: Path) -> None:
     code = ("import sys; from sftp_plugin import forkserver; path = forkserver.socket_path(); print(path, flush=True); "
-            "forkserver.serve(path, sys.argv[1], idle_seconds=1)")
+            "forkserver.serve(path, sys.argv[1], run_call=lambda argv, monitor: 0, idle_seconds=1)")
     server = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "server_logs")], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=isolated_env(served.plugin.home, served.env))
     try:
