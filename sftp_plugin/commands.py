@@ -82,7 +82,8 @@ def setup_plugin_for_restore(remote: Remote, args: list[str]) -> Result:
             if not remote.retrying("find backup", lambda: transfer.is_dir(remote.sftp, target)):
                 raise RemoteNotFound(
                     f"backup {backup.timestamp} not found: {remote.where(target)} does not exist",
-                    "check the --timestamp and remote_dir (gpbackup_sftp_plugin list-backups <config> shows what is stored)",
+                    "check the --timestamp and remote_dir "
+                    "(gpbackup_sftp_plugin list-backups <config> shows what is stored)",
                 )
         return Result(detail=f"found {remote.where(target)}")
     if scope == "segment_host":

@@ -387,11 +387,10 @@ def _open_socket(cfg: PluginConfig, endpoint: Endpoint, known: hostkeys.KnownHos
     return socket.create_connection((endpoint.host, endpoint.port), timeout=cfg.connect_timeout)
 
 
-def _open_jump(cfg: PluginConfig, jump: Endpoint, sock: object, known: hostkeys.KnownHosts,
-               label: str) -> paramiko.Transport:
-    """The SSH connection to one jump host over ``sock``: handshake, its host key verified like the backup
-    host's (before any credential is sent), then its authentication, with keys only: the password
-    option is the backup host's, never sent elsewhere."""
+def _handshake(cfg: PluginConfig, sock: object, known: hostkeys.KnownHosts, endpoint: Endpoint, label: str,
+               prefer_known: bool, no_answer: str) -> paramiko.Transport:
+    """An SSH transport over ``sock`` with its handshake done (not yet verified nor authenticated): AES-GCM
+    preferred, the host key types already known for ``endpoint`` asked for first where ``prefer_known``."""
     _limit_unacknowledged(sock, cfg.io_timeout)
     transport = OfferRecordingTransport(
         sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE,
@@ -399,22 +398,40 @@ def _open_jump(cfg: PluginConfig, jump: Endpoint, sock: object, known: hostkeys.
     )
     try:
         options = transport.get_security_options()
-        options.ciphers = [c for c in PREFERRED_CIPHERS if c in options.ciphers] + [
-            c for c in options.ciphers if c not in PREFERRED_CIPHERS
+        offered = list(options.ciphers)
+        options.ciphers = [c for c in PREFERRED_CIPHERS if c in offered] + [
+            c for c in offered if c not in PREFERRED_CIPHERS
         ]
-        _prefer_known_key_types(options, known, jump)
+        if prefer_known:
+            _prefer_known_key_types(options, known, endpoint)
         transport.banner_timeout = cfg.connect_timeout
         transport.auth_timeout = cfg.connect_timeout
         try:
             transport.start_client(timeout=cfg.connect_timeout)
         except paramiko.IncompatiblePeer as err:
+            # No algorithm in common: the server's configuration, final (retry.is_connection_lost).
             found = mismatch(transport, transport.server_offer) if transport.server_offer else None
-            raise ConnectError(f"SSH handshake with {label} failed: {found.describe() if found else err}",
-                               found.advice() if found else "the jump host speaks no SSH version or algorithms "
-                               "the plugin supports (README: Supported algorithms)") from err
+            raise ConnectError(
+                f"SSH handshake with {label} failed: {found.describe() if found else err}",
+                found.advice() if found else "the server speaks no SSH version or algorithms the plugin supports "
+                "(README: Supported algorithms)",
+            ) from err
         except (paramiko.SSHException, EOFError, OSError) as err:
-            raise ConnectError(f"SSH handshake with {label} failed: {err or type(err).__name__}",
-                               "check that an SSH server answers there (ProxyJump in ~/.ssh/config)") from err
+            raise ConnectError(f"SSH handshake with {label} failed: {err or type(err).__name__}", no_answer) from err
+        return transport
+    except BaseException:
+        transport.close()
+        raise
+
+
+def _open_jump(cfg: PluginConfig, jump: Endpoint, sock: object, known: hostkeys.KnownHosts,
+               label: str) -> paramiko.Transport:
+    """The SSH connection to one jump host over ``sock``: handshake, its host key verified like the backup
+    host's (before any credential is sent), then its authentication, with keys only: the password
+    option is the backup host's, never sent elsewhere."""
+    transport = _handshake(cfg, sock, known, jump, label, prefer_known=True,
+                           no_answer="check that an SSH server answers there (ProxyJump in ~/.ssh/config)")
+    try:
         status = verify_host_key(cfg, jump, transport.get_remote_server_key(), known, jump=True)
         try:
             method = authenticate(transport, replace(cfg, password=None), jump)
@@ -450,38 +467,11 @@ def connect(cfg: PluginConfig) -> Session:
             f"cannot connect to {endpoint.host}:{endpoint.port}: {err.strerror or err}",
             "check hostname and port, that sshd runs there, and any firewall between",
         ) from err
-    _limit_unacknowledged(sock, cfg.io_timeout)
-    transport = OfferRecordingTransport(
-        sock,
-        default_window_size=WINDOW_SIZE,
-        default_max_packet_size=MAX_PACKET_SIZE,
-        **fastpath.transport_options(use_fast_path(cfg)),
+    transport = _handshake(
+        cfg, sock, known, endpoint, f"{endpoint.host}:{endpoint.port}", prefer_known=not cfg.host_key_fingerprint,
+        no_answer="the server may be refusing new connections (sshd MaxStartups) or not be an SSH server",
     )
     try:
-        options = transport.get_security_options()
-        offered = list(options.ciphers)
-        options.ciphers = [c for c in PREFERRED_CIPHERS if c in offered] + [
-            c for c in offered if c not in PREFERRED_CIPHERS
-        ]
-        if not cfg.host_key_fingerprint:
-            _prefer_known_key_types(options, known, endpoint)
-        transport.banner_timeout = cfg.connect_timeout
-        transport.auth_timeout = cfg.connect_timeout
-        try:
-            transport.start_client(timeout=cfg.connect_timeout)
-        except paramiko.IncompatiblePeer as err:
-            # No algorithm in common: the server's configuration, final (retry.is_connection_lost).
-            found = mismatch(transport, transport.server_offer) if transport.server_offer else None
-            raise ConnectError(
-                f"SSH handshake with {endpoint.host}:{endpoint.port} failed: {found.describe() if found else err}",
-                found.advice() if found else "the server speaks no SSH version or algorithms the plugin supports "
-                "(README: Supported algorithms)",
-            ) from err
-        except (paramiko.SSHException, EOFError, OSError) as err:
-            raise ConnectError(
-                f"SSH handshake with {endpoint.host}:{endpoint.port} failed: {err or type(err).__name__}",
-                "the server may be refusing new connections (sshd MaxStartups) or not be an SSH server",
-            ) from err
         host_key_status = verify_host_key(cfg, endpoint, transport.get_remote_server_key(), known)
         auth_method = authenticate(transport, cfg, endpoint)
         sftp = fastpath.start_sftp(transport, WINDOW_SIZE, MAX_PACKET_SIZE)
