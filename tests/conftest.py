@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,13 @@ import pytest
 from tests import helpers
 from tests.helpers import LocalBackup, Plugin, SiteConfig, make_local_backup
 from tests.sshd_server import SshServer
+
+# A shell without job control starts background commands (`make test &`) with SIGINT ignored, and an
+# ignored signal stays ignored across exec: every plugin the tests start would then ignore SIGINT, as
+# the plugin must (a SIGINT its starter ignores stays ignored), and the tests that send one would hang.
+# A handler, unlike SIG_IGN, is reset to the default in the children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
