@@ -5,12 +5,16 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PREFIX ?= /usr/local/gpbackup_sftp_plugin
 
-.PHONY: test test-oldest lint deps system-deps install bench demo clean
+.PHONY: test unit test-oldest lint deps system-deps install bench demo clean
 
 test: deps lint
 	@# pytest exits 5 when it collected no test: that is a failure here, not a pass.
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no test" >&2; exit 1; fi; exit $$rc
+
+# The fast tier alone: tests of the pure modules, in seconds (conftest.py marks each test `unit` or `sshd`).
+unit: deps
+	$(PY) -m pytest -q -p no:cacheprovider -m unit
 
 # The lowest paramiko setup.cfg allows (sftp_plugin/fastpath: TESTED_PARAMIKO), in a virtualenv of its
 # own: the fast packet code needs paramiko >= 3.5, so this runs the suite through paramiko's own code.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import secrets
 import shutil
@@ -94,3 +95,39 @@ def make_backup(tmp_path: Path) -> Callable[..., LocalBackup]:
 def backup(make_backup: Callable[..., LocalBackup]) -> LocalBackup:
     """A local gpbackup-shaped directory with a random timestamp."""
     return make_backup()
+
+
+# ---------------------------------------------------------------- the two tiers
+
+# What makes a test a behaviour test (the `sshd` tier): it, or a fixture it uses, starts an sshd, runs
+# the installed plugin or another process. Everything else is a unit test of a pure module (`unit`):
+# `make unit` runs those alone, in seconds.
+BEHAVIOUR_FIXTURES = frozenset({"plugin", "sshd", "fresh_sshd"})
+BEHAVIOUR_MARKS = ("SshServer(", "subprocess", "PLUGIN", "Popen", "os.fork", "socket.socketpair")
+
+
+def _runs_the_real_thing(item: pytest.Item) -> bool:
+    if BEHAVIOUR_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for definitions in (info.name2fixturedefs.values() if info is not None else ()):
+        functions += [definition.func for definition in definitions]
+    for function in functions:
+        try:
+            source = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            continue
+        if any(mark in source for mark in BEHAVIOUR_MARKS):
+            return True
+    return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: a test of a pure module (make unit)")
+    config.addinivalue_line("markers", "sshd: a behaviour test: a real sshd, the installed plugin, a process")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.sshd if _runs_the_real_thing(item) else pytest.mark.unit)
