@@ -118,7 +118,7 @@ def _non_empty(value: str) -> str:
     return text
 
 
-def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+def _whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(value: str) -> int:
         text = _text(value)
         # Decimal digits only: no YAML 1.1 octal (010), hex, sexagesimal (1:30), floats or underscores.
@@ -233,7 +233,7 @@ def _log_level(value: str) -> str:
 PARSERS: dict[str, Callable[[str], Any]] = {
     "hostname": _hostname,
     "remote_dir": _remote_dir,
-    "port": _int_at_least(1, 65535),
+    "port": _whole_number(1, 65535),
     "username": _non_empty,
     "identity_file": _local_path,
     "identity_passphrase": _literal,
@@ -241,13 +241,13 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "known_hosts_file": _local_path,
     "strict_host_key_checking": _strict,
     "host_key_fingerprint": _fingerprint,
-    "connect_timeout": _int_at_least(1),
-    "retries": _int_at_least(1),
-    "keep_last": _int_at_least(1),
-    "keep_days": _int_at_least(1),
-    "retry_max_wait": _int_at_least(1),
+    "connect_timeout": _whole_number(1),
+    "retries": _whole_number(1),
+    "keep_last": _whole_number(1),
+    "keep_days": _whole_number(1),
+    "retry_max_wait": _whole_number(1),
     "resume_buffer": _size,
-    "io_timeout": _int_at_least(1),
+    "io_timeout": _whole_number(1),
     "verify_checksums": parse_bool,
     "log_dir": _local_path,
     "log_level": _log_level,

@@ -68,7 +68,7 @@ _INT = struct.Struct("!i")
 # struct ucred, as SO_PEERCRED returns it: pid, uid, gid.
 _PEERCRED = struct.Struct("3i")
 
-# In a worker: the read end of its client's liveness pipe (see heed_caller).
+# In a worker: the read end of its client's liveness pipe (see act_on_caller_news).
 _caller_pipe: int | None = None
 
 # Modules the server imports once so that no worker has to: the command code
@@ -226,7 +226,7 @@ def delegate(argv: list[str]) -> int | None:
             conn.close()  # not our server: it gets nothing of ours, not even the request
             return None
         payload = _encode_request(argv)
-        # The worker's news of us (see heed_caller): the first signal we receive is
+        # The worker's news of us (see act_on_caller_news): the first signal we receive is
         # written here, and the write end closes only when we end.
         alive_read, alive_write = os.pipe()
         try:
@@ -250,7 +250,7 @@ def delegate(argv: list[str]) -> int | None:
         if first_signal is None:
             first_signal = signum
             try:
-                os.write(alive_write, bytes([signum]))  # before forwarding: see heed_caller
+                os.write(alive_write, bytes([signum]))  # before forwarding: see act_on_caller_news
             except OSError:
                 pass  # the worker and its monitor are gone: the reply says how it ended
         _forward(conn, signum)
@@ -280,7 +280,7 @@ def delegate(argv: list[str]) -> int | None:
     return exit_code_of(status)
 
 
-def heed_caller() -> None:
+def act_on_caller_news() -> None:
     """In a worker, just before an upload is committed: act on what became of the client.
 
     Run in its own process, the plugin commits nothing once a signal has ended
@@ -739,7 +739,7 @@ def _run_worker(fds: list[int], request: Request, run_call: RunCall) -> None:
         from sftp_plugin import caller
 
         caller.remember(*request.caller)
-        caller.add_guard(heed_caller)
+        caller.add_guard(act_on_caller_news)
         *std, _caller_pipe = fds
         for target, fd in enumerate(std):
             os.dup2(fd, target)

@@ -56,7 +56,7 @@ class Remote:
     def sftp(self) -> paramiko.SFTPClient:
         return self.session.sftp
 
-    def open_sftp(self) -> paramiko.SFTPClient | None:
+    def sftp_if_open(self) -> paramiko.SFTPClient | None:
         """The SFTP client of a session already open, or None: never connects (for cleanup on failure,
         where a new connection could be one more failed login)."""
         return self._session.sftp if self._session is not None else None
@@ -218,7 +218,7 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
             remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
         except BaseException:
             # Best effort on a session that may be the thing that broke; cleanup catches the rest.
-            sftp = remote.open_sftp()
+            sftp = remote.sftp_if_open()
             if sftp is not None:  # the removals are quiet: they never mask the original error
                 upload.abandon(sftp)
                 for _, temp in checksum_files:

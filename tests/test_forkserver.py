@@ -206,7 +206,7 @@ def _pipe_inodes(pid: int, fds: list[str] | None = None) -> dict[str, str]:
 
 
 def bytes_in_liveness_pipe(upload: ServedUpload) -> int:
-    """Bytes waiting in the pipe from the caller to its worker (see forkserver.heed_caller): the
+    """Bytes waiting in the pipe from the caller to its worker (see forkserver.act_on_caller_news): the
     one pipe both hold besides the caller's stdin, stdout and stderr."""
     stdio = _pipe_inodes(upload.caller.pid, ["0", "1", "2"])
     worker_pipes = _pipe_inodes(upload.worker)
@@ -571,7 +571,7 @@ def test_exit_code_of_returns_the_workers_exit_code() -> None:
 
 
 def test_heeding_the_caller_outside_a_worker_does_nothing() -> None:
-    forkserver.heed_caller()
+    forkserver.act_on_caller_news()
 
 
 @pytest.fixture
@@ -587,10 +587,10 @@ def caller_pipe() -> Iterator[int]:
 
 
 def test_a_worker_stops_before_committing_once_its_caller_is_gone(caller_pipe: int) -> None:
-    forkserver.heed_caller()  # the caller alive and quiet: nothing happens
+    forkserver.act_on_caller_news()  # the caller alive and quiet: nothing happens
     os.close(caller_pipe)
     with pytest.raises(CallerGone):
-        forkserver.heed_caller()
+        forkserver.act_on_caller_news()
 
 
 def test_a_worker_acts_on_its_callers_signal_before_committing(caller_pipe: int) -> None:
@@ -598,7 +598,7 @@ def test_a_worker_acts_on_its_callers_signal_before_committing(caller_pipe: int)
     previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: received.append(signum))
     try:
         os.write(caller_pipe, bytes([signal.SIGUSR1]))
-        forkserver.heed_caller()
+        forkserver.act_on_caller_news()
         assert received == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, previous)
