@@ -827,10 +827,9 @@ def _size_problems(remote: Remote, directory: str, sizes: dict[str, int]) -> lis
     """Files that are gone though their checksum is stored, or whose size differs from the size their
     block digests record (files longer than one block); one header read per such file, no data read."""
     from sftp_plugin import blocks, transfer
-    from sftp_plugin.integrity import SIDECAR_SUFFIX, is_sidecar
+    from sftp_plugin.integrity import missing_data_files
 
-    found = [f"{name[: -len(SIDECAR_SUFFIX)]} is missing (its checksum is stored)"
-             for name in sorted(sizes) if is_sidecar(name) and name[: -len(SIDECAR_SUFFIX)] not in sizes]
+    found = [f"{name} is missing (its checksum is stored)" for name in missing_data_files(sizes)]
     for name in sorted(n for n in sizes if blocks.is_blocks_file(n)):
         data = name[: -len(blocks.BLOCKS_SUFFIX)]
         if data not in sizes:
@@ -1004,7 +1003,7 @@ def _verify_backup(remote: Remote, backup: BackupDir) -> int:
     from sftp_plugin import paths, transfer
     from sftp_plugin.catalog import report_name
     from sftp_plugin.errors import IntegrityError, RemoteError
-    from sftp_plugin.integrity import SIDECAR_SUFFIX, is_checksum_file, is_sidecar
+    from sftp_plugin.integrity import SIDECAR_SUFFIX, is_checksum_file, missing_data_files
     from sftp_plugin.store import read_stored, remote_errors
 
     directory = backup.remote(remote.cfg.remote_dir)
@@ -1021,8 +1020,8 @@ def _verify_backup(remote: Remote, backup: BackupDir) -> int:
         print(f"{kind:<8} {backup.timestamp}/{name}: {what}")
 
     data = sorted(n for n in entries if not paths.is_temp_name(posixpath.basename(n)) and not is_checksum_file(n))
-    for name in sorted(n for n in entries if is_sidecar(n) and n[: -len(SIDECAR_SUFFIX)] not in entries):
-        problem("MISSING", name[: -len(SIDECAR_SUFFIX)], "its checksum is stored, the file is not")
+    for name in missing_data_files(entries):
+        problem("MISSING", name, "its checksum is stored, the file is not")
     if report_name(backup) not in entries:
         problem("MISSING", report_name(backup), "no coordinator report: gpbackup did not finish this backup")
     for name in data:

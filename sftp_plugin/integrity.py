@@ -14,6 +14,7 @@ import hashlib
 import queue
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sftp_plugin.blocks import BLOCK_SIZE, BLOCKS_SUFFIX
@@ -28,6 +29,13 @@ def sidecar_path(path: str) -> str:
 
 def is_sidecar(name: str) -> bool:
     return name.endswith(SIDECAR_SUFFIX)
+
+
+def missing_data_files(names: Iterable[str]) -> list[str]:
+    """The files among ``names`` (a directory's listing) whose sidecar is there but the file itself is not."""
+    present = set(names)
+    stored = (name[: -len(SIDECAR_SUFFIX)] for name in present if is_sidecar(name))
+    return sorted(name for name in stored if name not in present)
 
 
 def is_checksum_file(name: str) -> bool:
