@@ -27,7 +27,7 @@ test-oldest: system-deps
 	if [ $$rc -eq 5 ]; then echo "make test-oldest: pytest ran no test" >&2; exit 1; fi; exit $$rc
 
 lint: deps
-	$(VENV)/bin/ruff check sftp_plugin tests bench scripts
+	$(VENV)/bin/ruff check sftp_plugin tests bench scripts devtools
 
 deps: system-deps $(VENV)/.package
 
@@ -54,12 +54,12 @@ $(VENV)/.package: $(VENV)/.installed setup.cfg setup.py pyproject.toml $(wildcar
 
 # Plugin vs OpenSSH sftp on a throwaway sshd (tmpfs); e.g. make bench BENCH_ARGS="--size-mib 64 --rounds 1".
 bench: deps
-	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 # Back up and restore a simulated cluster through the plugin exactly as gpbackup/gprestore
 # call it, against a throwaway sshd on 127.0.0.1, verify every byte, then remove it all.
 demo: deps
-	$(PY) scripts/demo.py $(DEMO_ARGS)
+	$(PY) -m scripts.demo $(DEMO_ARGS)
 
 # Install the plugin for Greenplum at $(PREFIX) (same path on every host).
 install:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.sshd_server import ENTRYPOINT, SshServer, known_hosts_line, wait_for_ssh_banner
+from devtools.sshd import SshServer, known_hosts_line, start_entrypoint, stop_entrypoint, wait_for_ssh_banner
 
 # A /24 from RFC 1918 space that Docker, libvirt and common LANs do not use by default.
 SUBNET = "10.203.0.0/24"
@@ -125,12 +125,9 @@ class DelayedLink:
         self.server_dir.mkdir(parents=True, exist_ok=True)
         for key in self.server.server_dir.glob("ssh_host_*_key*"):
             shutil.copy2(key, self.server_dir / key.name)
-        env = dict(os.environ, SSHD_DIR=str(self.server_dir), SSHD_PORT=str(self.port), SSHD_LISTEN=SERVER_ADDR,
-                   AUTHORIZED_KEYS=str(self.server.authorized_keys), BACKUP_USER="",
-                   REMOTE_DIR=str(self.server.remote_dir), SSHD_MAX_STARTUPS=self.server.max_startups)
-        with open(self.log_path, "ab") as log:
-            self._sshd = subprocess.Popen([*ns_exec, str(ENTRYPOINT)], env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self._sshd = start_entrypoint(self.server_dir, self.port, self.server.authorized_keys, self.log_path,
+                                      listen=SERVER_ADDR, prefix=tuple(ns_exec), REMOTE_DIR=str(self.server.remote_dir),
+                                      SSHD_MAX_STARTUPS=self.server.max_startups)
         self._undo.append(("stop namespace sshd", self._stop_sshd))
         self._wait_for_sshd()
         self.known_hosts.write_text(known_hosts_line(self.server_dir, SERVER_ADDR, self.port))
@@ -142,13 +139,8 @@ class DelayedLink:
             raise LinkUnavailable(f"sshd in the namespace: {err}") from None
 
     def _stop_sshd(self) -> None:
-        if self._sshd is not None and self._sshd.poll() is None:
-            os.killpg(self._sshd.pid, signal.SIGTERM)
-            try:
-                self._sshd.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._sshd.pid, signal.SIGKILL)
-                self._sshd.wait()
+        if self._sshd is not None:
+            stop_entrypoint(self._sshd, STOP_TIMEOUT)
         self._sshd = None
         # sshd's per-connection children start sessions of their own, so killing the listener's group
         # misses them; once the veth is gone they would wait forever for their client. Everything in

@@ -19,9 +19,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
-from tests.helpers import isolated_env, socket_dir_env
+from devtools.harness import Plugin
+
+T = TypeVar("T")
 
 # Bytes moved per read when draining a child's stdout: large enough that
 # the drain thread costs a few syscalls per MiB, small enough to stay in cache.
@@ -161,11 +163,21 @@ def run_all(children: list[Child]) -> tuple[float, list[Outcome]]:
     return wall, outcomes
 
 
+def run_pool(start: Callable[[T], Child], items: list[T], width: int) -> tuple[float, list[Outcome]]:
+    """Start one child per item, `width` running at once (a new one as soon as one ends, as gpbackup's
+    jobs do); the wall time from the first start to the last exit, and each child's outcome in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(width) as pool:  # each thread waits for its own child (wait4 on its pid)
+        outcomes = list(pool.map(lambda item: start(item).finish(), items))
+    return time.perf_counter() - started, outcomes
+
+
 class Runner:
     """Builds the plugin and sftp command lines for a target and runs them."""
 
     def __init__(self, plugin: Path, workdir: Path) -> None:
-        self.plugin = plugin
         self.scratch = workdir / "scratch"
         self.scratch.mkdir(parents=True, exist_ok=True)
         home = workdir / "home"
@@ -174,13 +186,14 @@ class Runner:
         # The plugin's fork server socket goes in the workdir, and stop_fork_servers() ends it.
         tmp = workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        self.env = isolated_env(home, socket_dir_env(tmp))
+        self.plugin = Plugin(home, plugin, socket_dir=tmp)
+        self.env = self.plugin.env()
         self._serial = 0
         self._live: set[Child] = set()  # started and not yet finished: killed by kill_all()
 
     def stop_fork_servers(self) -> None:
         """The bench leaves nothing running: stop the fork server its plugin calls started."""
-        subprocess.run([str(self.plugin), "stop-fork-server"], env=self.env, capture_output=True, check=False)
+        self.plugin.stop_fork_server()
 
     def _scratch(self, suffix: str) -> Path:
         self._serial += 1
@@ -188,7 +201,7 @@ class Runner:
 
     def plugin_child(self, target: Target, command: str, path: Path, stdin_path: Path | None = None,
                      hash_stdout: bool = False) -> Child:
-        argv = [str(self.plugin), command, str(target.plugin_config), str(path)]
+        argv = self.plugin.argv(command, target.plugin_config, path)
         return self._track(Child(argv, self.env, self._scratch("err"), stdin_path=stdin_path,
                                  hash_stdout=hash_stdout))
 

@@ -258,11 +258,8 @@ class ResumableUpload:
         """One try: (re)open the temporary file, resend what is unconfirmed, stream the rest, flush."""
         with self._open(sftp) as remote:
             writer = PipelinedWriter(sftp, remote.handle, offset=self.confirmed)
-            skip = self.confirmed - self._buffer_start
-            for chunk in list(self._buffer):
-                if skip < len(chunk):
-                    writer.write(memoryview(chunk)[max(skip, 0) :])
-                skip -= len(chunk)
+            for piece in unacknowledged(self._buffer, self._buffer_start, self.confirmed):
+                writer.write(piece)
             long_writes = False
             while not self._source_done:
                 if self._buffered >= self.buffer_limit:
@@ -315,7 +312,7 @@ class ResumableUpload:
     def _trim(self, confirmed: int) -> None:
         """Forget buffered chunks the server has acknowledged in full."""
         self.confirmed = confirmed
-        while self._buffer and self._buffer_start + len(self._buffer[0]) <= confirmed:
+        for _ in range(acknowledged_chunks(self._buffer, self._buffer_start, confirmed)):
             chunk = self._buffer.popleft()
             self._buffer_start += len(chunk)
             self._buffered -= len(chunk)
@@ -330,6 +327,30 @@ class ResumableUpload:
 
     def abandon(self, sftp: paramiko.SFTPClient) -> None:
         remove_quietly(sftp, self.temp_path)
+
+
+def unacknowledged(chunks: Iterable[bytes], start: int, confirmed: int) -> list[memoryview]:
+    """What a resumed upload sends again: the kept ``chunks`` (the first at byte ``start`` of the stream)
+    from the first byte after the ``confirmed`` prefix the server has acknowledged."""
+    pieces: list[memoryview] = []
+    skip = confirmed - start
+    for chunk in chunks:
+        if skip < len(chunk):
+            pieces.append(memoryview(chunk)[max(skip, 0) :])
+        skip -= len(chunk)
+    return pieces
+
+
+def acknowledged_chunks(chunks: Iterable[bytes], start: int, confirmed: int) -> int:
+    """How many of the kept ``chunks`` (the first at byte ``start`` of the stream) lie wholly within the
+    ``confirmed`` prefix, counted from the first: those an upload no longer needs to keep."""
+    count = 0
+    for chunk in chunks:
+        start += len(chunk)
+        if start > confirmed:
+            break
+        count += 1
+    return count
 
 
 def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path: str) -> None:

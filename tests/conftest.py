@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import re
-import secrets
 import shutil
 import signal
 import tempfile
@@ -13,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from devtools.gpbackup import LocalBackup, make_local_backup
+from devtools.harness import Plugin, SiteConfig
+from devtools.sshd import SshServer
 from tests import helpers
-from tests.helpers import LocalBackup, Plugin, SiteConfig, make_local_backup
-from tests.sshd_server import SshServer
+from tests.helpers import session_plugin, sshd_fixture
 
 # A shell without job control starts background commands (`make test &`) with SIGINT ignored, and an
 # ignored signal stays ignored across exec: every plugin the tests start would then ignore SIGINT, as
@@ -32,53 +32,33 @@ def no_fork_server_outlives_the_session() -> Iterator[None]:
     tmpdir = tempfile.mkdtemp(prefix="gpsftp-tests.")  # short: a Unix socket path holds 107 bytes
     helpers.SESSION_TMPDIR = tmpdir
     yield
-    Plugin(Path(tmpdir)).run("stop-fork-server")
+    session_plugin(Path(tmpdir)).stop_fork_server()
     helpers.SESSION_TMPDIR = None
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    """One OpenSSH server on 127.0.0.1 for the whole session; tests keep to their own remote subdirectory."""
-    with SshServer(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
-
-
-@pytest.fixture
-def fresh_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    """A server of its own, for a test that changes server state (e.g. authorized_keys)."""
-    with SshServer(tmp_path_factory.mktemp("sshd_fresh")) as server:
-        yield server
+# One OpenSSH server on 127.0.0.1 for the whole session; tests keep to their own remote subdirectory.
+sshd = sshd_fixture("sshd", scope="session")
+# A server of its own, for a test that changes server state (e.g. authorized_keys).
+fresh_sshd = sshd_fixture("sshd_fresh")
 
 
 @pytest.fixture
 def plugin(tmp_path: Path) -> Plugin:
     home = tmp_path / "home"
     home.mkdir()
-    return Plugin(home)
-
-
-def _site(server: SshServer, tmp_path: Path, request: pytest.FixtureRequest) -> SiteConfig:
-    label = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:60]
-    remote_dir = server.remote_dir / f"{label}-{secrets.token_hex(4)}"
-    remote_dir.mkdir()
-    directory = tmp_path / "config"
-    directory.mkdir(exist_ok=True)
-    site = SiteConfig(server=server, directory=directory, remote_dir=remote_dir, log_dir=tmp_path / "logs",
-                      path=directory / "plugin_config.yaml")
-    site.write(site.path.name)
-    return site
+    return session_plugin(home)
 
 
 @pytest.fixture
 def config(sshd: SshServer, tmp_path: Path, request: pytest.FixtureRequest) -> SiteConfig:
     """A plugin config for the session server with this test's own (existing) remote_dir and log_dir."""
-    return _site(sshd, tmp_path, request)
+    return SiteConfig.create(sshd, tmp_path, request.node.name)
 
 
 @pytest.fixture
 def fresh_config(fresh_sshd: SshServer, tmp_path: Path, request: pytest.FixtureRequest) -> SiteConfig:
-    return _site(fresh_sshd, tmp_path, request)
+    return SiteConfig.create(fresh_sshd, tmp_path, request.node.name)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
-"""Shared helpers for the behaviour tests: running the installed console script and shaping gpbackup paths.
+"""Helpers of the behaviour tests alone; the harness they share with the demo and the bench is devtools.harness.
 
-The fixtures that hand these out live in conftest.py; test modules import the
-classes from here only for type hints and for the few plain functions.
+The fixtures that hand these out live in conftest.py (and ``sshd_fixture`` makes
+every sshd fixture); test modules import from here for the few plain functions.
 """
 
 from __future__ import annotations
@@ -9,23 +9,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import random
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.sshd_server import SshServer, free_port
+from devtools.harness import PLUGIN_EXE, Plugin, SiteConfig, plugin_env
+from devtools.sshd import SshServer
 
-# The console script pip installed next to the interpreter running pytest.
-PLUGIN_EXE = os.path.join(os.path.dirname(sys.executable), "gpbackup_sftp_plugin")
-# A hung plugin must fail the test instead of hanging the suite; not a timing assertion.
-RUN_TIMEOUT = 300
 # Longest wait for something a test waits on (a server's socket, a process ending,
 # a fault firing), allowing for a loaded 2-core CI machine; a deadline, not an assertion.
 WAIT_TIMEOUT = 20.0
@@ -44,121 +43,51 @@ def wait_until(predicate: Callable[[], object], timeout: float = WAIT_TIMEOUT) -
     return False
 
 
-def socket_dir_env(tmpdir: str | Path) -> dict[str, str]:
-    """Variables that put the fork server's socket under `tmpdir` (XDG_RUNTIME_DIR would come first)."""
-    return {"TMPDIR": str(tmpdir), "XDG_RUNTIME_DIR": ""}
-
-
 def isolated_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for one plugin process: its own HOME, no ssh-agent, the session's TMPDIR."""
-    env = dict(os.environ)
-    env.pop("SSH_AUTH_SOCK", None)
-    env["HOME"] = str(home)
-    if SESSION_TMPDIR is not None:
-        env.update(socket_dir_env(SESSION_TMPDIR))
-    env.update(extra or {})
-    return env
+    return plugin_env(home, SESSION_TMPDIR, extra)
+
+
+def session_plugin(home: Path, exe: str = PLUGIN_EXE) -> Plugin:
+    """The plugin with its own HOME whose calls share the session's fork server (conftest stops it)."""
+    return Plugin(home, exe, socket_dir=SESSION_TMPDIR)
+
+
+def sshd_fixture(name: str, scope: str = "function", **server_options: Any) -> Any:
+    """A pytest fixture (named after the attribute it is assigned to): an sshd of its own, in a fresh directory
+    called `name`, for the `scope`; `server_options` go to SshServer (max_startups, extra_config)."""
+
+    def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+        with SshServer(tmp_path_factory.mktemp(name), **server_options) as running:
+            yield running
+
+    return pytest.fixture(scope=scope)(server)
+
+
+def fork_server_pids(config: SiteConfig) -> list[int]:
+    """The fork servers the calls of `config` started, as its log names them, in order."""
+    return [int(pid) for pid in re.findall(r"fork server (\d+) serving", config.log_text())]
+
+
+@contextlib.contextmanager
+def own_fork_server(config: SiteConfig, prefix: str) -> Iterator[Path]:
+    """A socket directory of the test's own, for a fork server only its calls use (short: pytest's tmp_path
+    would push the socket path past the 107 bytes a Unix socket allows); at the end the fork servers that
+    `config`'s log names are stopped and the directory removed."""
+    tmpdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmpdir
+    finally:
+        for pid in fork_server_pids(config):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def assert_ok(result: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:
-    """Success per the API: exit 0 and not one byte on stderr."""
-    assert result.returncode == 0, f"exit {result.returncode}, stderr: {result.stderr!r}"
-    assert result.stderr == b"", f"stderr on success: {result.stderr!r}"
-    return result
-
-
-def assert_failed(result: subprocess.CompletedProcess[bytes]) -> str:
-    """Failure per the API: non-zero exit and one human line on stderr (no traceback). Returns that line."""
-    assert result.returncode != 0, f"expected failure, got exit 0 (stdout {result.stdout[:200]!r})"
-    text = result.stderr.decode("utf-8", errors="replace")
-    assert "Traceback" not in text, text
-    assert text.endswith("\n") and text.count("\n") == 1, f"expected exactly one line on stderr, got {text!r}"
-    assert text.strip(), "failure without a message on stderr"
-    return text.strip()
-
-
-class Plugin:
-    """Runs the installed ``gpbackup_sftp_plugin`` as gpbackup would, in an isolated environment."""
-
-    def __init__(self, home: Path, exe: str = PLUGIN_EXE) -> None:
-        self.home = home
-        self.exe = exe
-
-    def run(self, *args: str | Path, stdin: bytes = b"", cwd: Path | None = None,
-            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([self.exe, *map(str, args)], input=stdin, capture_output=True,
-                              env=isolated_env(self.home, env_extra), cwd=cwd, timeout=RUN_TIMEOUT, check=False)
-
-    def ok(self, *args: str | Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-        return assert_ok(self.run(*args, stdin=stdin))
-
-    def fails(self, *args: str | Path, stdin: bytes = b"") -> str:
-        return assert_failed(self.run(*args, stdin=stdin))
-
-
-@dataclass
-class SiteConfig:
-    """A plugin config for one test: its own remote_dir below the server's and its own log_dir."""
-
-    server: SshServer
-    directory: Path
-    remote_dir: Path
-    log_dir: Path
-    path: Path
-
-    def write(self, name: str = "plugin_config.yaml", **overrides: object) -> Path:
-        """Another config for this test's remote_dir and log_dir, with option overrides (None drops one)."""
-        options: dict[str, object] = {"remote_dir": str(self.remote_dir), "log_dir": str(self.log_dir)}
-        options.update(overrides)
-        return self.server.write_config(self.directory / name, **options)
-
-    def closed_port(self, name: str = "closed_port.yaml", **overrides: object) -> Path:
-        """A config pointing at a port nobody listens on, failing fast (retries: 1) if it is ever used."""
-        options: dict[str, object] = {"port": free_port(), "retries": 1, "connect_timeout": 2}
-        options.update(overrides)
-        return self.write(name, **options)
-
-    def log_text(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*")) if p.is_file())
-
-
-def random_timestamp(start: datetime = datetime(2001, 1, 1), end: datetime = datetime(2037, 12, 31)) -> str:
-    """A random real backup timestamp YYYYMMDDHHMMSS."""
-    span = int((end - start).total_seconds())
-    return (start + timedelta(seconds=random.randrange(span))).strftime("%Y%m%d%H%M%S")
-
-
-@dataclass
-class LocalBackup:
-    """A local gpbackup-shaped directory ``<root>/gpseg0/backups/<YYYYMMDD>/<YYYYMMDDHHMMSS>``."""
-
-    path: Path
-    timestamp: str
-
-    @property
-    def date(self) -> str:
-        return self.timestamp[:8]
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    def remote(self, remote_dir: Path, name: str | None = None) -> Path:
-        """Where the plugin keeps this backup (or one file of it) under remote_dir."""
-        directory = remote_dir / "backups" / self.date / self.timestamp
-        return directory / name if name else directory
-
-
-def make_local_backup(root: Path, timestamp: str | None = None, segment: str = "gpseg0",
-                      create: bool = True) -> LocalBackup:
-    timestamp = timestamp or random_timestamp()
-    path = root / segment / "backups" / timestamp[:8] / timestamp
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-    return LocalBackup(path, timestamp)
 
 
 def alive(pid: int) -> bool:
@@ -184,8 +113,8 @@ def start_under_a_parent(plugin: Plugin, *args: str | Path,
     """Start the plugin as the child of a parent process (as gpbackup_helper starts it), its stdin a pipe
     the test writes to. Returns the parent, the plugin's pid and the pipe's write end."""
     read_end, write_end = os.pipe()
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, plugin.exe, *map(str, args)], stdin=read_end,
-                              stdout=subprocess.PIPE, env=isolated_env(plugin.home, env_extra))
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, *plugin.argv(*args)], stdin=read_end,
+                              stdout=subprocess.PIPE, env=plugin.env(env_extra))
     os.close(read_end)
     assert parent.stdout is not None
     return parent, int(parent.stdout.readline()), write_end

@@ -10,18 +10,15 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import PLUGIN_EXE as PLUGIN
-from tests.helpers import gpbackup_files, isolated_env, undeletable
-from tests.sshd_server import SshServer, free_port, keygen
+from devtools.gpbackup import make_local_backup
+from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig
+from devtools.sshd import SshServer, free_port, keygen
+from tests.helpers import gpbackup_files, session_plugin, sshd_fixture, undeletable
 
-# A hung command must fail the test rather than hang the suite; not a timing assertion.
-RUN_TIMEOUT = 120
 ALL_CHECKS = (
     "config",
     "secrets",
@@ -39,61 +36,18 @@ ALL_CHECKS = (
 )
 
 
-@dataclass
-class Site:
-    """One test's config against the module's sshd, with its own remote_dir, log_dir and HOME."""
-
-    server: SshServer
-    root: Path
-    remote_dir: Path
-    home: Path
-
-    def config(self, name: str = "plugin.yaml", **overrides: object) -> Path:
-        options: dict[str, object] = {"remote_dir": str(self.remote_dir), "log_dir": str(self.root / "logs")}
-        options.update(overrides)
-        return self.server.write_config(self.root / name, **options)
-
-    def env(self) -> dict[str, str]:
-        return isolated_env(self.home)
-
-    def run(self, *args: str | Path, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [PLUGIN, *map(str, args)],
-            input=stdin,
-            capture_output=True,
-            env=self.env(),
-            timeout=RUN_TIMEOUT,
-            check=False,
-        )
-        return subprocess.CompletedProcess(
-            result.args,
-            result.returncode,
-            result.stdout.decode(errors="replace"),
-            result.stderr.decode(errors="replace"),
-        )
-
-    def plugin_ok(self, *args: str | Path, stdin: bytes = b"") -> None:
-        result = self.run(*args, stdin=stdin)
-        assert result.returncode == 0 and result.stderr == "", result
+# This module's own sshd: some tests add keys to its authorized_keys.
+server = sshd_fixture("admin_sshd", scope="module")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    with SshServer(tmp_path_factory.mktemp("admin_sshd")) as sshd:
-        yield sshd
-
-
-def make_site(server: SshServer, root: Path) -> Site:
-    remote_dir = server.remote_dir / f"{root.name}-{secrets.token_hex(4)}"
-    remote_dir.mkdir(mode=0o700)  # private, as README's setup makes it (check warns otherwise)
-    home = root / "home"
-    home.mkdir()
-    return Site(server, root, remote_dir, home)
+def private_site(server: SshServer, root: Path, label: str) -> SiteConfig:
+    """A site whose remote_dir is private, as README's setup makes it (check warns otherwise)."""
+    return SiteConfig.create(server, root, label, private=True)
 
 
 @pytest.fixture
-def site(server: SshServer, tmp_path: Path) -> Site:
-    return make_site(server, tmp_path)
+def config(server: SshServer, tmp_path: Path, request: pytest.FixtureRequest) -> SiteConfig:
+    return private_site(server, tmp_path, request.node.name)
 
 
 def check_lines(output: str) -> dict[str, str]:
@@ -121,13 +75,13 @@ def advice_after(output: str, name: str) -> str:
 # --------------------------------------------------------------------------- check
 
 
-def test_check_prints_every_check_ok_and_exits_zero(site: Site) -> None:
-    result = site.run("check", site.config())
+def test_check_prints_every_check_ok_and_exits_zero(plugin: Plugin, config: SiteConfig) -> None:
+    result = plugin.run("check", config.path, text=True)
 
     assert result.returncode == 0, result.stdout + result.stderr
     statuses = check_lines(result.stdout)
     assert {name: statuses.get(name) for name in ALL_CHECKS} == {name: "OK" for name in ALL_CHECKS}, result.stdout
-    assert site.server.host_fingerprint in result.stdout
+    assert config.server.host_fingerprint in result.stdout
     assert "verified by known_hosts" in result.stdout
     assert "publickey" in result.stdout
     assert re.search(r"free space\s+\S+ \w?i?B free of", result.stdout), result.stdout
@@ -135,21 +89,21 @@ def test_check_prints_every_check_ok_and_exits_zero(site: Site) -> None:
         r"round trip\s+8\.0 MiB probe written at [\d.]+ MiB/s, read back at [\d.]+ MiB/s", result.stdout
     ), result.stdout
     assert result.stderr == ""
-    assert list(site.remote_dir.iterdir()) == [], "the probe files must be deleted"
+    assert list(config.remote_dir.iterdir()) == [], "the probe files must be deleted"
 
 
-def test_check_shows_the_effective_options_with_defaults(site: Site) -> None:
-    result = site.run("check", site.config(port=str(site.server.port)))  # as gpbackup's copy: a string
+def test_check_shows_the_effective_options_with_defaults(plugin: Plugin, config: SiteConfig) -> None:
+    result = plugin.run("check", config.write(port=str(config.server.port)), text=True)  # as gpbackup's copy: a string
 
     assert result.returncode == 0, result.stdout
-    assert re.search(rf"^\s+port\s+{site.server.port}$", result.stdout, re.M)
+    assert re.search(rf"^\s+port\s+{config.server.port}$", result.stdout, re.M)
     assert re.search(r"^\s+strict_host_key_checking\s+yes$", result.stdout, re.M)
     assert re.search(r"^\s+keep_last\s+\(not set\)$", result.stdout, re.M)
 
 
-def test_check_fails_with_advice_when_remote_dir_is_missing(site: Site) -> None:
-    missing = site.remote_dir / "not-created"
-    result = site.run("check", site.config(remote_dir=str(missing)))
+def test_check_fails_with_advice_when_remote_dir_is_missing(plugin: Plugin, config: SiteConfig) -> None:
+    missing = config.remote_dir / "not-created"
+    result = plugin.run("check", config.write(remote_dir=str(missing)), text=True)
 
     assert result.returncode != 0
     statuses = check_lines(result.stdout)
@@ -160,33 +114,37 @@ def test_check_fails_with_advice_when_remote_dir_is_missing(site: Site) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_check_fails_with_advice_when_the_host_key_is_unknown(site: Site) -> None:
-    empty = site.root / "empty_known_hosts"
+def test_check_fails_with_advice_when_the_host_key_is_unknown(
+    plugin: Plugin, config: SiteConfig, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
-    result = site.run("check", site.config(known_hosts_file=str(empty)))
+    result = plugin.run("check", config.write(known_hosts_file=str(empty)), text=True)
 
     assert result.returncode != 0
     statuses = check_lines(result.stdout)
     assert statuses["host key"] == "FAIL", result.stdout
     assert statuses.get("auth") != "OK", "no credential may be sent to an unverified host"
-    assert site.server.host_fingerprint in result.stdout
+    assert config.server.host_fingerprint in result.stdout
     advice = advice_after(result.stdout, "host key")
     assert "ssh-keyscan" in advice and "host_key_fingerprint" in advice
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_check_warns_but_passes_when_host_key_checking_is_off(site: Site) -> None:
-    empty = site.root / "empty_known_hosts"
+def test_check_warns_but_passes_when_host_key_checking_is_off(
+    plugin: Plugin, config: SiteConfig, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
-    result = site.run("check", site.config(known_hosts_file=str(empty), strict_host_key_checking="no"))
+    result = plugin.run("check", config.write(known_hosts_file=str(empty), strict_host_key_checking="no"), text=True)
 
     assert result.returncode == 0, result.stdout
     assert check_lines(result.stdout)["host key"] == "WARN"
-    assert f"host_key_fingerprint: {site.server.host_fingerprint}" in result.stdout
+    assert f"host_key_fingerprint: {config.server.host_fingerprint}" in result.stdout
 
 
-def test_check_fails_without_traceback_when_nothing_listens(site: Site) -> None:
-    result = site.run("check", site.config(port=free_port()))
+def test_check_fails_without_traceback_when_nothing_listens(plugin: Plugin, config: SiteConfig) -> None:
+    result = plugin.run("check", config.write(port=free_port()), text=True)
 
     assert result.returncode != 0
     assert check_lines(result.stdout)["connect"] == "FAIL", result.stdout
@@ -194,10 +152,10 @@ def test_check_fails_without_traceback_when_nothing_listens(site: Site) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_check_fails_with_advice_on_an_invalid_config(site: Site) -> None:
-    config = site.root / "typo.yaml"
-    config.write_text(f"options:\n  hostname: 127.0.0.1\n  remote_dir: {site.remote_dir}\n  prot: 22\n")
-    result = site.run("check", config)
+def test_check_fails_with_advice_on_an_invalid_config(plugin: Plugin, config: SiteConfig, tmp_path: Path) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(f"options:\n  hostname: 127.0.0.1\n  remote_dir: {config.remote_dir}\n  prot: 22\n")
+    result = plugin.run("check", typo, text=True)
 
     assert result.returncode != 0
     assert check_lines(result.stdout)["config"] == "FAIL", result.stdout
@@ -205,13 +163,14 @@ def test_check_fails_with_advice_on_an_invalid_config(site: Site) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_check_masks_secrets_in_its_output(site: Site) -> None:
+def test_check_masks_secrets_in_its_output(plugin: Plugin, config: SiteConfig, tmp_path: Path) -> None:
     password = f"pw-{secrets.token_hex(8)}"
     passphrase = f"pp-{secrets.token_hex(8)}"
-    key = keygen(site.root / "id_encrypted", passphrase=passphrase)
-    with open(site.server.authorized_keys, "a") as authorized:
+    key = keygen(tmp_path / "id_encrypted", passphrase=passphrase)
+    with open(config.server.authorized_keys, "a") as authorized:
         authorized.write(key.with_suffix(".pub").read_text())
-    result = site.run("check", site.config(password=password, identity_file=str(key), identity_passphrase=passphrase))
+    cfg = config.write(password=password, identity_file=str(key), identity_passphrase=passphrase)
+    result = plugin.run("check", cfg, text=True)
 
     assert result.returncode == 0, result.stdout
     assert password not in result.stdout + result.stderr
@@ -221,18 +180,18 @@ def test_check_masks_secrets_in_its_output(site: Site) -> None:
     assert f"publickey ({key})" in result.stdout
 
 
-def test_check_masks_secrets_when_it_fails(site: Site) -> None:
+def test_check_masks_secrets_when_it_fails(plugin: Plugin, config: SiteConfig, tmp_path: Path) -> None:
     password = f"pw-{secrets.token_hex(8)}"
-    empty = site.root / "empty_known_hosts"
+    empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
-    result = site.run("check", site.config(password=password, known_hosts_file=str(empty)))
+    result = plugin.run("check", config.write(password=password, known_hosts_file=str(empty)), text=True)
 
     assert result.returncode != 0
     assert password not in result.stdout + result.stderr
 
 
-def test_check_without_a_config_prints_usage_and_exits_two(site: Site) -> None:
-    result = site.run("check")
+def test_check_without_a_config_prints_usage_and_exits_two(plugin: Plugin, config: SiteConfig) -> None:
+    result = plugin.run("check", text=True)
 
     assert result.returncode == 2
     assert "usage:" in result.stderr and "Traceback" not in result.stderr
@@ -246,37 +205,26 @@ LEFTOVER = "20240107101500"
 DATA_SIZE = 3 * 1024 * 1024
 
 
-def backup_dir(site: Site, timestamp: str) -> Path:
-    return site.root / "seg" / "backups" / timestamp[:8] / timestamp
-
-
-def store_backup(site: Site, timestamp: str, report: bool) -> None:
-    """Files of one backup, stored through the plugin as gpbackup does."""
-    local = backup_dir(site, timestamp)
-    local.mkdir(parents=True)
-    config = site.config()
-    site.plugin_ok("setup_plugin_for_backup", config, local, "coordinator", '"-1"')
+def store_backup(plugin: Plugin, config: SiteConfig, root: Path, timestamp: str, report: bool) -> None:
+    """Files of one backup (local ones below `root`), stored through the plugin as gpbackup does."""
+    local = make_local_backup(root, timestamp).path
+    plugin.ok("setup_plugin_for_backup", config.path, local, "coordinator", '"-1"')
     metadata = local / f"gpbackup_{timestamp}_metadata.sql"
     metadata.write_text("CREATE TABLE t (i int);\n")
-    site.plugin_ok("backup_file", config, metadata)
-    site.plugin_ok("backup_data", config, local / f"gpbackup_0_{timestamp}", stdin=os.urandom(DATA_SIZE))
+    plugin.ok("backup_file", config.path, metadata)
+    plugin.ok("backup_data", config.path, local / f"gpbackup_0_{timestamp}", stdin=os.urandom(DATA_SIZE))
     if report:
         report_file = local / f"gpbackup_{timestamp}_report"
         report_file.write_text("backup status: Success\n")
-        site.plugin_ok("backup_file", config, report_file)
+        plugin.ok("backup_file", config.path, report_file)
 
 
-def interrupt_upload(site: Site, timestamp: str) -> None:
+def interrupt_upload(plugin: Plugin, config: SiteConfig, root: Path, timestamp: str) -> None:
     """Kill a backup_data mid-stream (as a killed gpbackup_helper would), leaving its temporary file behind."""
-    local = backup_dir(site, timestamp)
-    remote = site.remote_dir / "backups" / timestamp[:8] / timestamp
-    process = subprocess.Popen(
-        [PLUGIN, "backup_data", str(site.config()), str(local / f"gpbackup_1_{timestamp}")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=site.env(),
-    )
+    local = make_local_backup(root, timestamp).path
+    remote = config.remote_dir / "backups" / timestamp[:8] / timestamp
+    process = plugin.popen("backup_data", config.path, local / f"gpbackup_1_{timestamp}", stdin=subprocess.PIPE,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert process.stdin is not None
     try:
         process.stdin.write(os.urandom(2 * 1024 * 1024))
@@ -292,18 +240,21 @@ def interrupt_upload(site: Site, timestamp: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stored(server: SshServer, tmp_path_factory: pytest.TempPathFactory) -> Site:
+def stored(server: SshServer, tmp_path_factory: pytest.TempPathFactory) -> SiteConfig:
     """Three backups on the host: complete, without a coordinator report, with a leftover temporary file."""
-    site = make_site(server, tmp_path_factory.mktemp("list_backups"))
-    store_backup(site, COMPLETE, report=True)
-    store_backup(site, NO_REPORT, report=False)
-    store_backup(site, LEFTOVER, report=True)
-    interrupt_upload(site, LEFTOVER)
+    root = tmp_path_factory.mktemp("list_backups")
+    config = private_site(server, root, "list_backups")
+    (root / "home").mkdir()
+    plugin = session_plugin(root / "home")
+    store_backup(plugin, config, root, COMPLETE, report=True)
+    store_backup(plugin, config, root, NO_REPORT, report=False)
+    store_backup(plugin, config, root, LEFTOVER, report=True)
+    interrupt_upload(plugin, config, root, LEFTOVER)
     leftovers = [
-        p for p in (site.remote_dir / "backups" / LEFTOVER[:8] / LEFTOVER).iterdir() if p.name.endswith(".partial")
+        p for p in (config.remote_dir / "backups" / LEFTOVER[:8] / LEFTOVER).iterdir() if p.name.endswith(".partial")
     ]
     assert leftovers, "the interrupted upload left no temporary file"
-    return site
+    return config
 
 
 def table_row(output: str, timestamp: str) -> str:
@@ -312,8 +263,8 @@ def table_row(output: str, timestamp: str) -> str:
     return rows[0]
 
 
-def test_list_backups_shows_each_backup_with_files_size_age_and_state(stored: Site) -> None:
-    result = stored.run("list-backups", stored.config())
+def test_list_backups_shows_each_backup_with_files_size_age_and_state(plugin: Plugin, stored: SiteConfig) -> None:
+    result = plugin.run("list-backups", stored.path, text=True)
 
     assert result.returncode == 0, result.stderr
     header = result.stdout.splitlines()[0].split()
@@ -330,8 +281,8 @@ def test_list_backups_shows_each_backup_with_files_size_age_and_state(stored: Si
     assert "3 backups" in result.stdout and "2 incomplete" in result.stdout
 
 
-def test_list_backups_json_gives_scripts_the_same_facts(stored: Site) -> None:
-    result = stored.run("list-backups", stored.config(), "--json")
+def test_list_backups_json_gives_scripts_the_same_facts(plugin: Plugin, stored: SiteConfig) -> None:
+    result = plugin.run("list-backups", stored.path, "--json", text=True)
 
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
@@ -351,29 +302,31 @@ def test_list_backups_json_gives_scripts_the_same_facts(stored: Site) -> None:
     assert leftover["temporary_files"][0].endswith(".partial")
 
 
-def test_list_backups_marks_a_backup_gpbackup_reported_as_failed_incomplete(site: Site) -> None:
+def test_list_backups_marks_a_backup_gpbackup_reported_as_failed_incomplete(
+    plugin: Plugin, config: SiteConfig, tmp_path: Path
+) -> None:
     failed = "20240108101500"
-    store_backup(site, failed, report=True)
-    report = site.remote_dir / "backups" / failed[:8] / failed / f"gpbackup_{failed}_report"
+    store_backup(plugin, config, tmp_path, failed, report=True)
+    report = config.remote_dir / "backups" / failed[:8] / failed / f"gpbackup_{failed}_report"
     report.write_text("backup status:   Failure\n")
 
-    listing = json.loads(site.run("list-backups", site.config(), "--json").stdout)["backups"]
+    listing = json.loads(plugin.run("list-backups", config.path, "--json", text=True).stdout)["backups"]
 
     (entry,) = [b for b in listing if b["timestamp"] == failed]
     assert entry["complete"] is False and entry["has_report"] is True and entry["report_status"] == "Failure"
     assert any("Failure" in reason for reason in entry["reasons"])
 
 
-def test_list_backups_says_so_when_there_are_none(site: Site) -> None:
-    table = site.run("list-backups", site.config())
-    listing = site.run("list-backups", site.config(), "--json")
+def test_list_backups_says_so_when_there_are_none(plugin: Plugin, config: SiteConfig) -> None:
+    table = plugin.run("list-backups", config.path, text=True)
+    listing = plugin.run("list-backups", config.path, "--json", text=True)
 
     assert table.returncode == 0 and "No backups" in table.stdout
     assert listing.returncode == 0 and json.loads(listing.stdout)["backups"] == []
 
 
-def test_list_backups_fails_with_one_line_when_the_host_is_unreachable(site: Site) -> None:
-    result = site.run("list-backups", site.config(port=free_port()))
+def test_list_backups_fails_with_one_line_when_the_host_is_unreachable(plugin: Plugin, config: SiteConfig) -> None:
+    result = plugin.run("list-backups", config.write(port=free_port()), text=True)
 
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -390,7 +343,7 @@ HR_FULL = "20200104000000"
 RUNNING = "20200105000000"  # no config.yaml or report yet: database unknown
 
 
-def put_backups(site: Site) -> dict[str, Path]:
+def put_backups(config: SiteConfig) -> dict[str, Path]:
     """Backups as gpbackup leaves them (config.yaml, report, data), written straight into the local server's disk."""
     files = {
         SALES_OLD: gpbackup_files(SALES_OLD, "sales"),
@@ -401,7 +354,7 @@ def put_backups(site: Site) -> dict[str, Path]:
     }
     directories: dict[str, Path] = {}
     for timestamp, contents in files.items():
-        directory = site.remote_dir / "backups" / timestamp[:8] / timestamp
+        directory = config.remote_dir / "backups" / timestamp[:8] / timestamp
         directory.mkdir(parents=True)
         for name, data in contents.items():
             (directory / name).write_bytes(data)
@@ -409,11 +362,13 @@ def put_backups(site: Site) -> dict[str, Path]:
     return directories
 
 
-def test_list_backups_shows_each_backups_database_and_what_an_incremental_needs(site: Site) -> None:
-    put_backups(site)
+def test_list_backups_shows_each_backups_database_and_what_an_incremental_needs(
+    plugin: Plugin, config: SiteConfig
+) -> None:
+    put_backups(config)
 
-    table = site.run("list-backups", site.config())
-    listing = site.run("list-backups", site.config(), "--json")
+    table = plugin.run("list-backups", config.path, text=True)
+    listing = plugin.run("list-backups", config.path, "--json", text=True)
 
     assert table.returncode == 0 and table.stderr == "", table
     assert table.stdout.splitlines()[0].split()[:2] == ["TIMESTAMP", "DATABASE"]
@@ -428,26 +383,28 @@ def test_list_backups_shows_each_backups_database_and_what_an_incremental_needs(
     assert backups[RUNNING]["database"] is None and backups[RUNNING]["needs"] is None
 
 
-def test_list_backups_marks_a_backup_whose_config_says_failure_incomplete(site: Site) -> None:
-    directory = put_backups(site)[HR_FULL]
-    config = directory / f"gpbackup_{HR_FULL}_config.yaml"
-    config.write_text(config.read_text().replace("status: Success", "status: Failure"))
+def test_list_backups_marks_a_backup_whose_config_says_failure_incomplete(plugin: Plugin, config: SiteConfig) -> None:
+    directory = put_backups(config)[HR_FULL]
+    config_yaml = directory / f"gpbackup_{HR_FULL}_config.yaml"
+    config_yaml.write_text(config_yaml.read_text().replace("status: Success", "status: Failure"))
 
-    listing = json.loads(site.run("list-backups", site.config(), "--json").stdout)
+    listing = json.loads(plugin.run("list-backups", config.path, "--json", text=True).stdout)
     backups = {b["timestamp"]: b for b in listing["backups"]}
 
     assert backups[HR_FULL]["complete"] is False and backups[HR_FULL]["config_status"] == "Failure"
     assert backups[HR_FULL]["report_status"] == "Success"
 
 
-def test_list_backups_flags_a_file_whose_size_differs_from_what_was_backed_up_and_a_missing_one(site: Site) -> None:
-    store_backup(site, COMPLETE, report=True)
-    directory = site.remote_dir / "backups" / COMPLETE[:8] / COMPLETE
+def test_list_backups_flags_a_file_whose_size_differs_from_what_was_backed_up_and_a_missing_one(
+    plugin: Plugin, config: SiteConfig, tmp_path: Path
+) -> None:
+    store_backup(plugin, config, tmp_path, COMPLETE, report=True)
+    directory = config.remote_dir / "backups" / COMPLETE[:8] / COMPLETE
     with open(directory / f"gpbackup_0_{COMPLETE}", "r+b") as handle:
         handle.truncate(DATA_SIZE - 1)
     (directory / f"gpbackup_{COMPLETE}_metadata.sql").unlink()
 
-    listing = json.loads(site.run("list-backups", site.config(), "--json").stdout)
+    listing = json.loads(plugin.run("list-backups", config.path, "--json", text=True).stdout)
     (backup,) = listing["backups"]
 
     assert backup["complete"] is False
@@ -465,11 +422,13 @@ def decision_lines(output: str) -> dict[str, str]:
     return found
 
 
-def test_prune_dry_run_says_what_it_would_delete_and_why_and_deletes_nothing(site: Site) -> None:
-    directories = put_backups(site)
-    before = sorted(p for p in site.remote_dir.rglob("*"))
+def test_prune_dry_run_says_what_it_would_delete_and_why_and_deletes_nothing(
+    plugin: Plugin, config: SiteConfig
+) -> None:
+    directories = put_backups(config)
+    before = sorted(p for p in config.remote_dir.rglob("*"))
 
-    result = site.run("prune", site.config(keep_last=1), "--dry-run")
+    result = plugin.run("prune", config.write(keep_last=1), "--dry-run", text=True)
 
     assert result.returncode == 0 and result.stderr == "", result
     lines = decision_lines(result.stdout)
@@ -480,38 +439,38 @@ def test_prune_dry_run_says_what_it_would_delete_and_why_and_deletes_nothing(sit
     assert re.match(rf"^KEEP\s+{HR_FULL}\s+hr\s+newest 1 of hr$", lines[HR_FULL])
     assert re.match(rf"^KEEP\s+{RUNNING}\s+\?\s+database unknown$", lines[RUNNING])
     assert "Dry run" in result.stdout
-    assert sorted(p for p in site.remote_dir.rglob("*")) == before
+    assert sorted(p for p in config.remote_dir.rglob("*")) == before
 
 
-def test_prune_deletes_what_retention_lets_go_and_keeps_the_rest(site: Site) -> None:
-    directories = put_backups(site)
+def test_prune_deletes_what_retention_lets_go_and_keeps_the_rest(plugin: Plugin, config: SiteConfig) -> None:
+    directories = put_backups(config)
 
-    result = site.run("prune", site.config(keep_last=1, keep_days=7))
+    result = plugin.run("prune", config.write(keep_last=1, keep_days=7), text=True)
 
     assert result.returncode == 0 and result.stderr == "", result
     assert decision_lines(result.stdout)[SALES_OLD].startswith("DELETE")
     assert re.search(rf"^deleted {SALES_OLD} \(3 files\)$", result.stdout, re.MULTILINE), result.stdout
     assert not directories[SALES_OLD].exists()
     assert all(directories[ts].is_dir() for ts in (SALES_FULL, SALES_INCREMENTAL, HR_FULL, RUNNING))
-    again = site.run("prune", site.config(keep_last=1, keep_days=7))
+    again = plugin.run("prune", config.write(keep_last=1, keep_days=7), text=True)
     assert again.returncode == 0 and "DELETE" not in again.stdout and "Nothing to delete" in again.stdout
 
 
-def test_prune_without_retention_options_says_nothing_is_pruned(site: Site) -> None:
-    directories = put_backups(site)
+def test_prune_without_retention_options_says_nothing_is_pruned(plugin: Plugin, config: SiteConfig) -> None:
+    directories = put_backups(config)
 
-    result = site.run("prune", site.config())
+    result = plugin.run("prune", config.path, text=True)
 
     assert result.returncode == 0 and result.stderr == "", result
     assert "nothing is pruned" in result.stdout
     assert all(directory.is_dir() for directory in directories.values())
 
 
-def test_prune_that_cannot_delete_a_backup_fails_with_one_line(site: Site) -> None:
-    directories = put_backups(site)
+def test_prune_that_cannot_delete_a_backup_fails_with_one_line(plugin: Plugin, config: SiteConfig) -> None:
+    directories = put_backups(config)
 
     with undeletable(directories[SALES_OLD]):
-        result = site.run("prune", site.config(keep_last=1))
+        result = plugin.run("prune", config.write(keep_last=1), text=True)
         assert directories[SALES_OLD].is_dir()
 
     assert result.returncode == 1
@@ -520,9 +479,9 @@ def test_prune_that_cannot_delete_a_backup_fails_with_one_line(site: Site) -> No
     assert f"FAILED to delete {SALES_OLD}" in result.stdout
 
 
-def test_prune_fails_with_one_line_when_the_host_is_unreachable(site: Site) -> None:
+def test_prune_fails_with_one_line_when_the_host_is_unreachable(plugin: Plugin, config: SiteConfig) -> None:
     port = free_port()
-    result = site.run("prune", site.config(port=port, keep_last=1, retries=1, connect_timeout=2))
+    result = plugin.run("prune", config.write(port=port, keep_last=1, retries=1, connect_timeout=2), text=True)
 
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

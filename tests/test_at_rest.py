@@ -15,16 +15,10 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
-from tests.helpers import (
-    PLUGIN_EXE,
-    RUN_TIMEOUT,
-    LocalBackup,
-    Plugin,
-    SiteConfig,
-    gpbackup_files,
-    isolated_env,
-)
-from tests.sshd_server import keygen
+from devtools.gpbackup import LocalBackup
+from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig
+from devtools.sshd import keygen
+from tests.helpers import gpbackup_files
 
 # More than one 1 MiB block, so a .sha256blocks file is stored besides the .sha256 sidecar.
 MULTI_BLOCK = 1024 * 1024 + 4096
@@ -210,9 +204,8 @@ def run_on_a_terminal(plugin: Plugin, *args: str | Path) -> tuple[int, str, byte
     what reached the terminal and the stderr bytes."""
     controller, terminal = pty.openpty()
     try:
-        result = subprocess.run([PLUGIN_EXE, *map(str, args)], stdin=subprocess.DEVNULL, stdout=terminal,
-                                stderr=subprocess.PIPE, env=isolated_env(plugin.home), timeout=RUN_TIMEOUT,
-                                check=False)
+        result = subprocess.run(plugin.argv(*args), stdin=subprocess.DEVNULL, stdout=terminal,
+                                stderr=subprocess.PIPE, env=plugin.env(), timeout=RUN_TIMEOUT, check=False)
         os.close(terminal)
         terminal = -1
         shown = b""

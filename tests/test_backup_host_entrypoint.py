@@ -7,7 +7,6 @@ import pwd
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -16,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PLUGIN_EXE as PLUGIN
-from tests.sshd_server import ENTRYPOINT, free_port, keygen, wait_for_ssh_banner
+from devtools.harness import RUN_TIMEOUT, Plugin
+from devtools.sshd import free_port, keygen, start_entrypoint, stop_entrypoint, wait_for_ssh_banner
 
-# Bounds a broken stop; it asserts nothing about speed.
-RUN_TIMEOUT = 120
 HOST_KEY_FILES = ("ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "ssh_host_ecdsa_key", "ssh_host_ecdsa_key.pub")
 
 
@@ -28,28 +25,13 @@ HOST_KEY_FILES = ("ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "ssh_host_
 def entrypoint(sshd_dir: Path, authorized_keys: Path, **env: str) -> Iterator[int]:
     """Run the entrypoint (and so sshd) on a free port on 127.0.0.1 until the block ends; yields the port."""
     port = free_port()
-    environment = dict(
-        os.environ,
-        SSHD_DIR=str(sshd_dir),
-        SSHD_PORT=str(port),
-        SSHD_LISTEN="127.0.0.1",
-        AUTHORIZED_KEYS=str(authorized_keys),
-        BACKUP_USER="",
-        REMOTE_DIR="",
-    )
-    environment.update(env)
     log = sshd_dir.parent / f"entrypoint-{port}.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [str(ENTRYPOINT)], env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    process = start_entrypoint(sshd_dir, port, authorized_keys, log, **env)
     try:
         wait_for_ssh_banner("127.0.0.1", port, process, log)
         yield port
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=RUN_TIMEOUT)
+        stop_entrypoint(process)
 
 
 def presented_host_key(port: int) -> str:
@@ -172,13 +154,4 @@ def check_as(
         f"  remote_dir: {remote_dir}\n  identity_file: {key}\n  known_hosts_file: {known_hosts}\n"
         f"  log_dir: {home / 'logs'}\n  connect_timeout: 10\n"
     )
-    env = dict(os.environ, HOME=str(home))
-    env.pop("SSH_AUTH_SOCK", None)
-    return subprocess.run(
-        [PLUGIN, "check", str(config), "--probe-mib", "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
+    return Plugin(home).run("check", config, "--probe-mib", "1", text=True)

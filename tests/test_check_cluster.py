@@ -12,8 +12,8 @@ import glob
 import re
 from pathlib import Path
 
-from tests.helpers import Plugin, SiteConfig, assert_failed
-from tests.sshd_server import SshServer, free_port
+from devtools.harness import Plugin, SiteConfig, assert_failed
+from devtools.sshd import SshServer, free_port
 
 # Where each host's check keeps its copy of the config while it runs (removed afterwards).
 REMOTE_COPIES = "/tmp/gpbackup_sftp_plugin_check.*"

@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools.gpbackup import LocalBackup
+from devtools.harness import Plugin, SiteConfig, assert_failed
 from sftp_plugin import paths
-from tests.helpers import (
-    LocalBackup,
-    Plugin,
-    SiteConfig,
-    assert_failed,
-    gpbackup_config,
-    gpbackup_files,
-    gpbackup_report,
-    undeletable,
-)
+from tests.helpers import gpbackup_config, gpbackup_files, gpbackup_report, undeletable
 
 HOOKS = ("setup_plugin_for_backup", "setup_plugin_for_restore", "cleanup_plugin_for_backup",
          "cleanup_plugin_for_restore")

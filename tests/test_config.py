@@ -311,7 +311,7 @@ def test_yaml_error_names_the_line_where_an_unclosed_token_opens_and_shows_none_
 
 
 def test_check_masks_the_secrets_as_written_even_when_the_config_is_invalid(tmp_path: Path) -> None:
-    from sftp_plugin.admin import _raw_secrets  # admin imports much more than config: only here
+    from sftp_plugin.admin.runner import raw_secrets as _raw_secrets  # admin imports much more than config: only here
 
     path = write_yaml(tmp_path / "c.yaml", "options:\n  hostname: h\n  password: 012345\n"
                       "  identity_passphrase: ' spaced '\n  port: nope\n")
@@ -325,7 +325,7 @@ def test_check_masks_the_secrets_as_written_even_when_the_config_is_invalid(tmp_
 def test_check_says_whether_filtered_restores_read_byte_ranges(
     capsys: pytest.CaptureFixture[str], word: str, says: str
 ) -> None:
-    from sftp_plugin.admin import _print_options  # admin imports much more than config: only here
+    from sftp_plugin.admin.preflight import _print_options  # admin imports much more than config: only here
 
     _print_options(parse(restore_subset=word), "c.yaml", [])
     out = capsys.readouterr().out

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import PLUGIN_EXE, LocalBackup, Plugin, SiteConfig, assert_failed, socket_dir_env
-from tests.sshd_server import SshServer, keygen
+from devtools.gpbackup import LocalBackup
+from devtools.harness import PLUGIN_EXE, Plugin, SiteConfig, assert_failed, socket_dir_env
+from devtools.sshd import SshServer, keygen
+from tests.helpers import session_plugin, sshd_fixture
 
 # A cipher OpenSSH has and paramiko lacks: a backup host that allows only it shares no cipher with the plugin.
 CHACHA20 = "chacha20-poly1305@openssh.com"
@@ -34,11 +35,8 @@ def connections(server: SshServer) -> int:
     return len(CONNECTION_LINE.findall(server.log_path.read_text(errors="replace")))
 
 
-@pytest.fixture
-def chacha20_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    """A backup host whose sshd allows only a cipher paramiko does not have."""
-    with SshServer(tmp_path_factory.mktemp("sshd_chacha20"), extra_config=f"Ciphers {CHACHA20}\n") as server:
-        yield server
+# A backup host whose sshd allows only a cipher paramiko does not have.
+chacha20_only = sshd_fixture("sshd_chacha20", extra_config=f"Ciphers {CHACHA20}\n")
 
 
 def test_a_server_with_no_cipher_in_common_fails_at_once_naming_what_each_side_supports(
@@ -116,7 +114,7 @@ def files_only_resolver(tmp_path: Path) -> Plugin:
     wrapper.chmod(0o755)
     home = tmp_path / "home_files_only"
     home.mkdir()
-    return Plugin(home, exe=str(wrapper))
+    return session_plugin(home, exe=str(wrapper))
 
 
 def test_a_host_name_that_does_not_exist_fails_at_once_naming_it(config: SiteConfig, backup: LocalBackup,

@@ -10,8 +10,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from devtools.gpbackup import LocalBackup
+from devtools.harness import Plugin, SiteConfig
 from sftp_plugin import fastpath
-from tests.helpers import LocalBackup, Plugin, SiteConfig
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sftp_plugin"
 # Private names of paramiko's classes the plugin has used: none of them may appear outside fastpath/.

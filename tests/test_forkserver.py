@@ -9,14 +9,12 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import termios
 import time
 from collections.abc import Iterator
@@ -26,58 +24,40 @@ from pathlib import Path
 
 import pytest
 
+from devtools.gpbackup import LocalBackup
+from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_failed, assert_ok
 from sftp_plugin import forkserver
 from sftp_plugin.errors import CallerGone
-from tests.helpers import (
-    RUN_TIMEOUT,
-    LocalBackup,
-    Plugin,
-    SiteConfig,
-    alive,
-    assert_failed,
-    assert_ok,
-    isolated_env,
-    sha256,
-    socket_dir_env,
-    start_under_a_parent,
-    wait_until,
-)
+from tests.helpers import alive, fork_server_pids, own_fork_server, sha256, start_under_a_parent, wait_until
 
 SERVED = "(fork server worker"
 
 
 @dataclass
 class Served:
-    """The plugin run with its own socket directory, and the helpers to look at its fork server."""
+    """The plugin with a socket directory of its own (`tmpdir`), and the helpers to look at its fork server."""
 
     plugin: Plugin
     config: SiteConfig
     tmpdir: Path
 
-    @property
-    def env(self) -> dict[str, str]:
-        return socket_dir_env(self.tmpdir)
+    @classmethod
+    def under(cls, tmpdir: Path, home: Path, config: SiteConfig) -> Served:
+        return cls(Plugin(home, socket_dir=tmpdir), config, tmpdir)
 
     @property
     def socket_dir(self) -> Path:
         return self.tmpdir / f"gpbackup_sftp_plugin-{os.getuid()}"
 
-    def run(self, *args: str | Path, stdin: bytes = b"", cwd: Path | None = None,
-            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        return self.plugin.run(*args, stdin=stdin, cwd=cwd, env_extra={**self.env, **(env_extra or {})})
-
     def setup(self, backup: LocalBackup, config: Path | None = None) -> None:
         """A successful in-process call (setup_plugin_for_backup), the kind that starts a server."""
-        assert_ok(self.run("setup_plugin_for_backup", config or self.config.path, backup.path, "coordinator", "-1"))
+        assert_ok(self.plugin.run("setup_plugin_for_backup", config or self.config.path, backup.path, "coordinator",
+                                  "-1"))
 
     def start_server(self, backup: LocalBackup) -> Path:
         """Start the fork server with a setup call; its socket."""
         self.setup(backup)
         return self.wait_for_server()
-
-    def popen(self, *args: str | Path) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([self.plugin.exe, *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=isolated_env(self.plugin.home, self.env))
 
     def sockets(self) -> list[Path]:
         return sorted(self.socket_dir.glob("*.sock")) if self.socket_dir.is_dir() else []
@@ -88,7 +68,7 @@ class Served:
         return self.sockets()[0]
 
     def server_pids(self) -> list[int]:
-        return [int(pid) for pid in re.findall(r"fork server (\d+) serving", self.config.log_text())]
+        return fork_server_pids(self.config)
 
     def served_lines(self) -> list[str]:
         return [line for line in self.config.log_text().splitlines() if SERVED in line]
@@ -96,16 +76,8 @@ class Served:
 
 @pytest.fixture
 def served(plugin: Plugin, config: SiteConfig) -> Iterator[Served]:
-    # Short: pytest's tmp_path would push the socket path past the 107 bytes a Unix socket allows.
-    tmpdir = Path(tempfile.mkdtemp(prefix="gpsftp-fs."))
-    site = Served(plugin, config, tmpdir)
-    yield site
-    for pid in site.server_pids():
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(tmpdir, ignore_errors=True)
+    with own_fork_server(config, "gpsftp-fs.") as tmpdir:
+        yield Served.under(tmpdir, plugin.home, config)
 
 
 # ---------------------------------------------------------------- serving calls
@@ -119,8 +91,8 @@ def test_a_successful_call_starts_a_server_that_serves_the_next_calls_byte_exact
 
     data = os.urandom(3 * 1024 * 1024 + 17)
     key = backup.file("gpbackup_0_stream")
-    assert_ok(served.run("backup_data", served.config.path, key, stdin=data))
-    restored = assert_ok(served.run("restore_data", served.config.path, key)).stdout
+    assert_ok(served.plugin.run("backup_data", served.config.path, key, stdin=data))
+    restored = assert_ok(served.plugin.run("restore_data", served.config.path, key)).stdout
     assert sha256(restored) == sha256(data)
     lines = served.served_lines()
     assert any("start " + str(key) in line for line in lines), lines
@@ -130,11 +102,11 @@ def test_a_successful_call_starts_a_server_that_serves_the_next_calls_byte_exact
 def test_a_failure_through_the_server_is_the_same_one_line_and_exit_code(served: Served,
                                                                          backup: LocalBackup) -> None:
     missing = backup.file("never_stored")
-    direct = served.run("restore_data", served.config.path, missing)
+    direct = served.plugin.run("restore_data", served.config.path, missing)
     first = assert_failed(direct)
     served.start_server(backup)
 
-    via_server = served.run("restore_data", served.config.path, missing)
+    via_server = served.plugin.run("restore_data", served.config.path, missing)
     assert assert_failed(via_server) == first
     assert via_server.returncode == direct.returncode
     assert via_server.stdout == direct.stdout == b""
@@ -150,7 +122,7 @@ def test_a_served_call_uses_the_callers_environment_and_working_directory(served
     served.config.write("relative.yaml", log_dir="~/plugin_logs")
     data = os.urandom(4096)
     key = backup.file("gpbackup_0_env")
-    result = served.run("backup_data", "relative.yaml", key, stdin=data, cwd=served.config.directory,
+    result = served.plugin.run("backup_data", "relative.yaml", key, stdin=data, cwd=served.config.directory,
                         env_extra={"HOME": str(other_home)})
     assert_ok(result)
     log_text = "".join(p.read_text() for p in (other_home / "plugin_logs").glob("*"))
@@ -172,7 +144,7 @@ class ServedUpload:
 
 def _start_served_upload(served: Served, backup: LocalBackup, name: str) -> ServedUpload:
     served.start_server(backup)
-    process = served.popen("backup_data", served.config.path, backup.file(name))
+    process = served.plugin.popen("backup_data", served.config.path, backup.file(name), stdin=subprocess.PIPE)
     assert process.stdin is not None
     process.stdin.write(os.urandom(1024 * 1024))
     process.stdin.flush()
@@ -291,8 +263,7 @@ def test_end_of_input_after_the_callers_parent_died_commits_nothing_in_a_worker(
     # caller's parent changes, and the worker looks at it before committing.
     served.start_server(backup)
     name = f"gpbackup_0_{backup.timestamp}_orphan"
-    parent, pid, feed = start_under_a_parent(served.plugin, "backup_data", served.config.path, backup.file(name),
-                                             env_extra=served.env)
+    parent, pid, feed = start_under_a_parent(served.plugin, "backup_data", served.config.path, backup.file(name))
     try:
         os.write(feed, os.urandom(32 * 1024))
         assert wait_until(lambda: any(name in line for line in served.served_lines())), "not served by a worker"
@@ -312,8 +283,8 @@ def test_a_signalled_caller_never_reports_success_even_when_its_worker_finished_
     upload = _start_served_upload(served, backup, name)
     with stopped(upload.monitor):  # the worker's success cannot reach the caller before the signal
         end_input(upload.caller)
-        assert wait_until(lambda: not alive(upload.worker)), "the worker never finished"
-        assert f"ok bytes={1024 * 1024}" in served.config.log_text()
+        # The worker stays (warm) after a call that succeeded: its log line says it finished.
+        assert wait_until(lambda: f"ok bytes={1024 * 1024}" in served.config.log_text()), "the worker never finished"
         upload.caller.send_signal(sig)
     _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)
     # Stored, as by a plugin in its own process whose signal came just after the rename;
@@ -352,17 +323,17 @@ def test_a_stale_socket_is_replaced_and_calls_never_fail_for_it(served: Served, 
 
     data = os.urandom(10_000)
     key = backup.file("gpbackup_0_after_stale")
-    assert_ok(served.run("backup_data", served.config.path, key, stdin=data))  # runs in-process
+    assert_ok(served.plugin.run("backup_data", served.config.path, key, stdin=data))  # runs in-process
     assert wait_until(lambda: len(served.server_pids()) == 2), "no new server replaced the stale socket"
-    assert sha256(assert_ok(served.run("restore_data", served.config.path, key)).stdout) == sha256(data)
+    assert sha256(assert_ok(served.plugin.run("restore_data", served.config.path, key)).stdout) == sha256(data)
     assert len(served.served_lines()) == 1
 
 
 def test_an_idle_server_removes_its_socket_and_exits(served: Served, tmp_path: Path) -> None:
     code = ("import sys; from sftp_plugin import forkserver; path = forkserver.socket_path(); print(path, flush=True); "
-            "forkserver.serve(path, sys.argv[1], run_call=lambda argv, monitor: 0, idle_seconds=1)")
+            "forkserver.serve(path, sys.argv[1], calls=None, idle_seconds=1)")
     server = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "server_logs")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=isolated_env(served.plugin.home, served.env))
+                              stderr=subprocess.PIPE, env=served.plugin.env())
     try:
         assert server.stdout is not None
         socket_path = Path(server.stdout.readline().decode().strip())
@@ -373,7 +344,7 @@ def test_an_idle_server_removes_its_socket_and_exits(served: Served, tmp_path: P
             server.kill()
     assert server.returncode == 0 and out == err == b""
     assert not socket_path.exists()
-    assert "exiting after 1 s idle (0 calls served)" in "".join(
+    assert "exiting after 1 s idle (0 calls served, 0 of them by a warm worker)" in "".join(
         p.read_text() for p in (tmp_path / "server_logs").glob("*"))
 
 
@@ -390,7 +361,7 @@ def test_a_socket_directory_whose_way_others_can_change_is_never_used(served: Se
     # own socket where ours was, even though our own 0700 directory below it is intact.
     scratch = served.tmpdir / "scratch"
     scratch.mkdir(mode=0o700)
-    site = Served(served.plugin, served.config, scratch)
+    site = Served.under(scratch, served.plugin.home, served.config)
     site.start_server(backup)
     if opening == "group-writable":
         scratch.chmod(0o770)  # no sticky bit
@@ -399,7 +370,7 @@ def test_a_socket_directory_whose_way_others_can_change_is_never_used(served: Se
 
     data = os.urandom(10_000)
     key = backup.file("gpbackup_0_shared_tmpdir")
-    assert_ok(site.run("backup_data", site.config.path, key, stdin=data))
+    assert_ok(site.plugin.run("backup_data", site.config.path, key, stdin=data))
     assert site.served_lines() == []
     assert sha256(backup.remote(site.config.remote_dir, "gpbackup_0_shared_tmpdir").read_bytes()) == sha256(data)
 
@@ -430,7 +401,7 @@ print(len(head), len(fds), flush=True)
 def test_a_server_socket_of_another_user_gets_nothing_and_the_call_runs_in_its_own_process(
         served: Served, backup: LocalBackup) -> None:
     socket_path = served.start_server(backup)  # where this code's server listens
-    assert_ok(served.run("stop-fork-server"))
+    assert_ok(served.plugin.run("stop-fork-server"))
     assert wait_until(lambda: not socket_path.exists())
     foreign = subprocess.Popen([sys.executable, "-c", FOREIGN_SERVER, str(socket_path)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
@@ -439,7 +410,7 @@ def test_a_server_socket_of_another_user_gets_nothing_and_the_call_runs_in_its_o
         assert foreign.stdout.readline() == b"listening\n", foreign.stderr.read() if foreign.stderr else b""
         data = os.urandom(10_000)
         key = backup.file("gpbackup_0_foreign_server")
-        assert_ok(served.run("backup_data", served.config.path, key, stdin=data))
+        assert_ok(served.plugin.run("backup_data", served.config.path, key, stdin=data))
         out, err = foreign.communicate(timeout=RUN_TIMEOUT)
     finally:
         if foreign.poll() is None:
@@ -476,16 +447,16 @@ def test_a_caller_whose_credentials_differ_from_the_servers_is_refused_and_runs_
 
     data = os.urandom(10_000)
     key = backup.file("gpbackup_0_other_caller")
-    result = subprocess.run([*prefix, served.plugin.exe, "backup_data", str(served.config.path), str(key)],
-                            input=data, capture_output=True, env=isolated_env(served.plugin.home, served.env),
-                            timeout=RUN_TIMEOUT, check=False, **options)
+    result = subprocess.run([*prefix, *served.plugin.argv("backup_data", served.config.path, key)], input=data,
+                            capture_output=True, env=served.plugin.env(), timeout=RUN_TIMEOUT, check=False,
+                            **options)
     assert_ok(result)
     assert served.served_lines() == []
     assert sha256(backup.remote(served.config.remote_dir, "gpbackup_0_other_caller").read_bytes()) == sha256(data)
     refused = [line for line in served.config.log_text().splitlines() if "refused the call of pid" in line]
     assert len(refused) == 1 and field in refused[0], refused
 
-    assert_ok(served.run("restore_data", served.config.path, key))  # a caller like the server is still served
+    assert_ok(served.plugin.run("restore_data", served.config.path, key))  # a caller like the server is still served
     assert len(served.served_lines()) == 1
 
 
@@ -610,7 +581,7 @@ def test_stop_fork_server_stops_it_and_the_next_call_runs_in_process(served: Ser
     socket_path = served.start_server(backup)
     (pid,) = served.server_pids()
 
-    stopped = assert_ok(served.run("stop-fork-server"))
+    stopped = assert_ok(served.plugin.run("stop-fork-server"))
     assert stopped.stdout.decode() == f"stopped fork server pid {pid}\n"
     assert wait_until(lambda: not alive(pid))
     assert not socket_path.exists()
@@ -622,7 +593,7 @@ def test_stop_fork_server_stops_it_and_the_next_call_runs_in_process(served: Ser
 
 
 def test_stop_fork_server_says_so_when_none_runs(served: Served) -> None:
-    assert assert_ok(served.run("stop-fork-server")).stdout == b"no fork server was running\n"
+    assert assert_ok(served.plugin.run("stop-fork-server")).stdout == b"no fork server was running\n"
 
 
 def test_a_call_still_running_does_not_keep_a_stopped_servers_place(served: Served, backup: LocalBackup) -> None:
@@ -631,14 +602,14 @@ def test_a_call_still_running_does_not_keep_a_stopped_servers_place(served: Serv
     name = "gpbackup_0_long"
     upload = _start_served_upload(served, backup, name)
     (first,) = served.server_pids()
-    assert_ok(served.run("stop-fork-server"))
+    assert_ok(served.plugin.run("stop-fork-server"))
     assert wait_until(lambda: not alive(first))
     assert alive(upload.worker)
 
     served.setup(backup)
     assert wait_until(lambda: len(served.server_pids()) == 2), "no new server while a call of the old one runs"
     second = served.server_pids()[1]
-    assert assert_ok(served.run("stop-fork-server")).stdout.decode() == f"stopped fork server pid {second}\n"
+    assert assert_ok(served.plugin.run("stop-fork-server")).stdout.decode() == f"stopped fork server pid {second}\n"
 
     end_input(upload.caller)
     _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)

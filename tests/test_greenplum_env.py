@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LocalBackup, SiteConfig, assert_ok, isolated_env
+from devtools.gpbackup import LocalBackup
+from devtools.harness import RUN_TIMEOUT, SiteConfig, assert_ok
+from tests.helpers import isolated_env
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_TIMEOUT = 900
@@ -73,7 +75,8 @@ def greenplum_env(home: Path, gphome: Path) -> dict[str, str]:
 def bash(command: list[str | Path], env: dict[str, str], stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     """Run as gpbackup does: bash -c "<executablepath> <command> <args...>"."""
     line = " ".join(shlex.quote(str(part)) for part in command)
-    return subprocess.run(["bash", "-c", line], input=stdin, capture_output=True, env=env, timeout=300, check=False)
+    return subprocess.run(["bash", "-c", line], input=stdin, capture_output=True, env=env, timeout=RUN_TIMEOUT,
+                          check=False)
 
 
 def test_fake_greenplum_environment_breaks_an_interpreter_that_honours_it(installed: Path, gphome: Path,

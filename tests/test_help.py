@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.harness import Plugin, assert_failed, assert_ok
 from sftp_plugin.cli import ADMIN_COMMANDS, COMMANDS, VERSION_COMMANDS
-from tests.helpers import Plugin, assert_failed, assert_ok
 
 
 def listed(output: str, title: str) -> list[str]:

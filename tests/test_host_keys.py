@@ -15,17 +15,18 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
 import pytest
 
+from devtools.faultproxy import Direction, FaultProxy, Plan
+from devtools.gpbackup import LocalBackup
+from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig
+from devtools.sshd import SshServer, free_port, keygen, known_hosts_line
 from sftp_plugin import hostkeys, proxy
 from sftp_plugin.errors import HostKeyError
-from tests.faultproxy import Direction, FaultProxy, Plan
-from tests.helpers import RUN_TIMEOUT, LocalBackup, Plugin, SiteConfig, isolated_env, wait_until
-from tests.sshd_server import SshServer, free_port, keygen, known_hosts_line
+from tests.helpers import sshd_fixture, wait_until
 
 MIB = 1024 * 1024
 # A download long enough to be mid-stream when the link to the jump host stalls after STALL_AFTER bytes.
@@ -280,18 +281,10 @@ def setup_coordinator(plugin: Plugin, cfg: Path, backup: LocalBackup) -> str:
     return plugin.fails("setup_plugin_for_backup", cfg, backup.path, "coordinator", '"-1"')
 
 
-@pytest.fixture
-def mitm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    """A second real sshd with host keys of its own, which would serve the plugin's call if let in."""
-    with SshServer(tmp_path_factory.mktemp("mitm")) as server:
-        yield server
-
-
-@pytest.fixture
-def ecdsa_mitm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    """A man in the middle showing only an ECDSA host key, where the real server's ed25519 key is on file."""
-    with SshServer(tmp_path_factory.mktemp("mitm_ecdsa"), extra_config="HostKeyAlgorithms ecdsa-sha2-nistp256\n") as s:
-        yield s
+# A second real sshd with host keys of its own, which would serve the plugin's call if let in.
+mitm = sshd_fixture("mitm")
+# A man in the middle showing only an ECDSA host key, where the real server's ed25519 key is on file.
+ecdsa_mitm = sshd_fixture("mitm_ecdsa", extra_config="HostKeyAlgorithms ecdsa-sha2-nistp256\n")
 
 
 def mitm_config(mitm: SshServer, tmp_path: Path, known_hosts: str, **options: object) -> tuple[Path, Path]:
@@ -412,13 +405,17 @@ def test_a_cert_authority_line_in_known_hosts_does_not_stop_the_call(plugin: Plu
 # ---------------------------------------------------------------- behaviour: ProxyJump
 
 
+# Jump hosts log each forwarding (LogLevel DEBUG1).
+jump_sshd = sshd_fixture("jump", extra_config="LogLevel DEBUG1\n")
+second_jump_sshd = sshd_fixture("jump2", extra_config="LogLevel DEBUG1\n")
+
+
 @pytest.fixture
-def jump(sshd: SshServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    """A jump host in front of the session's backup host: logs each forwarding (DEBUG1), lets the backup
-    host's user key in (the plugin offers the jump host the same identities)."""
-    with SshServer(tmp_path_factory.mktemp("jump"), extra_config="LogLevel DEBUG1\n") as server:
-        server.authorize(sshd.user_key.with_suffix(".pub"))
-        yield server
+def jump(sshd: SshServer, jump_sshd: SshServer) -> SshServer:
+    """A jump host in front of the session's backup host that lets the backup host's user key in (the plugin
+    offers the jump host the same identities)."""
+    jump_sshd.authorize(sshd.user_key.with_suffix(".pub"))
+    return jump_sshd
 
 
 def forwarded_to(server: SshServer, port: int) -> bool:
@@ -460,18 +457,18 @@ def test_check_says_which_jump_host_it_goes_through_and_passes(plugin: Plugin, c
 
 
 def test_proxy_jump_with_two_jump_hosts_goes_through_each_in_turn(
-        plugin: Plugin, config: SiteConfig, jump: SshServer, sshd: SshServer, backup: LocalBackup,
-        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    with SshServer(tmp_path_factory.mktemp("jump2"), extra_config="LogLevel DEBUG1\n") as second:
-        second.authorize(sshd.user_key.with_suffix(".pub"))
-        via(plugin, f"ProxyJump 127.0.0.1:{jump.port},ssh://127.0.0.1:{second.port}")
-        known_hosts = tmp_path / "known_hosts"
-        known_hosts.write_text(sshd.known_hosts.read_text() + jump.known_hosts.read_text()
-                               + second.known_hosts.read_text())
-        cfg = config.write("jumps.yaml", hostname="backup-behind", known_hosts_file=str(known_hosts))
-        plugin.ok("setup_plugin_for_backup", cfg, backup.path, "coordinator", '"-1"')
-        assert forwarded_to(jump, second.port) and not forwarded_to(jump, sshd.port)
-        assert forwarded_to(second, sshd.port)
+        plugin: Plugin, config: SiteConfig, jump: SshServer, second_jump_sshd: SshServer, sshd: SshServer,
+        backup: LocalBackup, tmp_path: Path) -> None:
+    second = second_jump_sshd
+    second.authorize(sshd.user_key.with_suffix(".pub"))
+    via(plugin, f"ProxyJump 127.0.0.1:{jump.port},ssh://127.0.0.1:{second.port}")
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(sshd.known_hosts.read_text() + jump.known_hosts.read_text()
+                           + second.known_hosts.read_text())
+    cfg = config.write("jumps.yaml", hostname="backup-behind", known_hosts_file=str(known_hosts))
+    plugin.ok("setup_plugin_for_backup", cfg, backup.path, "coordinator", '"-1"')
+    assert forwarded_to(jump, second.port) and not forwarded_to(jump, sshd.port)
+    assert forwarded_to(second, sshd.port)
     assert backup.remote(config.remote_dir).is_dir()
 
 
@@ -515,8 +512,7 @@ def test_sigint_ends_a_download_through_a_stalled_jump_host_at_once(
                                + real_key(jump, f"[127.0.0.1]:{link.port}"))
         cfg = config.write("stalled_jump.yaml", hostname="backup-behind", known_hosts_file=str(known_hosts),
                            io_timeout=PATIENT_IO_TIMEOUT, fork_server="no")
-        process = subprocess.Popen([plugin.exe, "restore_data", str(cfg), str(backup.file(name))],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=isolated_env(plugin.home))
+        process = plugin.popen("restore_data", cfg, backup.file(name), stdout=subprocess.DEVNULL)
         assert wait_until(lambda: link.triggered == 1), "the stall never happened"
         process.send_signal(signal.SIGINT)
         try:

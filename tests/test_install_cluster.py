@@ -9,25 +9,20 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from devtools.harness import RUN_TIMEOUT
+from devtools.sshd import SshServer, free_port
 from sftp_plugin import PLUGIN_NAME, __version__
-from tests.sshd_server import SshServer, free_port
+from tests.helpers import sshd_fixture
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "install-cluster.sh"
-# A hung install must fail the test rather than hang the suite; not a timing assertion.
-RUN_TIMEOUT = 300
 REMOTE_SOURCE_GLOB = "/tmp/gpbackup_sftp_plugin_src.*"
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[SshServer]:
-    with SshServer(tmp_path / "sshd") as sshd:
-        yield sshd
+# The "cluster": 127.0.0.1, reached through an sshd of the test's own.
+server = sshd_fixture("sshd_install")
 
 
 def ssh_opts(server: SshServer, port: int | None = None) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.helpers import LocalBackup, Plugin, SiteConfig, assert_failed
+from devtools.gpbackup import LocalBackup
+from devtools.harness import Plugin, SiteConfig, assert_failed
 
 
 def hand_written(config: SiteConfig, name: str, **extra: str) -> Path:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST, MSG_IGNORE
 from paramiko.packet import Packetizer
 
+from devtools.sshd import SshServer
 from sftp_plugin import connection, fastpath, transfer
 from sftp_plugin.fastpath.packets import (
     MAX_PACKET_LENGTH,
@@ -30,7 +31,6 @@ from sftp_plugin.fastpath.packets import (
     InPlacePacketizer,
     send_channel_data,
 )
-from tests.sshd_server import SshServer
 
 GCM_BLOCK, GCM_TAG = 16, 16
 # The in-place packet code needs paramiko's AES-GCM state (paramiko >= 3.5); on an older paramiko the plugin

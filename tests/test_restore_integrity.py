@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools.gpbackup import LocalBackup
+from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_failed, assert_ok, socket_dir_env
 from sftp_plugin import blocks
-from tests.helpers import (
-    RUN_TIMEOUT,
-    LocalBackup,
-    Plugin,
-    SiteConfig,
-    alive,
-    assert_failed,
-    assert_ok,
-    isolated_env,
-    socket_dir_env,
-    start_under_a_parent,
-    wait_until,
-)
+from tests.helpers import alive, start_under_a_parent, wait_until
 
 MIB = 1024 * 1024
 BLOCK = blocks.BLOCK_SIZE
@@ -170,8 +160,7 @@ def test_a_reader_that_stops_early_ends_restore_data_at_once_without_a_retry_or_
     key = backup.file(f"gpbackup_0_{backup.timestamp}")
     plugin.ok("backup_data", cfg, key, stdin=data)
 
-    reader = subprocess.Popen([plugin.exe, "restore_data", str(cfg), str(key)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=isolated_env(plugin.home))
+    reader = plugin.popen("restore_data", cfg, key)
     assert reader.stdout is not None and reader.stderr is not None
     assert reader.stdout.read(65536) == data[:65536]
     reader.stdout.close()  # as gpbackup_helper does once it has the last table it needs

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import LocalBackup, Plugin, SiteConfig
-from tests.sshd_server import SshServer, keygen, known_hosts_line
+from devtools.gpbackup import LocalBackup
+from devtools.harness import Plugin, SiteConfig
+from devtools.sshd import SshServer, keygen, known_hosts_line
 
 PASSPHRASE = "pp-Sekrit-4711-passphrase"
 PASSWORD = "pw-Sekrit-0815-password"
@@ -195,8 +196,9 @@ def test_password_and_passphrase_never_reach_the_log_or_stderr(plugin: Plugin, f
     server = fresh_config.server
     encrypted = keygen(tmp_path / "encrypted_key", passphrase=PASSPHRASE)
     original_keys = authorize(server, encrypted)
+    # session_idle 0: every call logs in anew, so the last one (its key revoked) must try the password.
     secrets = {"identity_file": str(encrypted), "identity_passphrase": PASSPHRASE, "password": PASSWORD,
-               "log_level": "debug"}
+               "log_level": "debug", "session_idle": 0}
     cfg = fresh_config.write("secrets.yaml", **secrets)
     wrong = fresh_config.write("wrong_passphrase.yaml", **{**secrets, "identity_passphrase": PASSPHRASE + "-wrong"})
     bad = fresh_config.write("bad.yaml", **secrets, port="not-a-port")

@@ -3,7 +3,7 @@
 # that uses the plugin against the backup-host service.
 #
 #   segment.sh demo            (default) exchange keys, run `check`, then the same
-#                              round trip as `make demo` (scripts/demo.py --host ...)
+#                              round trip as `make demo` (python -m scripts.demo --host ...)
 #   segment.sh authorize-key   append the public key on stdin to the backup host's
 #                              authorized_keys (to let a real Greenplum host in)
 #   segment.sh <command...>    run any other command, e.g. bash
@@ -97,8 +97,10 @@ echo "segment: $PLUGIN_PREFIX/bin/gpbackup_sftp_plugin check $config"
 as_user "$PLUGIN_PREFIX/bin/gpbackup_sftp_plugin" check "$config"
 echo
 echo "segment: the round trip of 'make demo', against $BACKUP_HOST"
+# As `make demo` runs it: a module, from the source directory (it imports devtools from there).
+cd "$SOURCE_DIR"
 # shellcheck disable=SC2086  # DEMO_ARGS is a list of options
-exec runuser -u "$RUN_AS" -- "$PLUGIN_PREFIX/bin/python" "$SOURCE_DIR/scripts/demo.py" \
+exec runuser -u "$RUN_AS" -- "$PLUGIN_PREFIX/bin/python" -m scripts.demo \
   --plugin "$PLUGIN_PREFIX/bin/gpbackup_sftp_plugin" \
   --host "$BACKUP_HOST" --port "$BACKUP_PORT" --user "$BACKUP_USER" --remote-dir "$REMOTE_DIR" \
   --identity-file "$ssh_dir/id_ed25519" --known-hosts "$known_hosts" $DEMO_ARGS

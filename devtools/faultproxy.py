@@ -1,4 +1,4 @@
-"""A TCP proxy on 127.0.0.1 that breaks connections on purpose, for the reliability tests.
+"""A TCP proxy on 127.0.0.1 that breaks connections on purpose, for the reliability and host key tests.
 
 The plugin is pointed at the proxy instead of sshd. Every accepted connection
 takes the next `Plan` from a queue (connection 1 gets plan 1, and so on); once

@@ -1,4 +1,4 @@
-"""A throwaway OpenSSH backup host on 127.0.0.1 for tests, `make demo` and the bench.
+"""A throwaway OpenSSH backup host on 127.0.0.1 for the tests, `make demo` and the bench.
 
 Starts the real ``sshd`` through ``docker/backup-host/entrypoint.sh`` (the
 same script and config the docker backup-host uses) on a free port, with
@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 ENTRYPOINT = REPO / "docker" / "backup-host" / "entrypoint.sh"
 # sshd answers within milliseconds; a slow CI machine gets ample margin.
 START_TIMEOUT = 20.0
+# sshd exits at once on SIGTERM unless wedged.
+STOP_TIMEOUT = 10
 
 
 def free_port() -> int:
@@ -52,6 +54,31 @@ def known_hosts_line(server_dir: Path, host: str, port: int, key_type: str = "ed
     return f"[{host}]:{port} {kind} {body}\n"
 
 
+def start_entrypoint(sshd_dir: Path, port: int, authorized_keys: Path, log_path: Path, listen: str = "127.0.0.1",
+                     entrypoint: Path = ENTRYPOINT, prefix: tuple[str, ...] = (),
+                     **env: str) -> subprocess.Popen[bytes]:
+    """Start the backup host's entrypoint (and so sshd) in a session of its own, logging to ``log_path``; ``env``
+    adds to or overrides its settings (BACKUP_USER, REMOTE_DIR, SSHD_MAX_STARTUPS, ...; see the entrypoint), and
+    ``prefix`` runs it through another command (``ip netns exec ...``). Does not wait: see wait_for_ssh_banner."""
+    environment = dict(os.environ, SSHD_DIR=str(sshd_dir), SSHD_PORT=str(port), SSHD_LISTEN=listen,
+                       AUTHORIZED_KEYS=str(authorized_keys), BACKUP_USER="", REMOTE_DIR="")
+    environment.update(env)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([*prefix, str(entrypoint)], env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop_entrypoint(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
+    """End the entrypoint's session (sshd and all it started in it): SIGTERM, then SIGKILL after `timeout`."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def keygen(path: Path, key_type: str = "ed25519", passphrase: str = "") -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", passphrase, "-f", str(path)], check=True)
     return path
@@ -80,13 +107,14 @@ class SshServer:
         self.log_path = workdir / "sshd.log"
 
     def start(self) -> SshServer:
-        env = dict(os.environ, SSHD_DIR=str(self.server_dir), SSHD_PORT=str(self.port), SSHD_LISTEN="127.0.0.1",
-                   AUTHORIZED_KEYS=str(self.authorized_keys), BACKUP_USER="", REMOTE_DIR=str(self.remote_dir),
-                   SSHD_MAX_STARTUPS=self.max_startups)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([str(self._entrypoint())], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        wait_for_ssh_banner("127.0.0.1", self.port, self.process, self.log_path)
+        self.process = start_entrypoint(self.server_dir, self.port, self.authorized_keys, self.log_path,
+                                        entrypoint=self._entrypoint(), REMOTE_DIR=str(self.remote_dir),
+                                        SSHD_MAX_STARTUPS=self.max_startups)
+        try:
+            wait_for_ssh_banner("127.0.0.1", self.port, self.process, self.log_path)
+        except BaseException:
+            self.stop()
+            raise
         self.known_hosts.write_text(known_hosts_line(self.server_dir, "127.0.0.1", self.port))
         return self
 
@@ -112,10 +140,17 @@ class SshServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=10)
+        """Stop sshd; if its process handle was lost (a signal while it started), the one its pid file names."""
+        if self.process is not None:
+            stop_entrypoint(self.process)
         self.process = None
+        try:
+            pid = int((self.server_dir / "sshd.pid").read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if str(self.server_dir).encode() in cmdline:
+            os.kill(pid, signal.SIGTERM)
 
     @property
     def host_fingerprint(self) -> str:

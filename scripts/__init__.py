@@ -1,0 +1,1 @@
+"""Installation scripts, and `make demo` (run as ``python -m scripts.demo`` from the repository root)."""

@@ -1,0 +1,22 @@
+"""Commands for the administrator, not for gpbackup: ``check`` (a preflight),
+``list-backups``, ``prune``, ``verify`` and ``stop-fork-server``.
+
+They print freely to stdout: they are run by a person (or a script, with
+``list-backups --json``), never by gpbackup, so the "nothing on stderr"
+contract of the API commands does not bind them. They never show a
+traceback: every failure is a line saying what failed and what to do, and
+the exit code says whether anything failed. Secrets from the config are
+masked in everything printed.
+
+One module per command (``preflight``: check; ``backups``: list-backups,
+prune, verify; ``fork_servers``: stop-fork-server) over two shared ones:
+``runner`` (arguments, config, log and the one failure ladder) and
+``output`` (what is printed: sizes, ages, check lines, tables). Here only
+the entry points cli.py calls by name (its ADMIN_COMMANDS).
+"""
+
+from sftp_plugin.admin.backups import list_backups, prune, verify
+from sftp_plugin.admin.fork_servers import stop_fork_server
+from sftp_plugin.admin.preflight import check
+
+__all__ = ["check", "list_backups", "prune", "stop_fork_server", "verify"]
