@@ -1,18 +1,23 @@
 """Benchmark gpbackup_sftp_plugin against OpenSSH's ``sftp`` client (``make bench``).
 
-Starts the same throwaway sshd the tests use (tests/sshd_server.py), with its
+Starts the same throwaway sshd the tests use (devtools/sshd.py), with its
 keys, remote_dir and all test data on tmpfs so disk speed is not measured, and
 in one run, alternating plugin and OpenSSH within every round, measures:
 
 * stream up: ``backup_data`` of one long stream vs ``sftp put`` of the same file;
 * stream down: ``restore_data`` vs ``sftp get`` of that stream, both to /dev/null;
-* per-call cost: many ``backup_file`` calls of a tiny file vs as many ``sftp``
-  processes putting one file each (a fresh process and connection every time);
+* per-call cost: sequential ``backup_file`` calls of a tiny file, each timed, warm
+  (a fork server worker holds a session) and cold (``session_idle: 0``), vs as
+  many ``sftp`` processes putting one file each (a fresh process and connection
+  every time);
+* a per-table storm: 1,000 small ``backup_data`` calls 16 at a time, then their
+  ``restore_data``, vs ``sftp`` putting and getting the same files one process
+  each, 16 at a time; and the logins the backup host logged meanwhile;
 * concurrency: several ``backup_data`` streams at once vs as many ``sftp`` puts;
 * high latency: stream up/down again over a veth pair with ``tc netem`` delay
   into a network namespace (bench/latency.py); where that is impossible (no
   root, no netem in the kernel), through a userspace delay proxy on 127.0.0.1
-  in front of the loopback sshd instead (bench/delayproxy.py), which both
+  in front of the loopback sshd instead (devtools/delayproxy.py), which both
   clients share; the rows and the JSON say which was used, and the proxy's
   measured RTT;
 * ``plugin_api_version`` wall time and the peak RSS of ``backup_data``.
@@ -25,7 +30,7 @@ exit 0 only if the stream matched its stored SHA-256), so a broken plugin
 cannot look fast. Prints a table to stdout (progress goes to stderr) and writes the
 same figures, with machine details, to a JSON file.
 
-Run: ``.venv/bin/python bench/run.py [--size-mib N] [--rounds N] ...`` (``--help``).
+Run from the repository root: ``.venv/bin/python -m bench.run [--size-mib N] [--rounds N] ...`` (``--help``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import getpass
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -52,13 +58,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run as a script: make `bench` and `tests` importable
-
-from bench.delayproxy import DelayProxy, measure_rtt  # noqa: E402
-from bench.latency import DelayedLink, LinkUnavailable  # noqa: E402
-from bench.procs import (  # noqa: E402
+from bench.latency import DelayedLink, LinkUnavailable
+from bench.procs import (
     BenchError,
     Child,
     Outcome,
@@ -66,11 +67,17 @@ from bench.procs import (  # noqa: E402
     Target,
     check_size,
     run_all,
+    run_pool,
     sftp_quote,
     sha256_file,
     write_random_file,
 )
-from tests.sshd_server import SshServer, known_hosts_line  # noqa: E402
+from devtools.delayproxy import DelayProxy, measure_rtt
+from devtools.gpbackup import make_local_backup
+from devtools.harness import PLUGIN_EXE
+from devtools.sshd import SshServer, known_hosts_line
+
+REPO = Path(__file__).resolve().parent.parent
 
 MIB = 1024 * 1024
 KIB = 1024
@@ -87,6 +94,12 @@ DEFAULT_STREAMS = 8
 DEFAULT_CALLS = 30
 # Metadata and TOC files of a small backup are around a kilobyte.
 DEFAULT_CALL_SIZE_KIB = 1
+# The per-table storm: a database of ~60 tables on 16 segments; 16 calls at once is --jobs 4 with 4
+# segments per host. Table files of 1-64 KiB keep it about per-call cost, not throughput.
+DEFAULT_STORM_CALLS = 1000
+DEFAULT_STORM_WIDTH = 16
+STORM_MIN_KIB, STORM_MAX_KIB = 1, 64
+STORM_SEED = 13
 # plugin_api_version takes tens of milliseconds; 20 runs give a stable median in about a second.
 DEFAULT_VERSION_RUNS = 20
 # 20 ms RTT is a link to another data centre in the same region.
@@ -113,6 +126,10 @@ BUSY_LOAD = 0.5
 # Targets (issue 4). Ratios are OpenSSH time / plugin time.
 STREAM_RATIO_TARGET = 0.9  # one long stream: within 10% of OpenSSH's C client
 PER_CALL_RATIO_TARGET = 1.0  # start-up + connect per call: no slower than a fresh sftp process
+# Issue 13 (warm sessions): a call that finds a session costs a client start-up and the transfer itself.
+PER_CALL_WARM_MS_TARGET = 20.0
+PER_CALL_WARM_RATIO_TARGET = 8.0
+STORM_RATIO_TARGET = 5.0  # a per-table backup's thousands of calls vs one sftp process per file
 CONCURRENCY_RATIO_TARGET = 0.9  # parallel segments: aggregate within 10% of OpenSSH
 LATENCY_RATIO_TARGET = 0.9  # the pipelining must hide the RTT as well as OpenSSH's does
 VERSION_MS_TARGET = 50.0  # gpbackup calls plugin_api_version on every host before each backup
@@ -166,11 +183,8 @@ class Bench:
         self.runner = runner
         self.data = workdir / "data"
         self.data.mkdir()
-        stamp = time.strftime("%Y%m%d%H%M%S")
         # The plugin maps .../backups/<date>/<timestamp>/<name> to the same tail under remote_dir.
-        self.backup_tail = Path("backups", stamp[:8], stamp)
-        self.local_dir = workdir / "local" / self.backup_tail
-        self.local_dir.mkdir(parents=True)
+        self.backup = make_local_backup(workdir / "local", time.strftime("%Y%m%d%H%M%S"))
         self.size = args.size_mib * MIB
         self.stream_size = args.stream_size_mib * MIB if args.stream_size_mib else self.size // args.streams
         self.openssh_rss_kib: list[float] = []  # of every loopback sftp put, for reference
@@ -181,6 +195,8 @@ class Bench:
         # Peak RSS is measured in-process: with the fork server the process we wait for is only the client.
         self.in_process = self.make_target("in-process", "127.0.0.1", server.port, server.known_hosts,
                                            fork_server="no")
+        # A login per call, still through the fork server: the per-call cost without warm sessions.
+        self.cold = self.make_target("cold", "127.0.0.1", server.port, server.known_hosts, session_idle=0)
 
     def make_target(self, label: str, host: str, port: int, known_hosts: Path, **options: object) -> Target:
         """Where to measure: the plugin's config for host:port (plugin-<label>.yaml) and OpenSSH's directory."""
@@ -195,11 +211,11 @@ class Bench:
 
     def key(self, name: str) -> Path:
         """The local path gpbackup would pass for a file called name."""
-        return self.local_dir / name
+        return self.backup.file(name)
 
     def stored_path(self, target: Target, name: str) -> Path:
         """Where the plugin stores name: remote_dir/backups/<date>/<timestamp>/name."""
-        return target.remote_dir / self.backup_tail / name
+        return self.backup.remote(target.remote_dir, name)
 
     @staticmethod
     def openssh_dir(target: Target) -> Path:
@@ -216,7 +232,8 @@ class Bench:
         down = self.guard("stream down", lambda: self.stream_down(self.loopback, stream, self.size, stream_sha,
                                                                   "down"))
         rows = [up, down]
-        rows.append(self.guard("per-call", self.per_call))
+        rows.extend(self.guard_rows(["per-call warm", "per-call cold"], self.per_call))
+        rows.extend(self.guard_rows(["storm backup_data", "storm restore_data", "storm logins"], self.storm))
         rows.append(self.guard("concurrency", self.concurrency))
         rows.extend(self.high_latency())
         rows.append(self.guard("plugin_api_version", self.api_version))
@@ -228,10 +245,15 @@ class Bench:
     def label(self, metric: str) -> str:
         """Table label with the sizes used, e.g. 'stream up (512 MiB)'."""
         args = self.args
+        storm = f"{args.storm_calls} x {STORM_MIN_KIB}-{STORM_MAX_KIB} KiB, {args.storm_width} at once"
         sizes = {
             "stream up": f"{args.size_mib} MiB",
             "stream down": f"{args.size_mib} MiB",
-            "per-call": f"{args.calls} x {args.call_size_kib} KiB backup_file",
+            "per-call warm": f"median of {args.calls * args.rounds} x {args.call_size_kib} KiB backup_file",
+            "per-call cold": f"median of {args.calls * args.rounds} x {args.call_size_kib} KiB backup_file",
+            "storm backup_data": storm,
+            "storm restore_data": storm,
+            "storm logins": f"during the plugin's {2 * args.storm_calls} storm calls",
             "concurrency": f"{args.streams} x {self.stream_size / MIB:g} MiB",
             "high-latency up": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency down": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
@@ -239,6 +261,14 @@ class Bench:
             "peak RSS": f"backup_data of {args.size_mib} MiB",
         }
         return f"{metric} ({sizes[metric]})" if metric in sizes else metric
+
+    def guard_rows(self, metrics: list[str], measure: Callable[[], list[Row]]) -> list[Row]:
+        """`guard` for a measurement that yields several rows: each is ERROR when it fails."""
+        try:
+            return measure()
+        except BenchError as err:
+            progress(f"{', '.join(metrics)}: ERROR: {err}")
+            return [Row(metric, status="ERROR", note=str(err)) for metric in metrics]
 
     def guard(self, metric: str, measure: Callable[[], Row]) -> Row:
         """Run one measurement; a failed or wrong transfer makes its row ERROR instead of a number."""
@@ -311,44 +341,113 @@ class Bench:
         target_ratio = STREAM_RATIO_TARGET if target is self.loopback else LATENCY_RATIO_TARGET
         return throughput_row(metric, size, plugin_secs, openssh_secs, target_ratio)
 
-    def per_call(self) -> Row:
-        args, target = self.args, self.loopback
+    def per_call(self) -> list[Row]:
+        """Sequential ``backup_file`` calls of a small file, each timed: warm (a fork server worker holds a
+        session, sftp_plugin/sessions.py), cold (``session_idle: 0``: a login per call) and OpenSSH's
+        ``sftp`` putting the same files, one process each. Medians over all calls of all rounds."""
+        args = self.args
         size = args.call_size_kib * KIB
         files = []
         for i in range(args.calls):
-            path = self.key(f"gpbackup_-1_{self.backup_tail.name}_small_{i:03d}")
+            path = self.key(f"gpbackup_-1_{self.backup.timestamp}_small_{i:03d}")
             path.write_bytes(os.urandom(size))
             files.append(path)
-        openssh_dests = [self.openssh_dir(target) / path.name for path in files]
+        openssh_dests = [self.openssh_dir(self.loopback) / path.name for path in files]
         batches = [self.runner.sftp_batch([f"put {sftp_quote(path)} {sftp_quote(dest)}"])
                    for path, dest in zip(files, openssh_dests)]
-        plugin_secs: list[float] = []
-        openssh_secs: list[float] = []
+        seconds: dict[str, list[float]] = {"warm": [], "cold": [], "openssh": []}
         for r in range(args.rounds):
-            started = time.perf_counter()
-            for path in files:
-                self.runner.plugin_child(target, "backup_file", path).finish().check(f"plugin backup_file {path.name}")
-            plugin_secs.append(time.perf_counter() - started)
-            for path in files:
-                if not path.exists():
-                    raise BenchError(f"plugin backup_file removed the local file {path}; it must stay")
-                stored = self.stored_path(target, path.name)
-                check_size(stored, size, "plugin backup_file")
-                stored.unlink()
-            started = time.perf_counter()
+            for kind, target in (("warm", self.loopback), ("cold", self.cold)):
+                # Untimed first call: the fork server (and, warm, a session) exists before the timed ones.
+                self.runner.plugin_child(target, "backup_file", files[0]).finish().check("plugin backup_file")
+                for path in files:
+                    outcome = self.runner.plugin_child(target, "backup_file", path).finish()
+                    seconds[kind].append(outcome.check(f"plugin backup_file {path.name}").seconds)
+                for path in files:
+                    if not path.exists():
+                        raise BenchError(f"plugin backup_file removed the local file {path}; it must stay")
+                    stored = self.stored_path(target, path.name)
+                    check_size(stored, size, "plugin backup_file")
+                    stored.unlink()
             for batch in batches:
-                self.runner.sftp_child(target, batch).finish().check("sftp put", allow_stderr=True)
-            openssh_secs.append(time.perf_counter() - started)
+                seconds["openssh"].append(
+                    self.runner.sftp_child(self.loopback, batch).finish().check("sftp put", allow_stderr=True).seconds)
             for dest in openssh_dests:
                 check_size(dest, size, "sftp put")
                 dest.unlink()
-            progress(f"per-call round {r + 1}/{args.rounds}: plugin {plugin_secs[-1]:.2f} s, "
-                     f"OpenSSH {openssh_secs[-1]:.2f} s for {args.calls} calls")
-        p, o = median(plugin_secs), median(openssh_secs)
-        return Row("per-call", "s", p, o, o / p, f"ratio >= {PER_CALL_RATIO_TARGET:g}",
-                   "PASS" if o / p >= PER_CALL_RATIO_TARGET else "FAIL",
-                   note=f"per call: plugin {p / args.calls * 1000:.0f} ms, OpenSSH {o / args.calls * 1000:.0f} ms",
-                   samples={"plugin_seconds": plugin_secs, "openssh_seconds": openssh_secs})
+            medians = {kind: f"{median(values) * 1000:.1f} ms" for kind, values in seconds.items()}
+            progress(f"per-call round {r + 1}/{args.rounds}: median warm {medians['warm']}, cold {medians['cold']}, "
+                     f"OpenSSH {medians['openssh']}")
+        o = median(seconds["openssh"]) * 1000
+        samples = {f"{kind}_seconds": values for kind, values in seconds.items()}
+        warm, cold = median(seconds["warm"]) * 1000, median(seconds["cold"]) * 1000
+        warm_ok = warm <= PER_CALL_WARM_MS_TARGET and o / warm >= PER_CALL_WARM_RATIO_TARGET
+        return [
+            Row("per-call warm", "ms", warm, o, o / warm,
+                f"<= {PER_CALL_WARM_MS_TARGET:g} ms, ratio >= {PER_CALL_WARM_RATIO_TARGET:g}",
+                "PASS" if warm_ok else "FAIL", note=f"min {min(seconds['warm']) * 1000:.1f} ms", samples=samples),
+            Row("per-call cold", "ms", cold, o, o / cold, f"ratio >= {PER_CALL_RATIO_TARGET:g}",
+                "PASS" if o / cold >= PER_CALL_RATIO_TARGET else "FAIL", samples=samples),
+        ]
+
+    def storm(self) -> list[Row]:
+        """A per-table backup and restore as gpbackup runs them without --single-data-file: many small
+        ``backup_data`` calls, a fixed number at once, then their ``restore_data``; beside OpenSSH's ``sftp``
+        doing the same puts and gets, one process per file. Also counts the logins the backup host saw."""
+        args = self.args
+        rng = random.Random(STORM_SEED)  # the same sizes every run
+        directory = self.data / "storm"
+        directory.mkdir(exist_ok=True)
+        files: list[Path] = []
+        for i in range(args.storm_calls):
+            path = directory / f"gpbackup_0_{self.backup.timestamp}_{i + 1:05d}"
+            path.write_bytes(os.urandom(rng.randint(STORM_MIN_KIB, STORM_MAX_KIB) * KIB))
+            files.append(path)
+        total = sum(path.stat().st_size for path in files)
+        dests = [self.openssh_dir(self.loopback) / path.name for path in files]
+        width = args.storm_width
+        logins_before = self.logins()
+        up, up_outcomes = run_pool(lambda path: self.runner.plugin_child(
+            self.loopback, "backup_data", self.key(path.name), stdin_path=path), files, width)
+        for path, outcome in zip(files, up_outcomes):
+            outcome.check(f"plugin backup_data {path.name}")
+            check_size(self.stored_path(self.loopback, path.name), path.stat().st_size, "plugin backup_data")
+        # To /dev/null: exit 0 means each stream matched the SHA-256 stored beside it.
+        down, down_outcomes = run_pool(lambda path: self.runner.plugin_child(
+            self.loopback, "restore_data", self.key(path.name)), files, width)
+        for path, outcome in zip(files, down_outcomes):
+            outcome.check(f"plugin restore_data {path.name}")
+        logins = self.logins() - logins_before
+        progress(f"storm: plugin up {up:.1f} s, down {down:.1f} s, {logins} logins")
+        puts = [self.runner.sftp_batch([f"put {sftp_quote(path)} {sftp_quote(dest)}"])
+                for path, dest in zip(files, dests)]
+        gets = [self.runner.sftp_batch([f"get {sftp_quote(dest)} /dev/null"]) for dest in dests]
+        openssh_up, outcomes = run_pool(lambda batch: self.runner.sftp_child(self.loopback, batch), puts, width)
+        for outcome in outcomes:
+            outcome.check("sftp put", allow_stderr=True)
+        for path, dest in zip(files, dests):
+            check_size(dest, path.stat().st_size, "sftp put")
+        openssh_down, outcomes = run_pool(lambda batch: self.runner.sftp_child(self.loopback, batch), gets, width)
+        for outcome in outcomes:
+            outcome.check("sftp get", allow_stderr=True)
+        progress(f"storm: OpenSSH up {openssh_up:.1f} s, down {openssh_down:.1f} s")
+        for path, dest in zip(files, dests):
+            self.stored_path(self.loopback, path.name).unlink()
+            dest.unlink()
+        note = f"{len(files)} files, {total / MIB:.0f} MiB, {width} at a time"
+        return [
+            Row("storm backup_data", "s", up, openssh_up, openssh_up / up, f"ratio >= {STORM_RATIO_TARGET:g}",
+                "PASS" if openssh_up / up >= STORM_RATIO_TARGET else "FAIL", note=note),
+            Row("storm restore_data", "s", down, openssh_down, openssh_down / down, f"ratio >= {STORM_RATIO_TARGET:g}",
+                "PASS" if openssh_down / down >= STORM_RATIO_TARGET else "FAIL", note=note),
+            Row("storm logins", "", logins, 2 * len(files), None, f"plugin <= {width}",
+                "PASS" if logins <= width else "FAIL",
+                note="SSH logins the backup host logged (OpenSSH: one per file)"),
+        ]
+
+    def logins(self) -> int:
+        """The logins the loopback sshd has logged so far (LogLevel INFO: one "Accepted" line each)."""
+        return self.server.log_text().count("Accepted publickey")
 
     def concurrency(self) -> Row:
         args, target = self.args, self.loopback
@@ -487,10 +586,9 @@ class Bench:
 
     def api_version(self) -> Row:
         seconds: list[float] = []
-        argv = [str(self.args.plugin), "plugin_api_version"]
         for _ in range(self.args.version_runs):
             started = time.perf_counter()
-            result = subprocess.run(argv, capture_output=True, text=True, env=self.runner.env)
+            result = self.runner.plugin.run("plugin_api_version", text=True)
             seconds.append(time.perf_counter() - started)
             if result.returncode != 0 or result.stderr or not PLUGIN_VERSION_RE.match(result.stdout.strip()):
                 raise BenchError(f"plugin_api_version: exit {result.returncode}, stdout {result.stdout!r}, "
@@ -609,7 +707,7 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--rounds", type=positive_int, default=DEFAULT_ROUNDS,
                         help="rounds per metric; each reports the median")
@@ -619,6 +717,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-size-mib", type=positive_int, default=None,
                         help="size of each concurrent stream (default: --size-mib / --streams)")
     parser.add_argument("--calls", type=positive_int, default=DEFAULT_CALLS, help="backup_file calls per round")
+    parser.add_argument("--storm-calls", type=positive_int, default=DEFAULT_STORM_CALLS,
+                        help="backup_data calls (then as many restore_data) in the per-table storm")
+    parser.add_argument("--storm-width", type=positive_int, default=DEFAULT_STORM_WIDTH,
+                        help="storm calls running at once")
     parser.add_argument("--call-size-kib", type=positive_int, default=DEFAULT_CALL_SIZE_KIB,
                         help="size of each backup_file file")
     parser.add_argument("--version-runs", type=positive_int, default=DEFAULT_VERSION_RUNS,
@@ -632,7 +734,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="how to add the delay: netem (root and sch_netem), the userspace delay proxy, "
                              "or auto: netem where possible, else the proxy")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
-    parser.add_argument("--plugin", type=Path, default=Path(sys.executable).parent / "gpbackup_sftp_plugin",
+    parser.add_argument("--plugin", type=Path, default=Path(PLUGIN_EXE),
                         help="plugin executable (default: the console script beside this Python)")
     parser.add_argument("--workdir-parent", type=Path, default=TMPFS, help="where the scratch directory goes")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the scratch directory (for debugging)")
@@ -680,7 +782,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
         progress(f"scratch directory {workdir} ({filesystem_of(workdir)})")
-        server = SshServer(workdir / "ssh")
+        # MaxStartups above the storm's width: 16 sftp processes handshaking at once must not be dropped by
+        # sshd's default 10:30:100 (the plugin would retry; OpenSSH's sftp just fails).
+        server = SshServer(workdir / "ssh", max_startups=f"{args.storm_width * 2}:30:{args.storm_width * 8}")
         cleanup.callback(server.stop)
         server.start()
         progress(f"sshd on 127.0.0.1:{server.port} as {getpass.getuser()}")

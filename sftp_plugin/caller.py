@@ -19,7 +19,11 @@ feeding the stream; a parent that closes the stream early and stays alive.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+
+# typing.TYPE_CHECKING without importing typing: every call's client imports this module.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # (pid of the process gpbackup started, that process's parent then): set as a call starts.
 _origin: tuple[int, int] | None = None
@@ -34,8 +38,10 @@ def remember(pid: int, parent: int) -> None:
 
 
 def add_guard(check: Callable[[], None]) -> None:
-    """Run ``check`` too before every commit; it raises to stop the commit."""
-    _guards.append(check)
+    """Run ``check`` too before every commit; it raises to stop the commit. Registering it again
+    (each call of a fork-server worker does) changes nothing."""
+    if check not in _guards:
+        _guards.append(check)
 
 
 def parent_of(pid: int) -> int | None:

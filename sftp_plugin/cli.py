@@ -16,6 +16,13 @@ import time
 from sftp_plugin import API_VERSION, PLUGIN_NAME, __version__
 from sftp_plugin.stderr import fail
 
+# typing.TYPE_CHECKING without importing typing, which would cost every call's start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from sftp_plugin import forkserver
+    from sftp_plugin.config import PluginConfig
+    from sftp_plugin.store import Remote
+
 # Keep paramiko from importing `invoke`, which it needs only for ssh_config
 # "Match exec": that import cost ~180 ms of every call (437 -> 174 ms to import
 # the commands), and gpbackup makes thousands. Done here, where every entry
@@ -133,11 +140,49 @@ def show_help(command: str, rest: list[str]) -> int:
 ENTRY_POINT = ("sftp_plugin.cli", "serve_calls")
 
 
+# The scopes in which cleanup_plugin_for_backup/_restore ends a backup or restore on this host: the
+# fork server's idle workers for that config close their sessions then (segment scope comes per segment).
+ENDING_SCOPES = ("coordinator", "segment_host")
+
+
 def serve_calls(socket_path: str, log_dir: str) -> None:
     """The fork server's process: serve calls, each in a worker that runs `main` (forkserver.serve)."""
     from sftp_plugin import forkserver
 
-    forkserver.serve(socket_path, log_dir, run_call=main)
+    forkserver.serve(socket_path, log_dir, calls=_WorkerCalls())
+
+
+class _WorkerCalls:
+    """What a fork-server worker runs (forkserver.Calls): `main`, with the session a call kept (sessions.py)."""
+
+    def run(self, argv: list[str], monitor: int) -> forkserver.Ending:
+        from sftp_plugin import forkserver, sessions
+
+        code = main(argv, served_by=monitor)
+        return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(),
+                                 retire_route=ends_backup(argv[0], argv[2:]))
+
+    def still_warm(self) -> bool:
+        from sftp_plugin import sessions
+
+        return sessions.still_warm()
+
+    def close(self) -> None:
+        from sftp_plugin import sessions
+
+        sessions.close()
+
+
+def route(config_path: str) -> bytes:
+    """What a call shares with the calls a warm worker may serve it after (forkserver.delegate): the
+    config file, by path and content. The worker checks the rest (sessions.py) before reusing anything."""
+    path = os.path.abspath(config_path)
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read(1 << 20)
+    except OSError:
+        content = b""
+    return os.fsencode(path) + b"\0" + content
 
 
 def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
@@ -174,7 +219,7 @@ def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
         from sftp_plugin.errors import WorkerLost
 
         try:
-            code = forkserver.delegate(argv)
+            code = forkserver.delegate(argv, route(config_path))
         except WorkerLost as err:
             return fail(command, str(err), err.exit_code)
         except KeyboardInterrupt:  # SIGINT here, not in a worker: reported as run() does
@@ -182,6 +227,37 @@ def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
         if code is not None:
             return code
     return run(command, config_path, args, served_by)
+
+
+def ends_backup(command: str, args: list[str]) -> bool:
+    """Whether this call ends a backup or restore on this host (no call of it comes after)."""
+    return command.startswith("cleanup_plugin_for_") and args[1:2] != [] and args[1] in ENDING_SCOPES
+
+
+def _session_key(cfg: PluginConfig, served_by: int | None) -> str | None:
+    """The key under which this call may use and keep a warm session (sessions.py); None: neither.
+
+    Only a fork-server worker keeps one, and only when the config allows it.
+    """
+    if served_by is None or not cfg.fork_server or cfg.session_idle == 0:
+        return None
+    from sftp_plugin.connection import session_key
+
+    return session_key(cfg)
+
+
+def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str) -> None:
+    """Keep the call's session for the next call, keyed as that call will compute it."""
+    from sftp_plugin import sessions
+    from sftp_plugin.config import load_config
+    from sftp_plugin.connection import session_key
+
+    session = remote.release()
+    if session is None:
+        return
+    path = os.path.abspath(config_path)
+    # After the call: it may have added the host's key to known_hosts (strict_host_key_checking: accept-new).
+    sessions.keep(session_key(cfg), session, cfg.session_idle, lambda: session_key(load_config(path)))
 
 
 def run(command: str, config_path: str, args: list[str], served_by: int | None = None) -> int:
@@ -209,14 +285,18 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         log.warning("%s: %s", exposure.problem, exposure.fix)
     remote = None
     try:
-        from sftp_plugin import commands
+        from sftp_plugin import commands, sessions
         from sftp_plugin.interrupts import interrupt_aborts
         from sftp_plugin.store import Remote
 
-        remote = Remote(cfg)
+        warm = _session_key(cfg, served_by)
+        remote = Remote(cfg, sessions.take(warm) if warm else None)
         with interrupt_aborts(remote.abort):
             result = getattr(commands, command)(remote, args)
-            remote.close()
+            if warm and not ends_backup(command, args):
+                _keep_session(remote, cfg, config_path)
+            else:
+                remote.close()
     except ReaderGone as err:
         # Not a failure of ours to report: the reader has what it wanted, or failed on its own.
         log.info("stopped after %.3fs: %s", time.monotonic() - started, err.message)

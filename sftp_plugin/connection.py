@@ -10,6 +10,7 @@ throughput-oriented algorithm and window settings.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import getpass
 import hashlib
 import logging
@@ -154,6 +155,32 @@ def _jump_endpoint(cfg: PluginConfig, ssh_config: paramiko.SSHConfig | None, spe
         identity_files=_identities(cfg, found),
         host_key_alias=found.get("hostkeyalias"),
     )
+
+
+def session_key(cfg: PluginConfig) -> str:
+    """A digest of everything that decides where, how and as whom `connect` connects (sessions.py).
+
+    Every option (a changed one means a new session, whatever it is), the
+    endpoint after ~/.ssh/config (so a changed HostName, User or ProxyJump
+    counts), the files read while connecting (known_hosts, the identity
+    files of the host and its jump hosts, ~/.ssh/config) by content, and the
+    ssh-agent in use. A secret goes into the digest, never out of it.
+    """
+    endpoint = resolve_endpoint(cfg)
+    digest = hashlib.sha256()
+    options = tuple(getattr(cfg, field.name) for field in dataclasses.fields(cfg))  # astuple deep-copies
+    for part in (repr(options), repr(endpoint), os.environ.get("SSH_AUTH_SOCK", "")):
+        digest.update(part.encode() + b"\0")
+    files = [cfg.known_hosts_file, SSH_CONFIG_PATH, *endpoint.identity_files,
+             *(path for jump in endpoint.jumps for path in jump.identity_files)]
+    for path in files:
+        digest.update(os.fsencode(path) + b"\0")
+        try:
+            with open(os.path.expanduser(path), "rb") as handle:
+                digest.update(hashlib.sha256(handle.read()).digest())
+        except OSError as err:
+            digest.update(f"unreadable: {err.errno}".encode())
+    return digest.hexdigest()
 
 
 def fingerprint(key: paramiko.PKey) -> str:

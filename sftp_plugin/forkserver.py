@@ -8,15 +8,24 @@ and most of what separates a plugin call from OpenSSH's C client.
 
 So after a successful call the plugin leaves one fork server per user and
 installed copy of the code, detached, which has those modules imported and
-exits after IDLE_SECONDS without a call. A later call (the client, `delegate`)
-hands it, over a Unix socket in a private directory, its argv, environment,
-working directory, umask and its stdin/stdout/stderr themselves (SCM_RIGHTS).
-The server forks a monitor per call; the monitor forks the worker, which runs
-the command exactly as the fresh process would have (same fds, same
-environment, its own SSH connection: nothing but imported code is shared),
-waits for it, and reports the exit status, which the client then exits with.
-Signals sent to the client are forwarded to the worker; a client that dies
-(even by SIGKILL) takes its worker with it.
+exits after IDLE_SECONDS without a call once no worker is left. A later call
+(the client, `delegate`) hands it, over a Unix socket in a private directory,
+a route, then its argv, environment, working directory, umask and its
+stdin/stdout/stderr themselves (SCM_RIGHTS). The server hands the call to a
+*slot*: a monitor process and the worker it forked, which runs the command
+exactly as the fresh process would have (same fds, same environment), then
+releases the caller's fds and reports the exit code, which the client exits
+with. Signals sent to the client are forwarded to the worker; a client that
+dies (even by SIGKILL) takes its worker with it.
+
+A worker may stay for the next call (warm): when the code it runs says so
+(`Ending.stay`: the call succeeded, and in the plugin it keeps an SSH session,
+sessions.py), the slot tells the server it is idle, and the next call with
+the same route (the caller's choice: for the plugin, its config file) goes to
+it instead of a new slot. So a host runs as many slots as calls run at once.
+A worker ends when `Calls.still_warm` says so, when its call failed or was
+signalled, or when the server goes; the server ends the idle slots of a
+route when a call's end asks it to (`Ending.retire_route`).
 
 The client imports nothing heavy, and any trouble before the worker has
 started (no server, stale socket, wrong owner, another version) means "run it
@@ -32,15 +41,19 @@ not the caller's. Either refusal means: run in this process.
 
 from __future__ import annotations
 
-import functools
+# The client (every plugin call) imports this module, so it takes the C modules under `socket` and
+# `signal` (and no functools): those two wrappers alone cost ~15 ms, more than the rest of the
+# client. The server's functions import `socket` where they need it.
+import _signal
+import _socket
 import os
-import signal
-import socket
 import stat
 import struct
 import sys
 import zlib
-from collections.abc import Callable
+
+# typing.TYPE_CHECKING without importing typing, which costs the client ~7 ms of every call.
+TYPE_CHECKING = False
 
 # A server exits after this long without a call: a backup's calls come in
 # bursts seconds apart, and a minute after the last one nothing should linger.
@@ -53,7 +66,7 @@ START_TIMEOUT = 10.0
 MAX_SOCKET_PATH = 107
 # Signals the client forwards to its worker while it waits (terminal and
 # supervisor signals; SIGKILL cannot be caught and is covered by the monitor).
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 # Calls that may wait to be accepted: gpbackup starts one per segment at
 # once, and a connection beyond the backlog waits (up to START_TIMEOUT).
 LISTEN_BACKLOG = 128
@@ -65,6 +78,15 @@ MAGIC = b"GSFP2"
 # ended (raw wait status follows), the request was refused (run it yourself).
 STARTED, ENDED, REFUSED = b"P", b"S", b"R"
 _INT = struct.Struct("!i")
+# What routes a call to a warm worker (see route_of): the client sends it first.
+_ROUTE = struct.Struct("!IIQ")
+# Server <-> slot messages: a call for the slot (its connection's fd comes with it), the slot is idle,
+# the slot ends and the idle slots of its route go with it.
+CALL, IDLE, RETIRE = b"C", b"I", b"X"
+# Worker -> monitor: the call was taken (before it runs anything), then the exit code and what follows.
+ACCEPTED = b"A"
+_REPLY = struct.Struct("!ii")
+_STAY, _RETIRE = 1, 2
 # struct ucred, as SO_PEERCRED returns it: pid, uid, gid.
 _PEERCRED = struct.Struct("3i")
 
@@ -96,13 +118,18 @@ _METADATA_SUFFIXES = (".dist-info", ".egg-info")
 # ---------------------------------------------------------------- location
 
 
-@functools.cache  # once per process: a call names its server and its request with it
-def code_digest() -> str:
+_code_digest: str | None = None  # once per process: a call names its server and its request with it
+
+
+def code_digest(fresh: bool = False) -> str:
     """Names this interpreter, this copy of the code and its dependencies: an upgrade gets a new server."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    site = sys.modules.get("site")  # imported at start-up unless -S; not worth importing for this
-    site_dirs = site.getsitepackages() if site is not None else []
-    return digest_of(package, [os.path.dirname(package), *site_dirs])
+    global _code_digest
+    if _code_digest is None or fresh:
+        package = os.path.dirname(os.path.abspath(__file__))
+        site = sys.modules.get("site")  # imported at start-up unless -S; not worth importing for this
+        site_dirs = site.getsitepackages() if site is not None else []
+        _code_digest = digest_of(package, [os.path.dirname(package), *site_dirs])
+    return _code_digest
 
 
 def digest_of(package: str, site_dirs: list[str]) -> str:
@@ -210,28 +237,34 @@ def socket_path() -> str | None:
 # ------------------------------------------------------------------ client
 
 
-def delegate(argv: list[str]) -> int | None:
+def delegate(argv: list[str], route: bytes = b"") -> int | None:
     """Run `argv` in the fork server's worker and return its exit code; None to run it here.
 
-    Raises WorkerLost when the worker started but its end could not be learned.
+    ``route`` names what a warm worker must share with this call to serve it
+    (the caller's choice: the server only compares it; the worker re-checks
+    whatever it keeps before using it). Raises WorkerLost when the worker
+    started but its end could not be learned.
     """
     try:
         path = socket_path()
         if path is None:
             return None
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         conn.settimeout(START_TIMEOUT)
         conn.connect(path)
         if peer_credentials(conn)[1] != os.getuid():
             conn.close()  # not our server: it gets nothing of ours, not even the request
             return None
+        conn.sendall(route_of(route))
         payload = _encode_request(argv)
         # The worker's news of us (see act_on_caller_news): the first signal we receive is
         # written here, and the write end closes only when we end.
         alive_read, alive_write = os.pipe()
         try:
             # A closed std fd cannot be passed on: EBADF, and the call runs here.
-            socket.send_fds(conn, [_INT.pack(len(payload))], [0, 1, 2, alive_read])
+            fds = [0, 1, 2, alive_read]
+            conn.sendmsg([_INT.pack(len(payload))],
+                         [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
         finally:
             os.close(alive_read)
         conn.sendall(payload)
@@ -256,15 +289,15 @@ def delegate(argv: list[str]) -> int | None:
         _forward(conn, signum)
 
     # A signal ignored here stays ignored, as it would be by the plugin running here.
-    caught = [sig for sig in FORWARDED_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
-    previous = {sig: signal.signal(sig, on_signal) for sig in caught}
+    caught = [sig for sig in FORWARDED_SIGNALS if _signal.getsignal(sig) != _signal.SIG_IGN]
+    previous = {sig: _signal.signal(sig, on_signal) for sig in caught}
     try:
         reply = _recv_exact(conn, 1 + _INT.size)
     except OSError:
         reply = b""
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            _signal.signal(sig, handler)
     if reply[:1] != ENDED:
         from sftp_plugin.errors import WorkerLost
 
@@ -276,7 +309,7 @@ def delegate(argv: list[str]) -> int | None:
     if first_signal is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         # The worker finished before our signal reached it. Run here, the call would
         # have been ended by it, so it is: a signalled call never reports success.
-        signal.raise_signal(first_signal)  # SIGINT raises KeyboardInterrupt; the others end us
+        _signal.raise_signal(first_signal)  # SIGINT raises KeyboardInterrupt; the others end us
     return exit_code_of(status)
 
 
@@ -302,7 +335,7 @@ def act_on_caller_news() -> None:
         from sftp_plugin.errors import CallerGone
 
         raise CallerGone("the process that called the plugin is gone", "the input may be cut short: not stored")
-    signal.raise_signal(news[0])
+    _signal.raise_signal(news[0])
 
 
 def exit_code_of(status: int) -> int:
@@ -310,7 +343,7 @@ def exit_code_of(status: int) -> int:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         sys.stdout.flush()
-        signal.signal(sig, signal.SIG_DFL)
+        _signal.signal(sig, _signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         return 128 + sig  # only reached for a signal whose default is not to terminate
     return os.WEXITSTATUS(status)
@@ -322,7 +355,7 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
     The kernel's word, as of connect() for a client and listen() for a server,
     whatever the socket file's owner says.
     """
-    return _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return _PEERCRED.unpack(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size))
 
 
 def _forward(conn: socket.socket, signum: int) -> None:
@@ -457,14 +490,49 @@ def _take_lock(path: str) -> int | None:
     return lock
 
 
-RunCall = Callable[[list[str], int], int]  # argv, the monitor's pid -> exit code
+class Ending:
+    """How a call ended, as the code the server runs reports it (a plain class: the client imports nothing heavy)."""
+
+    __slots__ = ("code", "retire_route", "stay")
+
+    def __init__(self, code: int, stay: bool = False, retire_route: bool = False) -> None:
+        self.code = code  # the exit code
+        # The worker keeps what it holds (a warm SSH session) and may serve the next call of the
+        # same route: only after a call that succeeded and was not signalled.
+        self.stay = stay
+        # The end of a backup on this host: the idle workers of this route go too.
+        self.retire_route = retire_route
 
 
-def serve(path: str, log_dir: str, run_call: RunCall, idle_seconds: float = IDLE_SECONDS) -> None:
-    """The server: preload, then accept calls until `idle_seconds` pass without one."""
+if TYPE_CHECKING:
+    import logging
+    import socket
+    from typing import Protocol
+
+    class Calls(Protocol):
+        """What the server runs, handed to `serve`: this module knows nothing of the commands."""
+
+        def run(self, argv: list[str], monitor: int) -> Ending:
+            """Run one call in this (worker) process, whose fds, environment and cwd are the caller's."""
+
+        def still_warm(self) -> bool:
+            """Between calls, about once a second: False ends this worker (idle too long, config changed)."""
+
+        def close(self) -> None:
+            """The worker ends: release what it kept."""
+
+
+def route_of(route: bytes) -> bytes:
+    """The fixed-size form of a route, as the client sends it: a checksum, not a digest (hashlib
+    costs the client ~3 ms to import); two routes that collide only cost a warm worker's re-check."""
+    return _ROUTE.pack(zlib.crc32(route), zlib.adler32(route), len(route))
+
+
+def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECONDS) -> None:
+    """The server: preload, then accept calls until `idle_seconds` pass without one and no worker is left."""
     import importlib
     import logging
-    import select
+    import socket
 
     from sftp_plugin.log import setup_logging
 
@@ -477,8 +545,7 @@ def serve(path: str, log_dir: str, run_call: RunCall, idle_seconds: float = IDLE
     log = logging.getLogger("gpbackup_sftp_plugin.forkserver")
     for module in PRELOAD:  # sftp_plugin.cli first: it keeps paramiko from importing invoke
         importlib.import_module(module)
-    code_digest.cache_clear()  # the code as it is now, after the imports above
-    digest = code_digest()
+    digest = code_digest(fresh=True)  # the code as it is now, after the imports above
     if not path.endswith(f"-{digest}.sock"):
         log.warning("code changed while starting; not serving %s", path)
         return
@@ -498,9 +565,9 @@ def serve(path: str, log_dir: str, run_call: RunCall, idle_seconds: float = IDLE
     except OSError as err:
         log.warning("fork server cannot listen on %s (%s); calls run in their own process", path, err)
         return
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)  # slots are reaped by the kernel
     for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, _stop)
+        _signal.signal(sig, _stop)
     # Now, not in a call: what other versions left behind costs no call anything to remove.
     try:
         removed = remove_stale(os.path.dirname(path))
@@ -510,29 +577,174 @@ def serve(path: str, log_dir: str, run_call: RunCall, idle_seconds: float = IDLE
         if removed:
             log.info("removed what fork servers of other code left: %s", ", ".join(removed))
     log.info("fork server %d serving %s", os.getpid(), path)
-    served = 0
+    dispatcher = _Dispatcher(listener, lock, digest, own, calls, log)
     why = f"after {idle_seconds:g} s idle"
     try:
-        while select.select([listener], [], [], idle_seconds)[0]:
-            conn, _ = listener.accept()
-            uid = peer_credentials(conn)[1]
-            if uid != os.getuid():
-                log.warning("refused a connection from uid %d", uid)
-                conn.close()
-                continue
-            if os.fork() == 0:
-                listener.close()
-                os.close(lock)  # a flock holds while any copy is open: a long call must not keep it
-                _monitor(conn, digest, own, run_call)  # never returns
-            conn.close()
-            served += 1
+        dispatcher.run(idle_seconds)
     except _Stopped as stop:
         why = f"on signal {stop.signum}"
     # Unlink first, then close: a call that connected in between sees EOF
-    # before "started" and runs in its own process. Calls in flight go on.
+    # before "started" and runs in its own process. Calls in flight go on;
+    # idle workers read EOF from their slots and end.
     os.unlink(path)
     listener.close()
-    log.info("fork server %d exiting %s (%d calls served)", os.getpid(), why, served)
+    dispatcher.close()
+    log.info("fork server %d exiting %s (%d calls served, %d of them by a warm worker)",
+             os.getpid(), why, dispatcher.calls, dispatcher.warm_calls)
+
+
+class _Dispatcher:
+    """The server's loop: accept a call, read its route, hand it to an idle slot of that route or a new one.
+
+    A slot is a monitor process (a child of the server) with its worker (the
+    monitor's child). The monitor tells the server over its control socket
+    when the slot is idle (IDLE) or retires its route (RETIRE); the server
+    hands an idle slot a call by passing the connection's fd (CALL). One
+    process only ever decides, so no call is lost between them: a call passed
+    to a slot that is ending is closed unread, and its client runs it itself.
+    """
+
+    def __init__(self, listener: socket.socket, lock: int, digest: str, own: dict[str, str], calls: Calls,
+                 log: logging.Logger) -> None:
+        self.listener, self.lock, self.digest, self.own, self.handler, self.log = (
+            listener, lock, digest, own, calls, log)
+        self.slots: dict[socket.socket, bytes] = {}  # every live slot's control socket -> its route
+        self.idle: dict[bytes, list[socket.socket]] = {}  # route -> idle slots, most recently used last
+        self.pending: dict[socket.socket, tuple[bytes, float]] = {}  # accepted, route not read yet
+        self.calls = 0
+        self.warm_calls = 0
+
+    def run(self, idle_seconds: float) -> None:
+        import select
+        import time
+
+        last_call = time.monotonic()
+        while True:
+            now = time.monotonic()
+            deadlines = [due - now for _, due in self.pending.values()]
+            if not self.slots:  # a live slot (busy, or idle with a session) keeps the server
+                if now - last_call >= idle_seconds and not self.pending:
+                    return
+                deadlines.append(idle_seconds - (now - last_call))
+            timeout = max(min(deadlines), 0.01) if deadlines else None
+            readable = select.select([self.listener, *self.pending, *self.slots], [], [], timeout)[0]
+            for ready in readable:
+                if ready is self.listener:
+                    self._accept()
+                    last_call = time.monotonic()
+                elif ready in self.pending:
+                    self._read_route(ready)
+                elif ready in self.slots:
+                    self._hear_slot(ready)
+            now = time.monotonic()
+            for conn, (_, due) in list(self.pending.items()):
+                if due <= now:  # a client that never sent its route: it gets EOF and runs the call itself
+                    del self.pending[conn]
+                    conn.close()
+
+    def _accept(self) -> None:
+        import time
+
+        conn, _ = self.listener.accept()
+        uid = peer_credentials(conn)[1]
+        if uid != os.getuid():
+            self.log.warning("refused a connection from uid %d", uid)
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.pending[conn] = (b"", time.monotonic() + START_TIMEOUT)
+
+    def _read_route(self, conn: socket.socket) -> None:
+        got, due = self.pending[conn]
+        try:
+            data = conn.recv(_ROUTE.size - len(got))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            del self.pending[conn]
+            conn.close()
+            return
+        got += data
+        if len(got) < _ROUTE.size:
+            self.pending[conn] = (got, due)
+            return
+        del self.pending[conn]
+        conn.setblocking(True)
+        self.calls += 1
+        self._dispatch(conn, got)
+
+    def _dispatch(self, conn: socket.socket, route: bytes) -> None:
+        import socket
+
+        idle = self.idle.get(route, [])
+        while idle:
+            slot = idle.pop()
+            try:
+                socket.send_fds(slot, [CALL], [conn.fileno()])
+            except OSError:
+                self._forget(slot)  # ended meanwhile: the next one, or a new slot
+                continue
+            self.warm_calls += 1
+            conn.close()
+            return
+        self._new_slot(conn, route)
+
+    def _new_slot(self, conn: socket.socket, route: bytes) -> None:
+        import socket
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError:
+            self.log.warning("cannot fork a slot; the call runs in its own process", exc_info=True)
+            ours.close()
+            theirs.close()
+            conn.close()
+            return
+        if pid == 0:
+            try:  # whatever happens here (a signal meant for the server), this process never serves
+                # Nothing of the server stays open in a slot: a copy of another slot's control
+                # socket would keep that slot from reading EOF, a copy of the lock keeps it held.
+                ours.close()
+                self.listener.close()
+                os.close(self.lock)  # a flock holds while any copy is open: a long call must not keep it
+                for other in [*self.slots, *self.pending]:
+                    other.close()
+                _slot(theirs, conn, self.digest, self.own, self.handler)  # never returns
+            finally:
+                os._exit(1)
+        theirs.close()
+        conn.close()
+        self.slots[ours] = route
+
+    def _hear_slot(self, slot: socket.socket) -> None:
+        try:
+            message = slot.recv(16)
+        except OSError:
+            message = b""
+        route = self.slots[slot]
+        if message == IDLE:
+            self.idle.setdefault(route, []).append(slot)
+        elif message == RETIRE:
+            for other in self.idle.pop(route, []):
+                self._forget(other)
+            self._forget(slot)
+        else:  # EOF: the slot ended
+            self._forget(slot)
+
+    def _forget(self, slot: socket.socket) -> None:
+        route = self.slots.pop(slot, None)
+        if route is not None and slot in self.idle.get(route, []):
+            self.idle[route].remove(slot)
+        slot.close()
+
+    def close(self) -> None:
+        for conn in list(self.pending):
+            conn.close()
+        for slot in list(self.slots):
+            self._forget(slot)
 
 
 class _Stopped(Exception):
@@ -561,7 +773,7 @@ def stop_servers() -> list[int]:
             continue
         pid = _lock_holder(os.path.join(directory, name))
         if pid:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, _signal.SIGTERM)
             stopped.append(pid)
     return stopped
 
@@ -665,88 +877,259 @@ def refusal(caller_pid: int, own: dict[str, str]) -> str | None:
     return "not the server's credentials: " + ", ".join(differing) if differing else None
 
 
-def _monitor(conn: socket.socket, digest: str, own: dict[str, str], run_call: RunCall) -> None:
-    """One call: check the caller, receive it, fork the worker, forward signals, report the wait status."""
+def _slot(ctrl: socket.socket, conn: socket.socket, digest: str, own: dict[str, str], calls: Calls) -> None:
+    """A slot's monitor: serve `conn`, then each call the server passes while the worker stays; never returns."""
+
+    worker: _Worker | None = None
+    try:
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)  # we wait for our worker ourselves
+        for sig in FORWARDED_SIGNALS:  # stopping the server does not stop the calls in flight
+            _signal.signal(sig, _signal.SIG_IGN)
+        while True:
+            worker, retire = _monitor_call(ctrl, conn, worker, digest, own, calls)
+            conn.close()
+            if worker is None:
+                if retire:
+                    ctrl.send(RETIRE)
+                break
+            ctrl.send(IDLE)
+            next_conn = _next_call(ctrl, worker)
+            if next_conn is None:
+                break
+            conn = next_conn
+    except BaseException:  # noqa: BLE001 - a monitor reports by closing; the client says so
+        pass
+    finally:
+        # Closing the worker's socket ends an idle worker (it closes its session and exits).
+        os._exit(0)
+
+
+class _Worker:
+    """A slot's worker process, as its monitor sees it: pid and the socket calls go over."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid, self.sock = pid, sock
+
+    def reap(self) -> int:
+        """Wait for the worker to end (it has, or is about to); its raw wait status."""
+        self.sock.close()
+        return os.waitpid(self.pid, 0)[1]
+
+
+def _start_worker(calls: Calls, monitors: list[socket.socket], fds: list[int]) -> _Worker:
+    """Fork the worker. It must hold nothing of the monitor's: not its sockets (the server reads a
+    slot's end as EOF on its control socket, a client's death as EOF on its), nor the call's fds it
+    received (a copy of the caller's stdout would keep gpbackup waiting for EOF past the call)."""
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            for sock in monitors:
+                sock.close()
+            for fd in fds:
+                os.close(fd)
+            _worker(theirs, calls)  # never returns
+        finally:
+            os._exit(1)
+    theirs.close()
+    return _Worker(pid, ours)
+
+
+def _next_call(ctrl: socket.socket, worker: _Worker) -> socket.socket | None:
+    """Wait, idle, for the server's next call (its connection); None when the slot should end.
+
+    The slot ends when the server closes our control socket (it retired us, or
+    exits) or when the worker leaves (idle too long, its config changed).
+    """
+    import select
+    import socket
+
+    while True:
+        readable = select.select([ctrl, worker.sock], [], [])[0]
+        if worker.sock in readable:
+            return None  # the worker said nothing between calls: it is leaving (EOF)
+        message, fds, _flags, _addr = socket.recv_fds(ctrl, 16, 1)
+        if message == CALL and len(fds) == 1:
+            return socket.socket(fileno=fds[0])
+        for fd in fds:
+            os.close(fd)
+        if not message:
+            return None
+
+
+def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | None, digest: str,  # noqa: PLR0913
+                  own: dict[str, str], calls: Calls) -> tuple[_Worker | None, bool]:
+    """One call: check the caller, receive it, hand it to the worker (a new one if need be), forward
+    signals, report the end. The worker that may serve the next call, and whether the route retires."""
+    import socket
     import threading
 
-    code = 1
-    try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # we wait for our worker ourselves
-        for sig in FORWARDED_SIGNALS:  # stopping the server does not stop the calls in flight
-            signal.signal(sig, signal.SIG_IGN)
-        caller_pid = peer_credentials(conn)[0]
-        why = refusal(caller_pid, own)
-        if why is not None:  # before reading anything of the call: it runs in its own process
-            import logging
+    caller_pid = peer_credentials(conn)[0]
+    why = refusal(caller_pid, own)
+    if why is not None:  # before reading anything of the call: it runs in its own process
+        import logging
 
-            logging.getLogger("gpbackup_sftp_plugin.forkserver").warning(
-                "refused the call of pid %d, which runs in its own process: %s", caller_pid, why)
-            conn.sendall(REFUSED + _INT.pack(0))
-            os._exit(0)
-        conn.settimeout(START_TIMEOUT)
-        head, fds, _flags, _addr = socket.recv_fds(conn, _INT.size, 4)
+        logging.getLogger("gpbackup_sftp_plugin.forkserver").warning(
+            "refused the call of pid %d, which runs in its own process: %s", caller_pid, why)
+        conn.sendall(REFUSED + _INT.pack(0))
+        return worker, False
+    conn.settimeout(START_TIMEOUT)
+    head, fds, _flags, _addr = socket.recv_fds(conn, _INT.size, 4)
+    try:
         if len(head) != _INT.size or len(fds) != 4:
             raise OSError("malformed request")
         payload = _recv_exact(conn, _INT.unpack(head)[0])
         request = _decode_request(payload)
         if request.magic != MAGIC or request.digest != digest:
             conn.sendall(REFUSED + _INT.pack(0))
-            os._exit(0)
-        worker = os.fork()
-        if worker == 0:
-            conn.close()
-            _run_worker(fds, request, run_call)  # never returns
+            return worker, False
+        # A warm worker may have left between its last call and this one (idle, config changed):
+        # it then never accepts, and a new worker takes the call. Nothing ran before "accepted".
+        for _attempt in range(2):
+            if worker is None:
+                worker = _start_worker(calls, [ctrl, conn], fds)
+            try:
+                socket.send_fds(worker.sock, [_INT.pack(len(payload))], fds)
+                worker.sock.sendall(payload)
+                worker.sock.settimeout(START_TIMEOUT)
+                accepted = _recv_exact(worker.sock, 1) == ACCEPTED
+            except OSError:
+                accepted = False
+            if accepted:
+                break
+            worker.reap()
+            worker = None
+        else:
+            conn.sendall(REFUSED + _INT.pack(0))
+            return None, False
+    finally:
         for fd in fds:
             os.close(fd)
-        conn.settimeout(None)
-        conn.sendall(STARTED + _INT.pack(worker))
-        finished = threading.Lock()
-        done = False
+    conn.settimeout(None)
+    worker.sock.settimeout(None)
+    conn.sendall(STARTED + _INT.pack(worker.pid))
+    finished = threading.Lock()
+    done = False
+    target = worker.pid
 
-        def forward() -> None:
-            # Each byte from the client is a signal to pass on; EOF means the
-            # client died, and its worker must not outlive it.
-            while True:
-                try:
-                    data = conn.recv(16)
-                except OSError:
-                    data = b""
-                with finished:
-                    if done:
-                        return
-                    for sig in data or [signal.SIGKILL]:
-                        os.kill(worker, sig)
-                if not data:
+    def forward() -> None:
+        # Each byte from the client is a signal to pass on; EOF means the
+        # client died, and its worker must not outlive it.
+        while True:
+            try:
+                data = conn.recv(16)
+            except OSError:
+                data = b""
+            with finished:
+                if done:
                     return
+                for sig in data or [_signal.SIGKILL]:
+                    os.kill(target, sig)
+            if not data:
+                return
 
-        threading.Thread(target=forward, daemon=True).start()
-        _pid, status = os.waitpid(worker, 0)
-        with finished:
-            done = True
-        conn.sendall(ENDED + _INT.pack(status))
-        code = 0
-    except BaseException:  # noqa: BLE001 - a monitor reports by closing; the client says so
-        code = 1
-    finally:
-        os._exit(code)
+    forwarder = threading.Thread(target=forward, daemon=True)
+    forwarder.start()
+    reply = _recv_exact(worker.sock, _REPLY.size)
+    with finished:
+        done = True  # before the client hears the end: its EOF after that is no news for the worker
+    if len(reply) == _REPLY.size:
+        code, flags = _REPLY.unpack(reply)
+        status = (code & 0xFF) << 8  # as waitpid reports an exit with that code
+        if not flags & _STAY:
+            status = worker.reap()  # it exits by itself, with the same code
+            worker = None
+    else:  # the worker died during the call: its wait status says how
+        flags = 0
+        status = worker.reap()
+        worker = None
+    conn.sendall(ENDED + _INT.pack(status))
+    # Wake the forwarder and let it end before anything else: a worker forked later must not be
+    # forked beside a thread.
+    conn.shutdown(socket.SHUT_RDWR)
+    forwarder.join()
+    return worker, bool(flags & _RETIRE)
 
 
-def _run_worker(fds: list[int], request: Request, run_call: RunCall) -> None:
-    """Become the process the client would have been, run the command, exit with its code."""
-    global _caller_pipe
+def _worker(sock: socket.socket, calls: Calls) -> None:
+    """A worker: take calls from the monitor one after another while `calls` wants to stay warm."""
+    import select
+    import socket
+
     code = 1
+    try:
+        _quiet_between_calls()
+        while True:
+            # Idle: the monitor's next call, or once a second the question whether to stay.
+            while not select.select([sock], [], [], 1.0)[0]:
+                if not calls.still_warm():
+                    return
+            head, fds, _flags, _addr = socket.recv_fds(sock, _INT.size, 4)
+            if len(head) != _INT.size or len(fds) != 4:
+                for fd in fds:
+                    os.close(fd)
+                return  # EOF: the slot ended
+            request = _decode_request(_recv_exact(sock, _INT.unpack(head)[0]))
+            sock.sendall(ACCEPTED)
+            code = 1  # until the call says otherwise
+            ending = _run_call(fds, request, calls)
+            code = ending.code
+            sock.sendall(_REPLY.pack(code, (_STAY if ending.stay else 0) | (_RETIRE if ending.retire_route else 0)))
+            if not ending.stay:
+                return
+    except Exception:  # a bug of ours: the monitor reads EOF and reports our wait status; the log says why
+        import logging
+
+        logging.getLogger("gpbackup_sftp_plugin.forkserver").exception("fork server worker %d failed", os.getpid())
+    except BaseException:  # noqa: BLE001 - interrupted between calls: the same, nothing to log
+        pass
+    finally:
+        try:
+            calls.close()
+        finally:
+            import logging
+
+            logging.shutdown()
+            os._exit(code)
+
+
+def _quiet_between_calls() -> None:
+    """Between calls a worker takes no signal: a late one meant for the last call must not end the next."""
+    for sig in FORWARDED_SIGNALS:
+        _signal.signal(sig, _signal.SIG_IGN)
+
+
+def _fresh_std_streams() -> None:
+    """New sys.stdin, stdout and stderr objects on fds 0-2: nothing an earlier call left in their
+    buffers (input read ahead, output not flushed) can reach this call's caller."""
+    for name, fd, mode, errors in (("stdin", 0, "r", "surrogateescape"), ("stdout", 1, "w", "surrogateescape"),
+                                   ("stderr", 2, "w", "backslashreplace")):
+        old = getattr(sys, name)
+        line_buffered = mode == "w" and (name == "stderr" or os.isatty(fd))  # as Python sets them up
+        setattr(sys, name, open(fd, mode, buffering=1 if line_buffered else -1, encoding=old.encoding,  # noqa: SIM115
+                                errors=errors, closefd=False))
+
+
+def _run_call(fds: list[int], request: Request, calls: Calls) -> Ending:
+    """Become the process the client would have been, run the command, become nobody's again."""
+    global _caller_pipe
+    ending = Ending(1)
+    *std, _caller_pipe = fds
     try:
         from sftp_plugin import caller
 
         caller.remember(*request.caller)
         caller.add_guard(act_on_caller_news)
-        *std, _caller_pipe = fds
         for target, fd in enumerate(std):
             os.dup2(fd, target)
             os.close(fd)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_DFL)
+        _fresh_std_streams()
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+        for sig in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT):
+            _signal.signal(sig, _signal.SIG_DFL)
         os.environb.clear()
         os.environb.update(request.env)
         import time
@@ -754,18 +1137,28 @@ def _run_worker(fds: list[int], request: Request, run_call: RunCall) -> None:
         time.tzset()  # log timestamps in the caller's TZ
         os.chdir(request.cwd)
         os.umask(request.umask)
-        code = run_call(request.argv, os.getppid())
+        ending = calls.run(request.argv, os.getppid())
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
+        ending = Ending(stop.code if isinstance(stop.code, int) else 1)
     except KeyboardInterrupt:
-        code = 130
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - the reader may be gone; the exit code still counts
-                pass
-        import logging
+        ending = Ending(130)
+    _quiet_between_calls()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - the reader may be gone; the exit code still counts
+            ending.stay = False  # what stayed in the buffer must never reach a later caller
+    # The caller's stdin, stdout and stderr go now: gpbackup waits for EOF on them, and the
+    # next call brings its own. A signal or death of the caller seen now means no staying.
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in range(3):
+        os.dup2(null, target)
+    os.close(null)
+    import select
 
-        logging.shutdown()
-        os._exit(code)
+    signalled = bool(select.select([_caller_pipe], [], [], 0)[0])
+    os.close(_caller_pipe)
+    _caller_pipe = None
+    if signalled:
+        ending.stay = False
+    return ending

@@ -55,6 +55,8 @@ def setup_logging(log_dir: str, level: str, command: str, secrets: list[str]) ->
         _MaskingFormatter(f"%(asctime)s {host} [%(process)d] %(levelname)s {command}: %(message)s", secrets)
     )
     root = logging.getLogger()
+    for previous in root.handlers:  # a fork-server worker sets up each of its calls anew
+        previous.close()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
     # paramiko is chatty at INFO (every connect and auth step); keep its warnings.

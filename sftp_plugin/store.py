@@ -40,11 +40,18 @@ Sink = Callable[[memoryview], object]  # where a restore's bytes go: stdout, a l
 
 
 class Remote:
-    """The session of one plugin call: opened on first use, dropped and reopened by `retrying`."""
+    """The session of one plugin call: opened on first use, dropped and reopened by `retrying`.
 
-    def __init__(self, cfg: PluginConfig) -> None:
+    A call served by a warm fork-server worker starts with the session an
+    earlier call kept (`warm`). The backup host may have dropped it meanwhile
+    (restarted, a NAT gateway's idle timeout): the first step that finds it
+    lost reconnects at once, without spending one of the call's attempts.
+    """
+
+    def __init__(self, cfg: PluginConfig, warm: Session | None = None) -> None:
         self.cfg = cfg
-        self._session: Session | None = None
+        self._session: Session | None = warm
+        self._unproven = warm is not None  # a kept session no step has used yet in this call
 
     @property
     def session(self) -> Session:
@@ -66,7 +73,21 @@ class Remote:
 
         ``step`` must be safe to run again: idempotent, or resuming from its own progress.
         """
+        if self._unproven:
+            self._unproven = False
+            try:
+                return step()
+            except Exception as err:
+                if not is_connection_lost(err):
+                    raise
+                log.info("the kept session to %s was lost (%s); connecting anew", self.cfg.hostname, err)
+                self.drop()
         return call_with_retries(what, self.cfg.retries, self.cfg.retry_max_wait, step, on_retry=self.drop)
+
+    def release(self) -> Session | None:
+        """Hand the open session over (to be kept for a later call) instead of closing it."""
+        session, self._session = self._session, None
+        return session
 
     def where(self, path: str) -> str:
         return f"{self.cfg.hostname}:{path}"

@@ -1,0 +1,253 @@
+"""Warm sessions: a fork-server worker keeps its SSH session for the next call of the same config.
+
+Logins are counted where the backup host sees them ("Accepted publickey" in
+the test sshd's log, LogLevel INFO), sessions ending likewise ("Disconnected
+from user"). Each test has its own sshd and its own fork server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from devtools.gpbackup import LocalBackup
+from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_ok, socket_dir_env
+from devtools.sshd import SshServer
+from sftp_plugin import forkserver
+from tests.helpers import alive, own_fork_server, sha256, wait_until
+
+NOBODY = 65534
+
+
+class Warm:
+    """The plugin with a fork server of its own, and what its backup host saw."""
+
+    def __init__(self, plugin: Plugin, config: SiteConfig, server: SshServer, tmpdir: Path) -> None:
+        self.plugin, self.config, self.server, self.tmpdir = plugin, config, server, tmpdir
+
+    def run(self, command: str, *args: str | Path, stdin: bytes = b"",
+            config: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+        return self.plugin.run(command, config or self.config.path, *args, stdin=stdin,
+                               env_extra=socket_dir_env(self.tmpdir))
+
+    def logins(self) -> int:
+        return len(re.findall(r"Accepted publickey", self.server.log_text()))
+
+    def disconnects(self) -> int:
+        return len(re.findall(r"Disconnected from user", self.server.log_text()))
+
+    def server_pids(self) -> list[int]:
+        return [int(pid) for pid in re.findall(r"fork server (\d+) serving", self.config.log_text())]
+
+    def start_server(self, backup: LocalBackup, config: Path | None = None) -> None:
+        assert_ok(self.run("setup_plugin_for_backup", backup.path, "segment", "0", config=config))
+        assert wait_until(lambda: self.server_pids()), "no fork server came up"
+
+    def store(self, backup: LocalBackup, name: str, data: bytes, config: Path | None = None) -> Path:
+        key = backup.file(name)
+        assert_ok(self.run("backup_data", key, stdin=data, config=config))
+        return key
+
+    def restored(self, key: Path, config: Path | None = None) -> bytes:
+        return assert_ok(self.run("restore_data", key, config=config)).stdout
+
+    def session_children(self) -> list[int]:
+        """The backup host's per-connection sshd processes (children of the listening sshd)."""
+        assert self.server.process is not None
+        listener = self.server.process.pid
+        children = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_bytes()
+                except OSError:
+                    continue
+                if int(stat[stat.rfind(b")") + 2:].split()[1]) == listener:
+                    children.append(int(entry))
+        return children
+
+
+@pytest.fixture
+def warm(plugin: Plugin, fresh_config: SiteConfig, fresh_sshd: SshServer) -> Iterator[Warm]:
+    with own_fork_server(fresh_config, "gpsftp-ws.") as tmpdir:
+        yield Warm(plugin, fresh_config, fresh_sshd, tmpdir)
+
+
+def test_sequential_calls_of_one_config_log_in_once(warm: Warm, backup: LocalBackup) -> None:
+    warm.start_server(backup)
+    before = warm.logins()
+    stored = {}
+    for number in range(6):
+        data = os.urandom(1000 + 70_000 * number)
+        stored[warm.store(backup, f"gpbackup_0_seq_{number}", data)] = data
+    for key, data in stored.items():
+        assert sha256(warm.restored(key)) == sha256(data)
+    assert warm.logins() - before == 1
+    assert len(re.findall(r"fork server worker", warm.config.log_text())) == 12
+
+
+def test_a_session_whose_sshd_child_was_killed_between_calls_is_replaced_and_no_byte_is_lost(
+        warm: Warm, backup: LocalBackup) -> None:
+    warm.start_server(backup)
+    first = os.urandom(200_000)
+    first_key = warm.store(backup, "gpbackup_0_before_kill", first)
+    logins = warm.logins()
+    (child,) = warm.session_children()  # the kept session's sshd process on the backup host
+    os.kill(child, signal.SIGKILL)
+    assert wait_until(lambda: not alive(child))
+
+    second = os.urandom(3 * 1024 * 1024 + 5)  # more than one block: digests and data both stored
+    second_key = warm.store(backup, "gpbackup_0_after_kill", second)
+    assert sha256(warm.restored(second_key)) == sha256(second)
+    assert sha256(warm.restored(first_key)) == sha256(first)
+    assert warm.logins() == logins + 1
+
+
+def test_a_session_frozen_mid_call_is_replaced_by_the_retry_policy(warm: Warm, backup: LocalBackup) -> None:
+    path = warm.config.write("short_timeout.yaml", io_timeout=2)
+    warm.start_server(backup, path)
+    warm.store(backup, "gpbackup_0_warm_up", b"x" * 1000, config=path)
+    (child,) = warm.session_children()
+    os.kill(child, signal.SIGSTOP)  # the kept session looks alive, and never answers again
+    try:
+        data = os.urandom(100_000)
+        key = warm.store(backup, "gpbackup_0_frozen", data, config=path)
+        assert sha256(warm.restored(key, config=path)) == sha256(data)
+    finally:
+        os.kill(child, signal.SIGKILL)
+    assert "the kept session to" in warm.config.log_text()
+
+
+@pytest.mark.parametrize("change", ["the config", "known_hosts", "the identity file"])
+def test_a_changed_config_known_hosts_or_key_gets_a_new_session(warm: Warm, backup: LocalBackup,
+                                                                change: str) -> None:
+    warm.start_server(backup)
+    warm.store(backup, "gpbackup_0_one", b"1" * 1000)
+    warm.store(backup, "gpbackup_0_two", b"2" * 1000)
+    logins = warm.logins()
+    if change == "the config":
+        warm.config.write(retries=5)  # the same file, one option different
+    elif change == "known_hosts":
+        with open(warm.server.known_hosts, "a") as known:
+            known.write("# reviewed\n")
+    else:
+        key = warm.server.user_key
+        key.write_bytes(key.read_bytes())  # same key, rewritten: the content is what counts
+        os.utime(key, ns=(0, 0))
+        shutil.copy(key, key.with_name("id_copy"))
+        warm.config.write(identity_file=str(key.with_name("id_copy")))
+    warm.store(backup, "gpbackup_0_three", b"3" * 1000)
+    warm.store(backup, "gpbackup_0_four", b"4" * 1000)
+    assert warm.logins() == logins + 1
+    # The session of before the change does not outlive it: one session is left, the new one.
+    assert wait_until(lambda: len(warm.session_children()) == 1), warm.session_children()
+
+
+def test_an_idle_session_closes_after_session_idle(warm: Warm, backup: LocalBackup) -> None:
+    path = warm.config.write("short_idle.yaml", session_idle=1)
+    warm.start_server(backup, path)
+    warm.store(backup, "gpbackup_0_idle", b"x" * 1000, config=path)
+    assert warm.session_children(), "no session kept"
+    assert wait_until(lambda: not warm.session_children(), timeout=10), "the idle session stayed open"
+    assert "without a call (session_idle)" in warm.config.log_text()
+    before = warm.logins()
+    warm.store(backup, "gpbackup_0_after_idle", b"y" * 1000, config=path)
+    assert warm.logins() == before + 1
+
+
+def test_session_idle_0_and_fork_server_no_keep_no_session(warm: Warm, backup: LocalBackup) -> None:
+    for name, option in (("no_idle.yaml", {"session_idle": 0}), ("no_server.yaml", {"fork_server": "no"})):
+        path = warm.config.write(name, **option)
+        warm.start_server(backup)  # a server runs (started by the default config)
+        before = warm.logins()
+        for number in range(3):
+            warm.store(backup, f"gpbackup_0_{name}_{number}", b"z" * 1000, config=path)
+        assert warm.logins() == before + 3, name
+        assert wait_until(lambda: not warm.session_children()), name
+
+
+def test_cleanup_in_segment_host_scope_closes_the_idle_sessions_of_its_config(warm: Warm,
+                                                                            backup: LocalBackup) -> None:
+    warm.start_server(backup)
+    with ThreadPoolExecutor(4) as pool:  # four sessions, idle afterwards
+        list(pool.map(lambda n: warm.store(backup, f"gpbackup_0_par_{n}", os.urandom(300_000)), range(4)))
+    assert len(warm.session_children()) >= 2
+    assert_ok(warm.run("cleanup_plugin_for_backup", backup.path, "segment_host", "0"))
+    assert wait_until(lambda: not warm.session_children()), "idle sessions outlived the end of the backup"
+
+
+def test_stop_fork_server_closes_every_session(warm: Warm, backup: LocalBackup) -> None:
+    warm.start_server(backup)
+    warm.store(backup, "gpbackup_0_before_stop", b"s" * 1000)
+    assert warm.session_children()
+    assert_ok(warm.plugin.run("stop-fork-server", env_extra=socket_dir_env(warm.tmpdir)))
+    assert wait_until(lambda: not warm.session_children())
+
+
+def test_concurrent_calls_open_at_most_one_session_each_and_reuse_them(warm: Warm, backup: LocalBackup) -> None:
+    warm.start_server(backup)
+    before = warm.logins()
+    data = {f"gpbackup_0_storm_{n}": os.urandom(1024 * (1 + n % 64)) for n in range(64)}
+    with ThreadPoolExecutor(4) as pool:
+        keys = dict(zip(pool.map(lambda item: warm.store(backup, *item), data.items()), data.values()))
+        restored = dict(zip(keys, pool.map(warm.restored, keys)))
+    assert all(sha256(restored[key]) == sha256(value) for key, value in keys.items())
+    assert warm.logins() - before <= 4 + 1  # one per call running at once (and one spare, as calls overlap)
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root to act as another uid")
+def test_another_uid_cannot_reach_a_session(warm: Warm, backup: LocalBackup) -> None:
+    warm.start_server(backup)
+    warm.store(backup, "gpbackup_0_owner", b"o" * 1000)
+    (sock,) = (warm.tmpdir / f"gpbackup_sftp_plugin-{os.getuid()}").glob("*.sock")
+    # Open the way for the test only: the private directory alone would keep the other uid out.
+    for directory in (warm.tmpdir, sock.parent):
+        directory.chmod(0o711)
+    sock.chmod(0o777)
+    route = forkserver.route_of(os.fsencode(warm.config.path) + b"\0" + warm.config.path.read_bytes())
+    probe = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(10)\n"
+             "try:\n    s.sendall(bytes.fromhex(sys.argv[2])); print(repr(s.recv(16)))\n"
+             "except ConnectionResetError:\n    print(repr(b''))")
+    result = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
+                             "-c", probe, str(sock), route.hex()], capture_output=True, timeout=RUN_TIMEOUT,
+                            check=False)
+    assert result.stdout.strip() == b"b''", result  # closed unanswered
+    assert f"refused a connection from uid {NOBODY}" in warm.config.log_text()
+    for directory in (warm.tmpdir, sock.parent):
+        directory.chmod(0o700)  # private again, or the owner's calls would not use the server either
+    logins = warm.logins()
+    warm.store(backup, "gpbackup_0_owner_again", b"a" * 1000)  # the owner's session is still there
+    assert warm.logins() == logins
+
+
+def test_a_signalled_call_ends_its_worker_and_the_next_call_gets_a_new_one(warm: Warm, backup: LocalBackup) -> None:
+    warm.start_server(backup)
+    warm.store(backup, "gpbackup_0_first", b"f" * 1000)
+    call = subprocess.Popen([warm.plugin.exe, "backup_data", str(warm.config.path),
+                             str(backup.file("gpbackup_0_signalled"))], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "HOME": str(warm.plugin.home), **socket_dir_env(warm.tmpdir)})
+    assert call.stdin is not None
+    call.stdin.write(b"partial" * 1000)
+    call.stdin.flush()
+    time.sleep(0.5)
+    call.send_signal(signal.SIGTERM)
+    call.communicate(timeout=RUN_TIMEOUT)
+    assert call.returncode != 0
+    assert not backup.remote(warm.config.remote_dir, "gpbackup_0_signalled").exists()
+    workers = set(re.findall(r"\[(\d+)\] INFO backup_data: start", warm.config.log_text()))
+    data = os.urandom(5000)
+    key = warm.store(backup, "gpbackup_0_after_signal", data)
+    assert sha256(warm.restored(key)) == sha256(data)
+    after = set(re.findall(r"\[(\d+)\] INFO (?:backup|restore)_data: start", warm.config.log_text()))
+    assert after - workers, "the signalled worker served again"
