@@ -440,7 +440,7 @@ class Bench:
                 "PASS" if openssh_up / up >= STORM_RATIO_TARGET else "FAIL", note=note),
             Row("storm restore_data", "s", down, openssh_down, openssh_down / down, f"ratio >= {STORM_RATIO_TARGET:g}",
                 "PASS" if openssh_down / down >= STORM_RATIO_TARGET else "FAIL", note=note),
-            Row("storm logins", "", logins, 2 * len(files), None, f"plugin <= {width}",
+            Row("storm logins", "logins", logins, 2 * len(files), None, f"plugin <= {width}",
                 "PASS" if logins <= width else "FAIL",
                 note="SSH logins the backup host logged (OpenSSH: one per file)"),
         ]
@@ -623,6 +623,8 @@ def annotate(rows: list[Row], method: str, how: str) -> list[Row]:
 def fmt_value(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
+    if unit == "logins":  # a count
+        return f"{value:.0f}"
     digits = 0 if value >= 100 else 1 if value >= 10 else 2
     return f"{value:.{digits}f} {unit}"
 
