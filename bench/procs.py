@@ -199,9 +199,10 @@ class Runner:
         self._serial += 1
         return self.scratch / f"{self._serial:06d}.{suffix}"
 
-    def plugin_child(self, target: Target, command: str, path: Path, stdin_path: Path | None = None,
+    def plugin_child(self, target: Target, command: str, path: Path, *more: Path, stdin_path: Path | None = None,
                      hash_stdout: bool = False) -> Child:
-        argv = self.plugin.argv(command, target.plugin_config, path)
+        """The plugin running `command` with the target's config, `path` and any `more` arguments."""
+        argv = self.plugin.argv(command, target.plugin_config, path, *more)
         return self._track(Child(argv, self.env, self._scratch("err"), stdin_path=stdin_path,
                                  hash_stdout=hash_stdout))
 

@@ -20,6 +20,11 @@ in one run, alternating plugin and OpenSSH within every round, measures:
   in front of the loopback sshd instead (devtools/delayproxy.py), which both
   clients share; the rows and the JSON say which was used, and the proxy's
   measured RTT;
+* at rest: ``backup_data`` of table-like rows (bench/tabledata.py) stored plain,
+  as a zstd container and as a zstd + AES-256-GCM container vs ``sftp put`` of
+  the same bytes; the stored size vs gzip -1; ``restore_data_subset`` of 1% of
+  a 1 GiB container in 10 ranges vs its whole ``restore_data``, with the bytes
+  the backup host sent counted by a zero-delay proxy;
 * ``plugin_api_version`` wall time and the peak RSS of ``backup_data``.
 
 Ratios are OpenSSH time / plugin time: above 1 the plugin is faster. Every
@@ -72,6 +77,7 @@ from bench.procs import (
     sha256_file,
     write_random_file,
 )
+from bench.tabledata import write_table_data
 from devtools.delayproxy import DelayProxy, measure_rtt
 from devtools.gpbackup import make_local_backup
 from devtools.harness import PLUGIN_EXE
@@ -100,6 +106,8 @@ DEFAULT_STORM_CALLS = 1000
 DEFAULT_STORM_WIDTH = 16
 STORM_MIN_KIB, STORM_MAX_KIB = 1, 64
 STORM_SEED = 13
+# The at-rest subset row reads 1% of a stream this large (the issue's 1 GiB).
+DEFAULT_SUBSET_SIZE_MIB = 1024
 # plugin_api_version takes tens of milliseconds; 20 runs give a stable median in about a second.
 DEFAULT_VERSION_RUNS = 20
 # 20 ms RTT is a link to another data centre in the same region.
@@ -130,6 +138,13 @@ PER_CALL_RATIO_TARGET = 1.0  # start-up + connect per call: no slower than a fre
 PER_CALL_WARM_MS_TARGET = 20.0
 PER_CALL_WARM_RATIO_TARGET = 8.0
 STORM_RATIO_TARGET = 5.0  # a per-table backup's thousands of calls vs one sftp process per file
+# Issue 14 (at rest): zstd should more than pay for itself on the wire; sealing costs a little on top.
+AT_REST_ZSTD_RATIO_TARGET = 2.0
+AT_REST_SEAL_COST_TARGET = 0.15
+SUBSET_READ_TARGET = 0.03  # 1% of the stream asked: the chunks around it, not the file
+SUBSET_TIME_TARGET = 0.05
+AT_REST_METRICS = ["at-rest up plain", "at-rest up zstd", "at-rest up zstd+AES-GCM", "stored size zstd+AES-GCM",
+                   "subset read bytes", "subset read time"]
 CONCURRENCY_RATIO_TARGET = 0.9  # parallel segments: aggregate within 10% of OpenSSH
 LATENCY_RATIO_TARGET = 0.9  # the pipelining must hide the RTT as well as OpenSSH's does
 VERSION_MS_TARGET = 50.0  # gpbackup calls plugin_api_version on every host before each backup
@@ -235,6 +250,8 @@ class Bench:
         rows.extend(self.guard_rows(["per-call warm", "per-call cold"], self.per_call))
         rows.extend(self.guard_rows(["storm backup_data", "storm restore_data", "storm logins"], self.storm))
         rows.append(self.guard("concurrency", self.concurrency))
+        if not args.no_at_rest:
+            rows.extend(self.guard_rows(AT_REST_METRICS, self.at_rest))
         rows.extend(self.high_latency())
         rows.append(self.guard("plugin_api_version", self.api_version))
         rows.append(self.guard("peak RSS", lambda: self.rss_row(stream, stream_sha)))
@@ -254,6 +271,12 @@ class Bench:
             "storm backup_data": storm,
             "storm restore_data": storm,
             "storm logins": f"during the plugin's {2 * args.storm_calls} storm calls",
+            "at-rest up plain": f"{args.size_mib} MiB of table rows",
+            "at-rest up zstd": f"{args.size_mib} MiB of table rows",
+            "at-rest up zstd+AES-GCM": f"{args.size_mib} MiB of table rows",
+            "stored size zstd+AES-GCM": f"{args.size_mib} MiB of table rows",
+            "subset read bytes": f"1% of {args.subset_size_mib} MiB in 10 ranges",
+            "subset read time": f"1% of {args.subset_size_mib} MiB in 10 ranges",
             "concurrency": f"{args.streams} x {self.stream_size / MIB:g} MiB",
             "high-latency up": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency down": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
@@ -443,6 +466,118 @@ class Bench:
             Row("storm logins", "logins", logins, 2 * len(files), None, f"plugin <= {width}",
                 "PASS" if logins <= width else "FAIL",
                 note="SSH logins the backup host logged (OpenSSH: one per file)"),
+        ]
+
+    def at_rest(self) -> list[Row]:
+        """Issue 14: backup_data of table-like data stored plain, as a zstd container and as a zstd + AES-256-GCM
+        container, beside ``sftp put`` of the same bytes; stored size beside gzip -1; a 1% subset read."""
+        args = self.args
+        size = args.size_mib * MIB
+        data = self.data / "table.tsv"
+        progress(f"writing {args.size_mib} MiB of table-like rows to {data}")
+        write_table_data(data, size)
+        data_sha = sha256_file(data)
+        key = self.workdir / "at-rest.key"
+        subprocess.run([str(args.plugin), "keygen", str(key)], env=self.runner.env, check=True, capture_output=True)
+        modes = {
+            "plain": self.loopback,
+            "zstd": self.make_target("zstd", "127.0.0.1", self.server.port, self.server.known_hosts,
+                                     compression="zstd"),
+            "zstd+AES-GCM": self.make_target("sealed", "127.0.0.1", self.server.port, self.server.known_hosts,
+                                             compression="zstd", encryption_key_file=str(key)),
+        }
+        seconds: dict[str, list[float]] = {mode: [] for mode in [*modes, "openssh"]}
+        dest = self.openssh_dir(self.loopback) / "table.tsv"
+        put = self.runner.sftp_batch([f"put {sftp_quote(data)} {sftp_quote(dest)}"])
+        stored: dict[str, int] = {}
+        for r in range(args.rounds):
+            for mode, target in modes.items():
+                name = f"gpbackup_0_{self.backup.timestamp}_table_{mode.replace('+', '_')}"
+                outcome = self.runner.plugin_child(target, "backup_data", self.key(name), stdin_path=data).finish()
+                seconds[mode].append(outcome.check(f"plugin backup_data ({mode})").seconds)
+                path = self.stored_path(target, name)
+                stored[mode] = path.stat().st_size
+                if r == 0:  # once per mode, untimed: the stored file restores to exactly the input
+                    back = self.runner.plugin_child(target, "restore_data", self.key(name), hash_stdout=True).finish()
+                    back.check(f"plugin restore_data ({mode})")
+                    if back.stdout_sha256 != data_sha:
+                        raise BenchError(f"plugin restore_data ({mode}) did not give back the bytes stored")
+                path.unlink()
+            seconds["openssh"].append(self.runner.sftp_child(self.loopback, put).finish()
+                                      .check("sftp put", allow_stderr=True).seconds)
+            check_size(dest, size, "sftp put")
+            dest.unlink()
+            progress(f"at rest round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{mode} {values[-1]:.2f} s" for mode, values in seconds.items()))
+        gzip_size = len(subprocess.run(["gzip", "-1", "-c", str(data)], check=True, capture_output=True).stdout)
+        o = seconds["openssh"]
+        rows = [throughput_row(f"at-rest up {mode}", size, seconds[mode], o, target) for mode, target in
+                (("plain", STREAM_RATIO_TARGET), ("zstd", AT_REST_ZSTD_RATIO_TARGET),
+                 ("zstd+AES-GCM", AT_REST_ZSTD_RATIO_TARGET))]
+        cost = median(seconds["zstd+AES-GCM"]) / median(seconds["zstd"]) - 1
+        rows[2].target += f", cost <= {AT_REST_SEAL_COST_TARGET:.0%}"
+        rows[2].note = f"encryption cost over zstd alone: {cost:+.1%} (median times)"
+        if cost > AT_REST_SEAL_COST_TARGET:
+            rows[2].status = "FAIL"
+        rows.append(Row("stored size zstd+AES-GCM", "MiB", stored["zstd+AES-GCM"] / MIB, gzip_size / MIB,
+                        gzip_size / stored["zstd+AES-GCM"], "<= gzip -1 (ratio >= 1)",
+                        "PASS" if stored["zstd+AES-GCM"] <= gzip_size else "FAIL",
+                        note=f"OpenSSH column: gzip -1 of the same data; zstd alone {stored['zstd'] / MIB:.1f} MiB; "
+                             f"{size / stored['zstd+AES-GCM']:.2f}x smaller than the input"))
+        rows.extend(self.subset_read(modes["zstd+AES-GCM"], key))
+        return rows
+
+    def subset_read(self, sealed: Target, key: Path) -> list[Row]:
+        """restore_data_subset of 1% of a large zstd + AES-GCM container in 10 ranges vs its whole restore_data,
+        through a zero-delay proxy that counts the bytes the backup host sent."""
+        args = self.args
+        size = args.subset_size_mib * MIB
+        data = self.data / "subset.tsv"
+        write_table_data(data, size)
+        name = f"gpbackup_0_{self.backup.timestamp}_subset"
+        self.runner.plugin_child(sealed, "backup_data", self.key(name), stdin_path=data).finish().check(
+            "plugin backup_data (subset source)")
+        stored_size = self.stored_path(sealed, name).stat().st_size
+        # Ten ranges of 0.1% each, spread over the stream, as gprestore asks for the tables it restores.
+        span = size // 1000
+        ranges = [(k * size // 10 + size // 40, k * size // 10 + size // 40 + span) for k in range(10)]
+        offsets = self.data / "subset.offsets"
+        offsets.write_text(f"{len(ranges)} " + " ".join(f"{a} {b}" for a, b in ranges) + "\n")
+        with DelayProxy(0) as proxy:
+            port = proxy.forward(("127.0.0.1", self.server.port))
+            known_hosts = self.workdir / "counted_known_hosts"
+            known_hosts.write_text(known_hosts_line(self.server.server_dir, "127.0.0.1", port))
+            counted = self.make_target("counted", "127.0.0.1", port, known_hosts, compression="zstd",
+                                       encryption_key_file=str(key), restore_subset="on")
+            # One untimed call first: its session is kept, so the counted calls move data, not handshakes.
+            self.runner.plugin_child(counted, "backup_file", self.key(name)).finish()
+            subset_secs: list[float] = []
+            whole_secs: list[float] = []
+            subset_bytes: list[int] = []
+            for r in range(args.rounds):
+                before = proxy.bytes_down()
+                outcome = self.runner.plugin_child(counted, "restore_data_subset", self.key(name), offsets,
+                                                   hash_stdout=True).finish()
+                subset_secs.append(outcome.check("plugin restore_data_subset").seconds)
+                subset_bytes.append(proxy.bytes_down() - before)
+                if outcome.stdout_bytes != span * len(ranges):
+                    raise BenchError(f"restore_data_subset wrote {outcome.stdout_bytes} bytes, not {span * 10}")
+                whole_secs.append(self.runner.plugin_child(counted, "restore_data", self.key(name)).finish()
+                                  .check("plugin restore_data (whole)").seconds)
+                progress(f"subset round {r + 1}/{args.rounds}: {subset_secs[-1]:.2f} s, {subset_bytes[-1]} bytes "
+                         f"read; whole {whole_secs[-1]:.2f} s")
+        self.stored_path(sealed, name).unlink()
+        read_share = median([float(b) for b in subset_bytes]) / stored_size
+        time_share = median(subset_secs) / median(whole_secs)
+        note = (f"10 ranges of {span / MIB:.2f} MiB of a {args.subset_size_mib} MiB stream stored in "
+                f"{stored_size / MIB:.0f} MiB; bytes the backup host sent, counted by a zero-delay proxy")
+        return [
+            Row("subset read bytes", "%", read_share * 100, None, None, f"<= {SUBSET_READ_TARGET:.0%} of stored",
+                "PASS" if read_share <= SUBSET_READ_TARGET else "FAIL", note=note),
+            Row("subset read time", "%", time_share * 100, None, None, f"<= {SUBSET_TIME_TARGET:.0%} of whole",
+                "PASS" if time_share <= SUBSET_TIME_TARGET else "FAIL",
+                note=f"subset {median(subset_secs) * 1000:.0f} ms, whole restore_data {median(whole_secs):.2f} s",
+                samples={"subset_seconds": subset_secs, "whole_seconds": whole_secs}),
         ]
 
     def logins(self) -> int:
@@ -719,6 +854,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-size-mib", type=positive_int, default=None,
                         help="size of each concurrent stream (default: --size-mib / --streams)")
     parser.add_argument("--calls", type=positive_int, default=DEFAULT_CALLS, help="backup_file calls per round")
+    parser.add_argument("--no-at-rest", action="store_true", help="skip the compression/encryption rows")
+    parser.add_argument("--subset-size-mib", type=positive_int, default=DEFAULT_SUBSET_SIZE_MIB,
+                        help="size of the stream the at-rest subset read takes 1%% of")
     parser.add_argument("--storm-calls", type=positive_int, default=DEFAULT_STORM_CALLS,
                         help="backup_data calls (then as many restore_data) in the per-table storm")
     parser.add_argument("--storm-width", type=positive_int, default=DEFAULT_STORM_WIDTH,
@@ -760,7 +898,10 @@ def make_workdir(args: argparse.Namespace) -> Path:
     stream_size = args.stream_size_mib * MIB if args.stream_size_mib else args.size_mib * MIB // args.streams
     # Source + plugin copy + sftp copy of each stream, plus the concurrent streams' sources and copies.
     needed = (3 * args.size_mib * MIB + (1 + 2 * args.streams) * stream_size
-              + (0 if args.no_latency else 3 * args.latency_size_mib * MIB) + SPACE_MARGIN)
+              + (0 if args.no_latency else 3 * args.latency_size_mib * MIB)
+              # At rest: the table data and its copies, the subset stream and its container.
+              + (0 if args.no_at_rest else 3 * args.size_mib * MIB + 2 * args.subset_size_mib * MIB)
+              + SPACE_MARGIN)
     free = shutil.disk_usage(parent).free
     if free < needed:
         raise SystemExit(f"bench: {parent} has {free // MIB} MiB free, the bench needs {needed // MIB} MiB; "

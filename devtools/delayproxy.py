@@ -126,8 +126,10 @@ class _Side(asyncio.BufferedProtocol):
 class _Direction:
     """Chunks read from one side, each held until one_way_delay after it was read, then written to the other."""
 
-    def __init__(self, connection: _Connection, delay: float, source: _Side, dest: _Side) -> None:
+    def __init__(self, connection: _Connection, delay: float, source: _Side, dest: _Side,
+                 tally: list[int]) -> None:
         self.connection = connection
+        self.tally = tally  # bytes passed this way, over all connections of the proxy
         self.loop = asyncio.get_running_loop()
         self.delay = delay
         self.source = source
@@ -148,6 +150,7 @@ class _Direction:
             self.ended = True
         else:
             self.held_bytes += len(chunk)
+            self.tally[0] += len(chunk)
         self.held.append((self.loop.time() + self.delay, chunk))
         self.schedule()
         self.update_flow()
@@ -193,11 +196,11 @@ class _Direction:
 class _Connection:
     """One client connection and its upstream connection, with a delayed direction each way."""
 
-    def __init__(self, delay: float, registry: set[_Connection]) -> None:
+    def __init__(self, delay: float, registry: set[_Connection], tallies: tuple[list[int], list[int]]) -> None:
         self.client = _Side(self)
         self.upstream = _Side(self)
-        self.up = _Direction(self, delay, self.client, self.upstream)
-        self.down = _Direction(self, delay, self.upstream, self.client)
+        self.up = _Direction(self, delay, self.client, self.upstream, tallies[0])
+        self.down = _Direction(self, delay, self.upstream, self.client, tallies[1])
         self.registry = registry
         registry.add(self)
 
@@ -254,6 +257,8 @@ class DelayProxy:
         self._connections: set[_Connection] = set()  # touched only by the loop thread
         self._tasks: set[asyncio.Task[None]] = set()  # touched only by the loop thread
         self._cpu_seconds = 0.0  # the loop thread's CPU time, recorded as it ends
+        # Bytes passed towards the upstream and towards the clients, over all connections (the loop thread adds).
+        self._tallies: tuple[list[int], list[int]] = ([0], [0])
 
     # -- control (any thread) ----------------------------------------------------------------------
 
@@ -271,6 +276,10 @@ class DelayProxy:
         self._listeners.append(listener)
         self._call(self._accept_on(listener, upstream))
         return cast(int, listener.getsockname()[1])
+
+    def bytes_down(self) -> int:
+        """Bytes passed from the upstream to the clients so far (with a zero delay: a byte counter)."""
+        return self._tallies[1][0]
 
     def cpu_seconds(self) -> float:
         """CPU time the proxy's thread has used so far (all connections)."""
@@ -352,7 +361,7 @@ class DelayProxy:
     async def _open(self, client: socket.socket, upstream: tuple[str, int]) -> None:
         """Connect upstream first, then start serving the client, so both sides exist before any byte moves."""
         loop = asyncio.get_running_loop()
-        connection = _Connection(self.one_way_delay, self._connections)
+        connection = _Connection(self.one_way_delay, self._connections, self._tallies)
         try:
             await loop.create_connection(lambda: connection.upstream, *upstream)
             await loop.connect_accepted_socket(lambda: connection.client, client)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sftp_plugin import paths, retention, transfer
-from sftp_plugin.store import Remote, remote_errors
+from sftp_plugin.store import Remote, read_small_stored, remote_errors
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +204,8 @@ def list_backup_dirs(remote: Remote) -> list[paths.BackupDir]:
 
 
 def _read(remote: Remote, path: str, limit: int, what: str) -> bytes | None:
-    with remote_errors(remote, what, path):
-        return remote.retrying(what, lambda: transfer.read_small(remote.sftp, path, limit))
+    """A report or config.yaml as stored, plain or a container (decoded and authenticated)."""
+    return read_small_stored(remote, path, limit, what)
 
 
 def read_entry(remote: Remote, backup: paths.BackupDir, present: Collection[str] | None = None) -> CatalogEntry:

@@ -54,6 +54,7 @@ VERSION_COMMANDS: dict[str, str] = {
 # Human-facing commands (may print freely); each is admin.<name>(argv after the command) -> exit code.
 ADMIN_COMMANDS: dict[str, str] = {
     "check": "check",
+    "keygen": "keygen",
     "list-backups": "list_backups",
     "prune": "prune",
     "stop-fork-server": "stop_fork_server",
@@ -83,6 +84,7 @@ DESCRIPTIONS: dict[str, str] = {
     "prune": "apply keep_last and keep_days now (--dry-run: only say what would go)",
     "verify": "re-read a backup (or --all) and check every file against its checksums",
     "stop-fork-server": "stop this user's fork servers on this host",
+    "keygen": "write a new encryption key file (mode 0600) and print its fingerprint",
     "help": "this text, or one command's arguments: help <command>",
 }
 GPBACKUP_FACING = (*VERSION_COMMANDS, *COMMANDS)

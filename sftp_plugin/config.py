@@ -29,6 +29,7 @@ from sftp_plugin.errors import ConfigError
 
 STRICT_CHOICES = ("yes", "accept-new", "no")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+COMPRESSIONS = ("none", "zstd")
 # Keys gpbackup/gprestore write into the per-host copy of the config; never ours to reject.
 GPBACKUP_KEYS = frozenset({"pgport", "backup_plugin_version"})
 FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}=?")
@@ -92,6 +93,16 @@ class PluginConfig:
     # Seconds a fork-server worker keeps its SSH session for the next call; 0: none is kept.
     session_idle: int = 60
     fast_path: bool = True
+    # At rest (container.py): "none" stores files as they come, "zstd" compresses them in chunks.
+    compression: str = "none"
+    compression_level: int = 1
+    encryption_key_file: str | None = None
+    decryption_key_files: tuple[str, ...] = ()
+
+    @property
+    def uses_container(self) -> bool:
+        """Whether new files are stored as containers (compressed and/or encrypted) rather than as they come."""
+        return self.compression != "none" or self.encryption_key_file is not None
 
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line or a message."""
@@ -225,6 +236,23 @@ def _size(value: str) -> int:
     return size
 
 
+def _compression(value: str) -> str:
+    word = _text(value).lower()
+    if word not in COMPRESSIONS:
+        raise _Invalid(f"expected one of {', '.join(COMPRESSIONS)}, got {value!r}")
+    return word
+
+
+def _local_paths(value: str) -> tuple[str, ...]:
+    """Local paths separated by commas (gpbackup's options are text: no YAML lists)."""
+    items = [item.strip() for item in value.split(",")]
+    if not any(items):
+        raise _Invalid("must not be empty")
+    if not all(items):
+        raise _Invalid(f"expected paths separated by commas, got {value!r}")
+    return tuple(os.path.expanduser(item) for item in items)
+
+
 def _log_level(value: str) -> str:
     word = _text(value).lower()
     if word not in LOG_LEVELS:
@@ -259,6 +287,11 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     # Up to an hour: a session kept longer than any pause within a backup only holds a login open.
     "session_idle": _whole_number(0, 3600),
     "fast_path": parse_bool,
+    "compression": _compression,
+    # zstd's levels; above 19 ("ultra") a level needs far more memory per chunk.
+    "compression_level": _whole_number(1, 19),
+    "encryption_key_file": _local_path,
+    "decryption_key_files": _local_paths,
 }
 REQUIRED = ("hostname", "remote_dir")
 assert set(PARSERS) == {f.name for f in fields(PluginConfig)}, "PARSERS and PluginConfig must list the same options"

@@ -104,12 +104,13 @@ PRELOAD = (
     "yaml",
     "encodings.idna",
     "ctypes",
+    "zstandard",  # container.py imports it only when a call compresses or decompresses
 )
 # The installed distributions whose code the server holds loaded besides ours
 # (normalized project names): an upgrade of any of them (a security fix of
 # paramiko or cryptography above all) must reach the next call, so their
 # versions are part of the digest that names the server.
-DEPENDENCIES = ("paramiko", "cryptography", "pyyaml", "tenacity", "bcrypt", "pynacl")
+DEPENDENCIES = ("paramiko", "cryptography", "pyyaml", "tenacity", "bcrypt", "pynacl", "zstandard")
 # How an installed distribution's metadata is named: <name>-<version>.dist-info
 # (pip) or <name>-<version>[-pyX.Y].egg-info (distro packages, setup.py).
 _METADATA_SUFFIXES = (".dist-info", ".egg-info")

@@ -8,6 +8,11 @@ rename) and reading one back (`read_stored`: every block verified before it
 reaches the sink) live here, so that gpbackup's commands (commands.py), the
 backup catalog (catalog.py) and the admin commands share one way of doing
 each. Knows gpbackup's file layout only through paths.py.
+
+With ``compression`` or an ``encryption_key_file`` configured, a file is
+stored as a container (container.py: chunks compressed and sealed, an
+index); every read recognises one by its magic bytes, whatever the config
+says now, so plain files stored before keep restoring.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-from sftp_plugin import PLUGIN_NAME, allocator, blocks, caller, integrity, paths, transfer
+from sftp_plugin import PLUGIN_NAME, allocator, blocks, caller, container, integrity, keys, paths, transfer
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.connection import Session, connect
 from sftp_plugin.errors import IntegrityError, RemoteError, RemoteNotFound
@@ -199,9 +204,13 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
     allocator.keep_freed_memory()
     root = remote.cfg.remote_dir
     target = target_file.remote(root)
+    encoding = _encoding_reader(remote.cfg, source)  # first: a key that cannot be used fails before any transfer
     digest = integrity.new_hash() if remote.cfg.verify_checksums else None
     upload = transfer.ResumableUpload(
-        source.read, target, remote.cfg.resume_buffer, on_chunk=digest.update if digest else None
+        source.read if encoding is None else encoding.read,
+        target,
+        remote.cfg.resume_buffer,
+        on_chunk=digest.update if digest else None,
     )
 
     def create_directories() -> None:
@@ -230,13 +239,17 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
             if digest is not None:
                 found = digest.result()
                 contents = [integrity.format_sidecar(found.hexdigest, target_file.name)]
-                if found.size > blocks.BLOCK_SIZE:
+                # A container authenticates its own chunks: its sidecar is for sha256sum -c on the backup host.
+                if encoding is None and found.size > blocks.BLOCK_SIZE:
                     contents.append(blocks.format_blocks(blocks.BLOCK_SIZE, found.size, found.whole, found.blocks))
                 for (path, temp), data in zip(checksum_files, contents):
                     remote.retrying(
                         "store checksum", lambda p=path, t=temp, d=data: transfer.put_bytes(remote.sftp, d, p, t)
                     )
             remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
+            if encoding is not None:
+                log.info("stored %s as a %s container: %d bytes of %d", remote.where(target),
+                         encoding.description, size, encoding.original_size)
         except BaseException:
             # Best effort on a session that may be the thing that broke; cleanup catches the rest.
             sftp = remote.sftp_if_open()
@@ -245,7 +258,24 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
                 for _, temp in checksum_files:
                     transfer.remove_quietly(sftp, temp)
             raise
+        finally:
+            if encoding is not None:
+                encoding.close()
     return size
+
+
+def _keyring(cfg: PluginConfig) -> keys.Keyring:
+    return keys.Keyring(cfg.encryption_key_file, cfg.decryption_key_files)
+
+
+def _encoding_reader(cfg: PluginConfig, source: BinaryIO) -> container.EncodingReader | None:
+    """What stores ``source`` as a container, or None to store it as it comes (neither option set)."""
+    if not cfg.uses_container:
+        return None
+    key = _keyring(cfg).encryption_key()
+    header = container.new_header(key, compress=cfg.compression == "zstd")
+    codec = container.Codec(header, key, cfg.compression_level)
+    return container.EncodingReader(source.read, container.Encoder(codec))
 
 
 def _checksum_paths(path: str) -> tuple[str, str]:
@@ -334,8 +364,16 @@ def read_stored(
     """
     allocator.keep_freed_memory()
     with remote_errors(remote, "download", source):
+        size, head, tail = remote.retrying(
+            "look up file",
+            lambda: transfer.read_ends(remote.sftp, source, container.HEADER_SIZE, container.TRAILER_SIZE),
+        )
+        shape = container.looks_like(head, tail)
+        if shape is None:
+            raise _damaged(remote, source, "it starts or ends like a container, but not both: cut short, or changed")
+        if shape:
+            return _read_container(remote, source, size, head, tail, sink, ranges, ranges_from)
         expected = _expected_digest(remote, source)
-        size = remote.retrying("look up file", lambda: transfer.size_of(remote.sftp, source))
         wanted = [(0, size)] if ranges is None else ranges
         if ranges is not None:
             check_within(ranges, size, source=f"{ranges_from} for {remote.where(source)}")
@@ -349,6 +387,75 @@ def read_stored(
                 "cannot be verified before delivery" if ranges is None else "are not verified",
             )
         return _read_unverified(remote, source, wanted, sink, expected if ranges is None else None)
+
+
+def _read_container(
+    remote: Remote,
+    source: str,
+    size: int,
+    head: bytes,
+    tail: bytes,
+    sink: Sink,
+    ranges: list[tuple[int, int]] | None,
+    ranges_from: str = "ranges",
+    limit: int | None = None,
+) -> int:
+    """Read a container: its header and trailer (given), its index, then only the chunks the ranges need, each
+    authenticated and decoded before any of its bytes reaches ``sink``. ``limit``: at most the first so many
+    bytes (a whole read only)."""
+    try:
+        header = container.parse_header(head)
+        trailer = container.parse_trailer(tail, size)
+    except container.ContainerFormatError as err:
+        raise _damaged(remote, source, str(err)) from None
+    key = None
+    if header.encrypted:
+        key = _keyring(remote.cfg).for_digest(header.key_digest, remote.where(source))
+    codec = container.Codec(header, key)
+    record = bytearray()
+    span = (trailer.index_offset, trailer.index_offset + trailer.index_length)
+    index_download = transfer.ResumableDownload(source, record.extend, [span])
+    remote.retrying("read the index", lambda: index_download.attempt(remote.sftp))
+    try:
+        box = container.Container(codec, trailer, record)
+    except container.ChunkAuthError:
+        raise _damaged(remote, source, "its index or header fails authentication") from None
+    except container.ContainerFormatError as err:
+        raise _damaged(remote, source, str(err)) from None
+    if ranges is None:
+        wanted = [(0, box.size if limit is None else min(limit, box.size))]
+    else:
+        check_within(ranges, box.size, source=f"{ranges_from} for {remote.where(source)}")
+        wanted = ranges
+    steps = box.plan(wanted)
+    output = container.ChunkOutput(box, steps, sink)
+    download = transfer.ResumableDownload(source, output.feed, box.fetch_ranges(steps))
+    try:
+        remote.retrying(f"download {source}", lambda: download.attempt(remote.sftp))
+        output.finish()
+    except container.ChunkAuthError as err:
+        offset = box.entries[int(err.what.split()[1])].original if err.what.startswith("chunk ") else 0
+        raise _damaged(remote, source, f"{err.what}, the bytes from offset {offset}, fails authentication") from None
+    except container.ContainerFormatError as err:
+        raise _damaged(remote, source, str(err)) from None
+    return output.delivered
+
+
+def read_small_stored(remote: Remote, path: str, limit: int, what: str) -> bytes | None:
+    """Up to ``limit`` bytes of a small stored file (a report, a config), a container decoded and
+    authenticated; None if it does not exist."""
+    with remote_errors(remote, what, path):
+        data = remote.retrying(what, lambda: transfer.read_small(remote.sftp, path, limit))
+        if data is None or not data.startswith(container.MAGIC):
+            return data
+        size, head, tail = remote.retrying(
+            what, lambda: transfer.read_ends(remote.sftp, path, container.HEADER_SIZE, container.TRAILER_SIZE)
+        )
+        if container.looks_like(head, tail) is not True:
+            raise _damaged(remote, path, "it starts like a container but does not end like one: cut short, or changed")
+        out = bytearray()
+        _read_container(remote, path, size, head, tail, out.extend, None, limit=limit)
+        return bytes(out)
 
 
 def _read_verified(remote: Remote, source: str, index: blocks.BlockIndex, steps: list[blocks.Step], sink: Sink) -> int:

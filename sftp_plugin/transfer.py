@@ -387,6 +387,18 @@ def read_small(sftp: paramiko.SFTPClient, path: str, limit: int) -> bytes | None
         return None
 
 
+def read_ends(sftp: paramiko.SFTPClient, path: str, head: int, tail: int) -> tuple[int, bytes, bytes]:
+    """A remote file's size, its first ``head`` bytes and its last ``tail`` (b"" if it is shorter than both)."""
+    with sftp.open(path, "rb") as handle:
+        size = handle.stat().st_size or 0
+        first = handle.read(min(head, size))
+        last = b""
+        if size >= head + tail:
+            handle.seek(size - tail)
+            last = handle.read(tail)
+    return size, first, last
+
+
 def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
     """(max-read-length, max-write-length) from limits@openssh.com; None where the server does not say."""
     try:

@@ -199,6 +199,24 @@ def test_log_level_is_case_insensitive_and_checked() -> None:
     assert "'log_level'" in problems(log_level="verbose")
 
 
+def test_at_rest_options_default_to_plain_files() -> None:
+    cfg = parse()
+    assert (cfg.compression, cfg.encryption_key_file, cfg.decryption_key_files) == ("none", None, ())
+    assert not cfg.uses_container
+
+
+def test_at_rest_options_are_parsed_and_checked() -> None:
+    cfg = parse(compression="ZSTD", compression_level="7", encryption_key_file="~/k",
+                decryption_key_files="/etc/old1.key, ~/old2.key")
+    assert cfg.compression == "zstd" and cfg.compression_level == 7 and cfg.uses_container
+    assert cfg.encryption_key_file is not None and not cfg.encryption_key_file.startswith("~")
+    assert cfg.decryption_key_files[0] == "/etc/old1.key" and not cfg.decryption_key_files[1].startswith("~")
+    assert parse(encryption_key_file="/k").uses_container
+    assert "'compression': expected one of none, zstd" in problems(compression="gzip")
+    assert "'compression_level'" in problems(compression_level="20")
+    assert "'decryption_key_files'" in problems(decryption_key_files="/a,,/b")
+
+
 def test_secrets_lists_password_and_passphrase() -> None:
     cfg = parse(password="pw-value", identity_passphrase="pass-value")
     assert set(cfg.secrets()) == {"pw-value", "pass-value"}

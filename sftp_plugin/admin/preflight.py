@@ -112,6 +112,8 @@ def _print_options(cfg: PluginConfig, config_path: str, secrets: list[str]) -> N
             shown = "on" if value else "off"  # the only words gprestore and the plugin accept
         elif isinstance(value, bool):
             shown = "yes" if value else "no"
+        elif isinstance(value, tuple):
+            shown = ", ".join(value) or "(not set)"
         else:
             shown = str(value)
         print(f"  {option.name:<26} {mask(shown, secrets)}")
@@ -211,6 +213,21 @@ def _check_secrets(config_path: str, cfg: PluginConfig, report: Report) -> None:
                   "no password, passphrase or key file named in the config")
 
 
+def _check_keys(cfg: PluginConfig, report: Report) -> None:
+    """Each configured key file loads (32 bytes, private); its fingerprint, to compare across hosts."""
+    from sftp_plugin import keys
+
+    named = [("encryption key", cfg.encryption_key_file)] if cfg.encryption_key_file else []
+    named += [("decryption key", path) for path in cfg.decryption_key_files]
+    for what, path in named:
+        try:
+            key = keys.load_key(path)
+        except PluginError as err:
+            report.fail("keys", err.message, err.hint)
+            continue
+        report.ok("keys", f"{what} {path}: {keys.fingerprint(key)} (the same on every host?)")
+
+
 def _check_privacy(remote: Remote, report: Report) -> None:
     """WARN when group or others may list or read remote_dir: the backups below it are the database's data."""
     import stat
@@ -300,6 +317,7 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
     print(flush=True)
     report.ok("config", f"{config_path} is valid")
     _check_secrets(config_path, cfg, report)
+    _check_keys(cfg, report)
 
     log_path = quiet_logging(cfg, "check")
     if log_path is None:
