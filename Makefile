@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PREFIX ?= /usr/local/gpbackup_sftp_plugin
 
-.PHONY: test unit test-oldest lint deps system-deps install bench demo clean
+.PHONY: test unit test-oldest lint deps system-deps install bench demo compose-test clean
 
 test: deps lint
 	@# pytest exits 5 when it collected no test: that is a failure here, not a pass.
@@ -60,6 +60,14 @@ bench: deps
 # call it, against a throwaway sshd on 127.0.0.1, verify every byte, then remove it all.
 demo: deps
 	$(PY) -m scripts.demo $(DEMO_ARGS)
+
+# The compose environment of docker/ as a test (docker/compose-test.sh, docker/README.md): up with images
+# built, the segment's round trip waited for, fails unless it says RESULT: OK (and the backup host's sshd
+# logged no error), then down -v whatever happened. `docker compose` where a Docker engine answers, else
+# podman (Debian's package) with podman-compose (in $(VENV)); where no registry answers, the base image
+# is made with debootstrap from this machine's apt sources.
+compose-test: $(VENV)/.installed
+	VENV=$(VENV) PYTHON=$(PYTHON) bash docker/compose-test.sh
 
 # Install the plugin for Greenplum at $(PREFIX) (same path on every host).
 install:

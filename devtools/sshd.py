@@ -41,7 +41,15 @@ def wait_for_ssh_banner(host: str, port: int, process: subprocess.Popen[bytes] |
             raise RuntimeError(f"sshd exited with {process.returncode}: {log_path.read_text().strip()}")
         try:
             with socket.create_connection((host, port), timeout=1) as conn:
-                if conn.recv(4).startswith(b"SSH-"):
+                # The whole version line: closing with part of it unread would reset the connection,
+                # which sshd logs as an error ("Connection reset by peer").
+                banner = b""
+                while not banner.endswith(b"\n") and len(banner) < 256:
+                    chunk = conn.recv(256 - len(banner))
+                    if not chunk:
+                        break
+                    banner += chunk
+                if banner.startswith(b"SSH-"):
                     return
         except OSError:
             time.sleep(0.05)

@@ -44,6 +44,9 @@ MAX_PACKET_SIZE = 256 * 1024
 # Seconds between SSH keepalives: well inside the idle timeouts of common
 # firewalls and NAT gateways (minutes), so a paused stream is not dropped.
 KEEPALIVE_INTERVAL = 15
+# Session.close: how long to wait for the server to end the connection after SSH_MSG_DISCONNECT (it does so
+# at once; a server that does not is cut off then).
+DISCONNECT_WAIT = 2.0
 SSH_CONFIG_PATH = "~/.ssh/config"
 DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 DEFAULT_PORT = 22
@@ -333,11 +336,22 @@ class Session:
     def cipher(self) -> str:
         return self.transport.remote_cipher
 
-    def close(self) -> None:
+    def close(self, wait: float = DISCONNECT_WAIT) -> None:
+        """End the session as ssh does, so that the backup host logs no error for it: the SFTP channel
+        closed (CHANNEL_EOF and CHANNEL_CLOSE), then SSH_MSG_DISCONNECT; the server then closes the
+        connection, and paramiko's thread reads everything it sent up to that end and closes the socket.
+        Closing the socket with anything unread instead makes the kernel send a reset, which sshd logs as
+        "Read error ...: Connection reset by peer". A server that does not close within ``wait`` seconds
+        is not waited for any longer. Used at the end of a call and for a kept session (sessions.py)."""
         try:
             self.sftp.close()
         finally:
-            self.transport.close()
+            try:
+                if self.transport.is_active() and fastpath.send_disconnect(self.transport):
+                    # Transport is a thread (public API): it ends at the server's end of the connection.
+                    self.transport.join(wait)
+            finally:
+                self.transport.close()
 
     def abort(self) -> None:
         """Shut the connection down at once; safe in a signal handler: no lock, no waiting.

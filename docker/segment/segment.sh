@@ -17,6 +17,8 @@
 #     verified, never trusted on first use. Only if that volume is missing do we fall
 #     back to ssh-keyscan, which trusts whatever answers: acceptable in this throwaway
 #     environment only, and said so loudly.
+# The backup host may still be starting (nothing makes compose wait for it with podman):
+# the script waits up to HOST_WAIT seconds (30) for the published key and for sshd to answer.
 set -eu
 PLUGIN_PREFIX=${PLUGIN_PREFIX:-/usr/local/gpbackup_sftp_plugin}
 SOURCE_DIR=${SOURCE_DIR:-/opt/gpbackup_sftp_plugin/src}
@@ -28,6 +30,7 @@ AUTHORIZED_KEYS=${AUTHORIZED_KEYS:-/client-keys/authorized_keys}
 HOST_KEYS_DIR=${HOST_KEYS_DIR:-/backup-host-keys}
 RUN_AS=${RUN_AS:-gpadmin}
 DEMO_ARGS=${DEMO_ARGS:-}
+HOST_WAIT=${HOST_WAIT:-30}
 
 as_user() { runuser -u "$RUN_AS" -- "$@"; }
 
@@ -63,15 +66,28 @@ echo "segment: $RUN_AS's key $(ssh-keygen -lf "$ssh_dir/id_ed25519.pub" | cut -d
 if [ "$BACKUP_PORT" = 22 ]; then known_name=$BACKUP_HOST; else known_name="[$BACKUP_HOST]:$BACKUP_PORT"; fi
 known_hosts="$ssh_dir/known_hosts"
 published="$HOST_KEYS_DIR/ssh_host_ed25519_key.pub"
+# Nothing may assume that the backup host is up: podman-compose does not wait for depends_on's
+# `condition: service_healthy`, and podman runs no healthcheck without systemd. So wait here, up to
+# HOST_WAIT seconds in all, for its published host key (when the volume is there), then for sshd to answer.
+deadline=$(( $(date +%s) + HOST_WAIT ))
+if [ -d "$HOST_KEYS_DIR" ] && [ ! -r "$published" ]; then
+  echo "segment: waiting up to ${HOST_WAIT}s for $BACKUP_HOST to publish its host key in $HOST_KEYS_DIR"
+  while [ ! -r "$published" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 1; done
+fi
+scan() { ssh-keyscan -T 2 -t ed25519 -p "$BACKUP_PORT" "$BACKUP_HOST" 2>/dev/null | awk '$2 == "ssh-ed25519" { print $2, $3 }'; }
+presented=$(scan)
+if [ -z "$presented" ]; then
+  echo "segment: waiting up to ${HOST_WAIT}s for sshd on $BACKUP_HOST:$BACKUP_PORT to answer"
+  while [ -z "$presented" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 1; presented=$(scan); done
+fi
+[ -n "$presented" ] || { echo "segment: no SSH server answered on $BACKUP_HOST:$BACKUP_PORT within ${HOST_WAIT}s" >&2; exit 1; }
 if [ -r "$published" ]; then
   awk -v name="$known_name" '{ print name, $1, $2 }' "$published" >"$known_hosts"
   echo "segment: trusting $BACKUP_HOST's host key $(ssh-keygen -lf "$published" | cut -d' ' -f2), published by it in $HOST_KEYS_DIR"
 else
   echo "segment: WARNING: $published not found; trusting whatever key $BACKUP_HOST:$BACKUP_PORT presents (ssh-keyscan)." \
        "Acceptable only in this throwaway environment: pin host_key_fingerprint on a real cluster."
-  ssh-keyscan -T 10 -t ed25519 -p "$BACKUP_PORT" "$BACKUP_HOST" 2>/dev/null \
-    | awk -v name="$known_name" '$2 == "ssh-ed25519" { print name, $2, $3 }' >"$known_hosts"
-  [ -s "$known_hosts" ] || { echo "segment: ssh-keyscan got no key from $BACKUP_HOST:$BACKUP_PORT" >&2; exit 1; }
+  printf '%s %s\n' "$known_name" "$presented" >"$known_hosts"
 fi
 chown "$RUN_AS" "$known_hosts"
 chmod 644 "$known_hosts"

@@ -88,3 +88,25 @@ def start_sftp(transport: paramiko.Transport, window_size: int, max_packet_size:
         transport.packetizer.hand_views_to(channel.get_id())
     channel.invoke_subsystem("sftp")
     return paramiko.SFTPClient(channel)
+
+
+# SSH_DISCONNECT_BY_APPLICATION (RFC 4253, 11.1): the client is done, nothing went wrong.
+DISCONNECT_BY_APPLICATION = 11
+
+
+def send_disconnect(transport: paramiko.Transport, description: str = "closed by gpbackup_sftp_plugin") -> bool:
+    """Send SSH_MSG_DISCONNECT on ``transport`` (paramiko has no public call for it: Transport.close only
+    closes the socket, which the server logs as an error). Whether it was sent: not where this paramiko
+    lacks Transport._send_user_message (checked, not assumed) or the transport is no longer active.
+
+    _send_user_message, not _send_message: it waits out a key exchange in progress, as any message of the
+    user's must, and drops the message if the connection died meanwhile."""
+    if not hasattr(paramiko.Transport, "_send_user_message") or not transport.is_active():
+        return False
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_DISCONNECT)
+    message.add_int(DISCONNECT_BY_APPLICATION)
+    message.add_string(description)
+    message.add_string("")  # language tag
+    transport._send_user_message(message)
+    return True
