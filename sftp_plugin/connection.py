@@ -425,7 +425,13 @@ def _open_socket(cfg: PluginConfig, endpoint: Endpoint, known: hostkeys.KnownHos
             lambda sock, jump: _open_jump(cfg, jump, sock, known, describe(jump)), describe,
             WINDOW_SIZE, MAX_PACKET_SIZE,
         )
-    return socket.create_connection((endpoint.host, endpoint.port), timeout=cfg.connect_timeout)
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=cfg.connect_timeout)
+    # No Nagle: SFTP requests are small packets sent while replies are still due, and Nagle holds each one
+    # back until the previous is acknowledged. Streams are not affected (their packets are full); short
+    # reads one after another are: a 1% range read of a 1 GiB container took 64-76 ms with it off,
+    # 180-370 ms with it on (10 ranges, ~20 chunks; bench/RESULTS.md).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def _handshake(cfg: PluginConfig, sock: object, known: hostkeys.KnownHosts, endpoint: Endpoint, label: str,

@@ -175,6 +175,48 @@ def read_range(
     return delivered - start
 
 
+def read_ranges(
+    sftp: paramiko.SFTPClient,
+    handle: bytes,
+    ranges: Iterable[tuple[int, int]],
+    sink: Sink,
+    request_size: int = REQUEST_SIZE,
+    depth: int = PIPELINE_DEPTH,
+) -> int:
+    """`read_range` for several ranges, in the order given, with the requests of later ranges pipelined
+    behind those of earlier ones: ten short ranges cost about one round trip, not ten. Returns bytes sent.
+
+    Every request lies within one range, so the sink sees each range's bytes in order, then the next's.
+    Raises ShortFileError if the file ends before a range does.
+    """
+    requests: deque[tuple[int, int]] = deque(
+        (offset, min(request_size, end - offset)) for start, end in ranges for offset in range(start, end, request_size)
+    )
+    pipe = Pipeline(sftp)
+    sent = 0
+    while pipe.pending or requests:
+        while requests and len(pipe.pending) < depth:
+            offset, length = requests.popleft()
+            pipe.pending.append((pipe.send(CMD_READ, handle, int64(offset), length), offset, length))
+        num, offset, length = pipe.pending.popleft()
+        try:
+            _, msg = pipe.wait(num)
+        except EndOfFile:
+            _abandon(pipe)
+            raise ShortFileError(f"remote file ends at byte {offset}, expected {offset + length}") from None
+        data = msg.get_binary()
+        sink(data)
+        sent += len(data)
+        if len(data) < length:
+            # A short read is legal mid-file: fetch the rest of this request before going on, and send the
+            # requests already in flight again (their replies are dropped to keep the channel in step).
+            unsent = [(o, n) for _, o, n in pipe.pending]
+            _abandon(pipe)
+            sent += _read_serially(sftp, handle, offset + len(data), offset + length, sink) - (offset + len(data))
+            requests.extendleft(reversed(unsent))
+    return sent
+
+
 def _read_serially(sftp: paramiko.SFTPClient, handle: bytes, offset: int, end: int, sink: Sink) -> int:
     pipe = Pipeline(sftp)
     while offset < end:
@@ -432,7 +474,10 @@ class ResumableDownload:
         assert self.remaining is not None
         self.sink(data)
         self.delivered += len(data)
-        self.remaining[0][0] += len(data)
+        first = self.remaining[0]
+        first[0] += len(data)
+        if first[0] >= first[1]:  # that range is whole: the next bytes are the next range's
+            self.remaining.pop(0)
 
     def attempt(self, sftp: paramiko.SFTPClient) -> int:
         with sftp.open(self.path, "rb") as remote:
@@ -443,11 +488,9 @@ class ResumableDownload:
             longest = max((end - start for start, end in self.remaining), default=0)
             request_size = read_request_size(sftp) if longest > REQUEST_SIZE else REQUEST_SIZE
             depth = max(1, READ_AHEAD_BYTES // request_size)
-            while self.remaining:
-                start, end = self.remaining[0]
-                if start < end:
-                    read_range(sftp, remote.handle, start, end, self._deliver, request_size, depth)
-                self.remaining.pop(0)
+            self.remaining = [[start, end] for start, end in self.remaining if start < end]  # empty: nothing to read
+            read_ranges(sftp, remote.handle, [(start, end) for start, end in self.remaining], self._deliver,
+                        request_size, depth)
         return self.delivered
 
 

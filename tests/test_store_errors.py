@@ -263,7 +263,7 @@ FILE = bytes(range(256)) * 4  # 1 KiB: every range fits one default request, so 
 
 
 class Reads:
-    """Stands for transfer.read_range: FILE's bytes in pieces of 10, the connection breaking once, before
+    """Stands for transfer.read_ranges: FILE's bytes in pieces of 10, the connection breaking once, before
     the piece that would pass ``breaks_after`` bytes delivered in the first attempt; records what each
     attempt asked for."""
 
@@ -272,16 +272,17 @@ class Reads:
         self.delivered = 0
         self.asked: list[list[tuple[int, int]]] = [[]]
 
-    def read_range(self, _sftp: object, _handle: bytes, start: int, end: int, sink: transfer.Sink,
-                   _request_size: int, _depth: int) -> int:
-        self.asked[-1].append((start, end))
-        for at in range(start, end, 10):
-            piece = FILE[at : min(at + 10, end)]
-            if len(self.asked) == 1 and self.delivered + len(piece) > self.breaks_after:
-                raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
-            sink(piece)
-            self.delivered += len(piece)
-        return end - start
+    def read_ranges(self, _sftp: object, _handle: bytes, ranges: list[tuple[int, int]], sink: transfer.Sink,
+                    _request_size: int, _depth: int) -> int:
+        self.asked[-1].extend(ranges)
+        for start, end in ranges:
+            for at in range(start, end, 10):
+                piece = FILE[at : min(at + 10, end)]
+                if len(self.asked) == 1 and self.delivered + len(piece) > self.breaks_after:
+                    raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+                sink(piece)
+                self.delivered += len(piece)
+        return sum(end - start for start, end in ranges)
 
 
 class FileForReading:
@@ -325,7 +326,7 @@ def test_a_resumed_download_continues_at_the_first_byte_not_delivered(
     retry_reads: list[tuple[int, int]]
 ) -> None:
     reads = Reads(breaks_after)
-    monkeypatch.setattr(transfer, "read_range", reads.read_range)
+    monkeypatch.setattr(transfer, "read_ranges", reads.read_ranges)
     received: list[bytes] = []
     download = transfer.ResumableDownload("/r/data", received.append, ranges)
     sftp = SftpForReading()
