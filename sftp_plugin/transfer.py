@@ -150,29 +150,7 @@ def read_range(
 
     Raises ShortFileError if the file ends before ``end``.
     """
-    pipe = Pipeline(sftp)
-    next_offset = start
-    delivered = start
-    while pipe.pending or next_offset < end:
-        while next_offset < end and len(pipe.pending) < depth:
-            length = min(request_size, end - next_offset)
-            pipe.pending.append((pipe.send(CMD_READ, handle, int64(next_offset), length), next_offset, length))
-            next_offset += length
-        num, offset, length = pipe.pending.popleft()
-        try:
-            _, msg = pipe.wait(num)
-        except EndOfFile:
-            _abandon(pipe)
-            raise ShortFileError(f"remote file ends at byte {delivered}, expected {end}") from None
-        data = msg.get_binary()
-        sink(data)
-        delivered += len(data)
-        if len(data) < length:
-            # A short read is legal mid-file; fetch the rest of this request before going on.
-            _abandon(pipe)
-            delivered = _read_serially(sftp, handle, delivered, offset + length, sink)
-            next_offset = delivered
-    return delivered - start
+    return read_ranges(sftp, handle, [(start, end)], sink, request_size, depth)
 
 
 def read_ranges(
@@ -189,28 +167,34 @@ def read_ranges(
     Every request lies within one range, so the sink sees each range's bytes in order, then the next's.
     Raises ShortFileError if the file ends before a range does.
     """
-    requests: deque[tuple[int, int]] = deque(
-        (offset, min(request_size, end - offset)) for start, end in ranges for offset in range(start, end, request_size)
+    # (offset, length, end of its range) of each request still to send
+    requests: deque[tuple[int, int, int]] = deque(
+        (offset, min(request_size, end - offset), end) for start, end in ranges
+        for offset in range(start, end, request_size)
     )
+    ends: dict[int, int] = {}  # request number -> end of its range, for the message of a file cut short
     pipe = Pipeline(sftp)
     sent = 0
     while pipe.pending or requests:
         while requests and len(pipe.pending) < depth:
-            offset, length = requests.popleft()
-            pipe.pending.append((pipe.send(CMD_READ, handle, int64(offset), length), offset, length))
+            offset, length, end = requests.popleft()
+            num = pipe.send(CMD_READ, handle, int64(offset), length)
+            pipe.pending.append((num, offset, length))
+            ends[num] = end
         num, offset, length = pipe.pending.popleft()
+        end = ends.pop(num)
         try:
             _, msg = pipe.wait(num)
         except EndOfFile:
             _abandon(pipe)
-            raise ShortFileError(f"remote file ends at byte {offset}, expected {offset + length}") from None
+            raise ShortFileError(f"remote file ends at byte {offset}, expected {end}") from None
         data = msg.get_binary()
         sink(data)
         sent += len(data)
         if len(data) < length:
             # A short read is legal mid-file: fetch the rest of this request before going on, and send the
             # requests already in flight again (their replies are dropped to keep the channel in step).
-            unsent = [(o, n) for _, o, n in pipe.pending]
+            unsent = [(o, n, ends.pop(k)) for k, o, n in pipe.pending]
             _abandon(pipe)
             sent += _read_serially(sftp, handle, offset + len(data), offset + length, sink) - (offset + len(data))
             requests.extendleft(reversed(unsent))

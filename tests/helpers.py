@@ -86,6 +86,20 @@ def own_fork_server(config: SiteConfig, prefix: str) -> Iterator[Path]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def flip(path: Path, offset: int) -> None:
+    """Flip one bit of a stored file (the lowest of the byte at ``offset``)."""
+    damaged = bytearray(path.read_bytes())
+    damaged[offset] ^= 0x01
+    path.write_bytes(bytes(damaged))
+
+
+def write_offsets(tmp_path: Path, ranges: list[tuple[int, int]]) -> Path:
+    """An offsets file for restore_data_subset, as gprestore writes it: ``N s1 e1 ... sN eN``."""
+    offsets = tmp_path / "offsets"
+    offsets.write_text(f"{len(ranges)} " + " ".join(f"{s} {e}" for s, e in ranges))
+    return offsets
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -12,6 +12,7 @@ import pytest
 from devtools.gpbackup import LocalBackup
 from devtools.harness import Plugin, SiteConfig, assert_failed
 from sftp_plugin import container, keys
+from tests.helpers import flip, write_offsets
 from tests.test_container import table_like
 
 MIB = 1024 * 1024
@@ -30,18 +31,6 @@ def mode_config(config: SiteConfig, tmp_path: Path, mode: str) -> Path:
     if "key" in mode:
         options["encryption_key_file"] = str(make_key(tmp_path))
     return config.write(f"{mode}.yaml", **options)
-
-
-def flip(path: Path, offset: int) -> None:
-    damaged = bytearray(path.read_bytes())
-    damaged[offset] ^= 0x01
-    path.write_bytes(bytes(damaged))
-
-
-def write_offsets(tmp_path: Path, ranges: list[tuple[int, int]]) -> Path:
-    offsets = tmp_path / "offsets"
-    offsets.write_text(f"{len(ranges)} " + " ".join(f"{s} {e}" for s, e in ranges))
-    return offsets
 
 
 def chunk_offsets(path: Path, key: Path | None) -> list[int]:

@@ -14,7 +14,7 @@ import pytest
 from devtools.gpbackup import LocalBackup
 from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_failed, assert_ok, socket_dir_env
 from sftp_plugin import blocks
-from tests.helpers import alive, start_under_a_parent, wait_until
+from tests.helpers import alive, flip, start_under_a_parent, wait_until, write_offsets
 
 MIB = 1024 * 1024
 BLOCK = blocks.BLOCK_SIZE
@@ -27,18 +27,6 @@ def stored(plugin: Plugin, config: SiteConfig, backup: LocalBackup, data: bytes,
     key = backup.file(name)
     plugin.ok("backup_data", config.path, key, stdin=data)
     return key, backup.remote(config.remote_dir, name)
-
-
-def flip(path: Path, offset: int) -> None:
-    damaged = bytearray(path.read_bytes())
-    damaged[offset] ^= 0x01
-    path.write_bytes(bytes(damaged))
-
-
-def write_offsets(tmp_path: Path, ranges: list[tuple[int, int]]) -> Path:
-    offsets = tmp_path / "offsets"
-    offsets.write_text(f"{len(ranges)} " + " ".join(f"{s} {e}" for s, e in ranges))
-    return offsets
 
 
 # ---------------------------------------------------------------- verified before delivered
