@@ -9,7 +9,6 @@ throughput-oriented algorithm and window settings.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import getpass
 import hashlib
@@ -20,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import paramiko
 
-from sftp_plugin import fastpath, hostkeys, proxy
+from sftp_plugin import fastpath, hostkeys, keys, proxy
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.errors import AuthError, ConfigError, ConnectError, HostKeyError
 from sftp_plugin.fastpath.negotiation import OfferRecordingTransport, mismatch
@@ -188,8 +187,7 @@ def session_key(cfg: PluginConfig) -> str:
 
 def fingerprint(key: paramiko.PKey) -> str:
     """The key's fingerprint in the form ``ssh-keygen -lf`` prints: SHA256:<base64, no padding>."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    return keys.fingerprint(key.asbytes())
 
 
 def _load_known_hosts(path: str) -> hostkeys.KnownHosts:

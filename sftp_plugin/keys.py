@@ -28,11 +28,11 @@ FORBIDDEN_MODE_BITS = 0o077
 
 def fingerprint(key: bytes) -> str:
     """``SHA256:<base64>`` of the key's SHA-256, as ``ssh-keygen -l`` shows a host key's."""
-    return "SHA256:" + base64.b64encode(hashlib.sha256(key).digest()).decode("ascii").rstrip("=")
+    return fingerprint_of_digest(key_digest(key))
 
 
 def fingerprint_of_digest(digest: bytes) -> str:
-    """The fingerprint shown for a stored key digest (the SHA-256 of a key)."""
+    """The fingerprint shown for a SHA-256 digest (of a key at rest, or of an SSH key's blob)."""
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 

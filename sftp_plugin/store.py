@@ -389,6 +389,30 @@ def read_stored(
         return _read_unverified(remote, source, wanted, sink, expected if ranges is None else None)
 
 
+# How _read_container gets byte spans of the stored file: (what, [(start, end), ...], deliver) -> None.
+Fetch = Callable[[str, list[tuple[int, int]], Callable[[bytes], object]], None]
+
+
+def _fetch_remote(remote: Remote, source: str) -> Fetch:
+    """Spans of ``source`` read from the backup host, each read resuming after a reconnect."""
+
+    def fetch(what: str, spans: list[tuple[int, int]], deliver: Callable[[bytes], object]) -> None:
+        download = transfer.ResumableDownload(source, deliver, spans)
+        remote.retrying(what, lambda: download.attempt(remote.sftp))
+
+    return fetch
+
+
+def _fetch_local(stored: bytes) -> Fetch:
+    """Spans of a stored file already read whole (a small one): nothing more to read."""
+
+    def fetch(_what: str, spans: list[tuple[int, int]], deliver: Callable[[bytes], object]) -> None:
+        for start, end in spans:
+            deliver(stored[start:end])
+
+    return fetch
+
+
 def _read_container(
     remote: Remote,
     source: str,
@@ -399,10 +423,12 @@ def _read_container(
     ranges: list[tuple[int, int]] | None,
     ranges_from: str = "ranges",
     limit: int | None = None,
+    fetch: Fetch | None = None,
 ) -> int:
     """Read a container: its header and trailer (given), its index, then only the chunks the ranges need, each
     authenticated and decoded before any of its bytes reaches ``sink``. ``limit``: at most the first so many
-    bytes (a whole read only)."""
+    bytes (a whole read only). ``fetch``: where the bytes come from (default: the backup host)."""
+    fetch = fetch or _fetch_remote(remote, source)
     try:
         header = container.parse_header(head)
         trailer = container.parse_trailer(tail, size)
@@ -413,9 +439,7 @@ def _read_container(
         key = _keyring(remote.cfg).for_digest(header.key_digest, remote.where(source))
     codec = container.Codec(header, key)
     record = bytearray()
-    span = (trailer.index_offset, trailer.index_offset + trailer.index_length)
-    index_download = transfer.ResumableDownload(source, record.extend, [span])
-    remote.retrying("read the index", lambda: index_download.attempt(remote.sftp))
+    fetch("read the index", [(trailer.index_offset, trailer.index_offset + trailer.index_length)], record.extend)
     try:
         box = container.Container(codec, trailer, record)
     except container.ChunkAuthError:
@@ -429,9 +453,8 @@ def _read_container(
         wanted = ranges
     steps = box.plan(wanted)
     output = container.ChunkOutput(box, steps, sink)
-    download = transfer.ResumableDownload(source, output.feed, box.fetch_ranges(steps))
     try:
-        remote.retrying(f"download {source}", lambda: download.attempt(remote.sftp))
+        fetch(f"download {source}", box.fetch_ranges(steps), output.feed)
         output.finish()
     except container.ChunkAuthError as err:
         offset = box.entries[int(err.what.split()[1])].original if err.what.startswith("chunk ") else 0
@@ -448,13 +471,18 @@ def read_small_stored(remote: Remote, path: str, limit: int, what: str) -> bytes
         data = remote.retrying(what, lambda: transfer.read_small(remote.sftp, path, limit))
         if data is None or not data.startswith(container.MAGIC):
             return data
-        size, head, tail = remote.retrying(
-            what, lambda: transfer.read_ends(remote.sftp, path, container.HEADER_SIZE, container.TRAILER_SIZE)
-        )
+        fetch = None
+        if len(data) < limit:  # the whole stored file is here already: decode it without reading it again
+            size, head, fetch = len(data), data[: container.HEADER_SIZE], _fetch_local(data)
+            tail = data[-container.TRAILER_SIZE :] if size >= container.HEADER_SIZE + container.TRAILER_SIZE else b""
+        else:
+            size, head, tail = remote.retrying(
+                what, lambda: transfer.read_ends(remote.sftp, path, container.HEADER_SIZE, container.TRAILER_SIZE)
+            )
         if container.looks_like(head, tail) is not True:
             raise _damaged(remote, path, "it starts like a container but does not end like one: cut short, or changed")
         out = bytearray()
-        _read_container(remote, path, size, head, tail, out.extend, None, limit=limit)
+        _read_container(remote, path, size, head, tail, out.extend, None, limit=limit, fetch=fetch)
         return bytes(out)
 
 
