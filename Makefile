@@ -17,7 +17,8 @@ unit: deps
 	$(PY) -m pytest -q -p no:cacheprovider -m unit
 
 # The lowest paramiko setup.cfg allows (sftp_plugin/fastpath: TESTED_PARAMIKO), in a virtualenv of its
-# own: the fast packet code needs paramiko >= 3.5, so this runs the suite through paramiko's own code.
+# own: the fast packet code needs paramiko >= 3.5, so this runs the suite through paramiko's own code,
+# and through the Python client (pip's console script: no compiled client is built here).
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PARAMIKO ?= 3.4.1
 test-oldest: system-deps
@@ -27,15 +28,18 @@ test-oldest: system-deps
 	if [ $$rc -eq 5 ]; then echo "make test-oldest: pytest ran no test" >&2; exit 1; fi; exit $$rc
 
 lint: deps
-	$(VENV)/bin/ruff check sftp_plugin tests bench scripts devtools
+	$(VENV)/bin/ruff check sftp_plugin tests bench scripts devtools launcher
 
 deps: system-deps $(VENV)/.package
 
-# OpenSSH server and client: the tests, demo and bench start a real sshd on 127.0.0.1.
+# OpenSSH server and client: the tests, demo and bench start a real sshd on 127.0.0.1. A C compiler and
+# zlib's header: the compiled client (launcher/).
 system-deps:
-	@if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null || ! command -v sftp >/dev/null; then \
-		echo "installing openssh-server and openssh-client"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client; \
+	@if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null || ! command -v sftp >/dev/null \
+		|| ! command -v cc >/dev/null || [ ! -f /usr/include/zlib.h ]; then \
+		echo "installing openssh-server, openssh-client, gcc and zlib1g-dev"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			openssh-server openssh-client gcc libc6-dev zlib1g-dev; \
 	fi
 
 $(VENV)/.installed:
@@ -47,9 +51,13 @@ $(VENV)/.installed:
 # editable: an editable install adds an import hook that slows every plugin
 # call), again whenever its sources change, so tests and the bench run the
 # installed console script. pip always rebuilds and reinstalls a local
-# directory, so one install per change is enough.
-$(VENV)/.package: $(VENV)/.installed setup.cfg setup.py pyproject.toml $(wildcard sftp_plugin/*.py sftp_plugin/*/*.py)
+# directory, so one install per change is enough. Then the compiled client
+# replaces the console script, as scripts/install.sh does, and the suite runs
+# through it (a failed build fails here); test-oldest keeps the Python client.
+$(VENV)/.package: $(VENV)/.installed setup.cfg setup.py pyproject.toml $(wildcard sftp_plugin/*.py sftp_plugin/*/*.py) \
+		launcher/gpbackup_sftp_plugin.c launcher/build.py
 	$(VENV)/bin/pip install -q '.[test]'
+	$(PY) -I launcher/build.py $(VENV)/bin/gpbackup_sftp_plugin
 	touch $@
 
 # Plugin vs OpenSSH sftp on a throwaway sshd (tmpfs); e.g. make bench BENCH_ARGS="--size-mib 64 --rounds 1".

@@ -7,7 +7,8 @@
 # Python 2.7 before every plugin call; a Python 3 interpreter that honours
 # them cannot even start. pip writes console scripts with a bare
 # "#!<venv>/bin/python" line, so we add -I (isolated mode: ignore PYTHON*
-# variables and the user site) to the generated script.
+# variables and the user site) to the generated script; the compiled client
+# starts Python the same way when it runs the plugin itself.
 set -eu
 PREFIX=${1:-/usr/local/gpbackup_sftp_plugin}
 SOURCE=${2:-$(cd "$(dirname "$0")/.." && pwd)}
@@ -27,5 +28,10 @@ case "$first" in
   "#!/"*) sed -i "1s|\$| -I|" "$script" ;;
   *) echo "install.sh: unexpected first line in $script: $first" >&2; exit 1 ;;
 esac
+# The compiled client (launcher/) in place of the console script when a C compiler and zlib's header
+# are here: ~12 ms less per call. It runs the same Python plugin; without it the console script serves.
+if "$PREFIX/bin/python" -I "$SOURCE/launcher/build.py" "$script"; then
+  echo "compiled client installed"
+fi
 "$script" --version >/dev/null
 echo "executablepath: $script"

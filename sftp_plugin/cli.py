@@ -175,20 +175,27 @@ class _WorkerCalls:
         sessions.close()
 
 
+# What a call ended by SIGINT says and exits with (128 + SIGINT, as a shell reports it).
+INTERRUPTED, INTERRUPTED_EXIT_CODE = "interrupted", 130
+# How much of the config file a route holds: any real config is far smaller.
+ROUTE_CONTENT_LIMIT = 1 << 20
+
+
 def route(config_path: str) -> bytes:
     """What a call shares with the calls a warm worker may serve it after (forkserver.delegate): the
     config file, by path and content. The worker checks the rest (sessions.py) before reusing anything."""
     path = os.path.abspath(config_path)
     try:
         with open(path, "rb") as handle:
-            content = handle.read(1 << 20)
+            content = handle.read(ROUTE_CONTENT_LIMIT)
     except OSError:
         content = b""
     return os.fsencode(path) + b"\0" + content
 
 
-def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
-    """Run one plugin call; `served_by` is the fork server monitor's pid when this is its worker."""
+def main(argv: list[str] | None = None, served_by: int | None = None, ask_server: bool = True) -> int:
+    """Run one plugin call; `served_by` is the fork server monitor's pid when this is its worker;
+    `ask_server=False` runs it here at once (the compiled client, launcher/, asked the server already)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         return fail("", f"no command given; {USAGE}; '{PLUGIN_NAME} help' lists the commands", 2)
@@ -215,9 +222,11 @@ def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
         expected = str(min_args) if min_args == max_args else f"{min_args} to {max_args}"
         return fail(command, f"expected {expected} arguments after the config file, got {len(args)}", 2)
     if served_by is None:
-        from sftp_plugin import caller, forkserver
+        from sftp_plugin import caller
 
         caller.remember(os.getpid(), os.getppid())
+    if served_by is None and ask_server:
+        from sftp_plugin import forkserver
         from sftp_plugin.errors import WorkerLost
 
         try:
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None, served_by: int | None = None) -> int:
         except WorkerLost as err:
             return fail(command, str(err), err.exit_code)
         except KeyboardInterrupt:  # SIGINT here, not in a worker: reported as run() does
-            return fail(command, "interrupted", 130)
+            return fail(command, INTERRUPTED, INTERRUPTED_EXIT_CODE)
         if code is not None:
             return code
     return run(command, config_path, args, served_by)
@@ -310,7 +319,7 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         return fail(command, mask(str(err), cfg.secrets()), err.exit_code)
     except KeyboardInterrupt:
         log.error("interrupted")
-        return fail(command, "interrupted", 130)
+        return fail(command, INTERRUPTED, INTERRUPTED_EXIT_CODE)
     except Exception as err:  # a bug or an unforeseen failure: traceback to the log only
         log.exception("unexpected failure")
         detail = mask(f"{type(err).__name__}: {err}", cfg.secrets())

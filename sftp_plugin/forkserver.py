@@ -126,11 +126,17 @@ def code_digest(fresh: bool = False) -> str:
     """Names this interpreter, this copy of the code and its dependencies: an upgrade gets a new server."""
     global _code_digest
     if _code_digest is None or fresh:
-        package = os.path.dirname(os.path.abspath(__file__))
-        site = sys.modules.get("site")  # imported at start-up unless -S; not worth importing for this
-        site_dirs = site.getsitepackages() if site is not None else []
-        _code_digest = digest_of(package, [os.path.dirname(package), *site_dirs])
+        _code_digest = digest_of(*digest_sources())
     return _code_digest
+
+
+def digest_sources() -> tuple[str, list[str]]:
+    """Where code_digest looks: our package's directory, and the site directories for DEPENDENCIES
+    (the compiled client, launcher/, is built with these)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    site = sys.modules.get("site")  # imported at start-up unless -S; not worth importing for this
+    site_dirs = site.getsitepackages() if site is not None else []
+    return package, [os.path.dirname(package), *site_dirs]
 
 
 def digest_of(package: str, site_dirs: list[str]) -> str:
@@ -300,18 +306,23 @@ def delegate(argv: list[str], route: bytes = b"") -> int | None:
         for sig, handler in previous.items():
             _signal.signal(sig, handler)
     if reply[:1] != ENDED:
-        from sftp_plugin.errors import WorkerLost
-
-        raise WorkerLost(
-            "lost contact with the fork server worker running this call; its outcome is unknown",
-            "see the plugin log, and retry the operation",
-        )
+        raise worker_lost()
     status = _INT.unpack(reply[1:])[0]
     if first_signal is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         # The worker finished before our signal reached it. Run here, the call would
         # have been ended by it, so it is: a signalled call never reports success.
         _signal.raise_signal(first_signal)  # SIGINT raises KeyboardInterrupt; the others end us
     return exit_code_of(status)
+
+
+def worker_lost() -> WorkerLost:
+    """The error of a call whose worker started but whose end could not be learned."""
+    from sftp_plugin.errors import WorkerLost
+
+    return WorkerLost(
+        "lost contact with the fork server worker running this call; its outcome is unknown",
+        "see the plugin log, and retry the operation",
+    )
 
 
 def act_on_caller_news() -> None:
@@ -510,6 +521,8 @@ if TYPE_CHECKING:
     import socket
     from typing import Protocol
 
+    from sftp_plugin.errors import WorkerLost
+
     class Calls(Protocol):
         """What the server runs, handed to `serve`: this module knows nothing of the commands."""
 
@@ -628,7 +641,9 @@ class _Dispatcher:
                     return
                 deadlines.append(idle_seconds - (now - last_call))
             timeout = max(min(deadlines), 0.01) if deadlines else None
-            readable = select.select([self.listener, *self.pending, *self.slots], [], [], timeout)[0]
+            # Slots first (select answers in this order): a slot's IDLE heard before a waiting route
+            # lets that call have the warm slot.
+            readable = select.select([*self.slots, *self.pending, self.listener], [], [], timeout)[0]
             for ready in readable:
                 if ready is self.listener:
                     self._accept()
@@ -893,7 +908,6 @@ def _slot(ctrl: socket.socket, conn: socket.socket, digest: str, own: dict[str, 
                 if retire:
                     ctrl.send(RETIRE)
                 break
-            ctrl.send(IDLE)
             next_conn = _next_call(ctrl, worker)
             if next_conn is None:
                 break
@@ -975,6 +989,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
 
         logging.getLogger("gpbackup_sftp_plugin.forkserver").warning(
             "refused the call of pid %d, which runs in its own process: %s", caller_pid, why)
+        _report_idle(ctrl, worker)
         conn.sendall(REFUSED + _INT.pack(0))
         return worker, False
     conn.settimeout(START_TIMEOUT)
@@ -985,6 +1000,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         payload = _recv_exact(conn, _INT.unpack(head)[0])
         request = _decode_request(payload)
         if request.magic != MAGIC or request.digest != digest:
+            _report_idle(ctrl, worker)
             conn.sendall(REFUSED + _INT.pack(0))
             return worker, False
         # A warm worker may have left between its last call and this one (idle, config changed):
@@ -1047,12 +1063,25 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         flags = 0
         status = worker.reap()
         worker = None
+    _report_idle(ctrl, worker)
     conn.sendall(ENDED + _INT.pack(status))
     # Wake the forwarder and let it end before anything else: a worker forked later must not be
     # forked beside a thread.
     conn.shutdown(socket.SHUT_RDWR)
     forwarder.join()
     return worker, bool(flags & _RETIRE)
+
+
+def _report_idle(ctrl: socket.socket, worker: _Worker | None) -> None:
+    """A slot whose worker stays is idle: said before the client hears its call's end, since the
+    caller's next call, started the moment this one ends, must find this slot idle rather than open a
+    new one (and a new SSH session). A server already gone hears nothing: the slot ends after the
+    call (its next read of `ctrl` is EOF), and the call's end is still the client's to hear."""
+    if worker is not None:
+        try:
+            ctrl.send(IDLE)
+        except OSError:
+            pass
 
 
 def _worker(sock: socket.socket, calls: Calls) -> None:

@@ -8,6 +8,7 @@ A fake GPHOME reproduces that, with modules that abort loudly if a Python 3 inte
 from __future__ import annotations
 
 import os
+import shutil
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                             capture_output=True, timeout=INSTALL_TIMEOUT, check=False)
     assert result.returncode == 0, f"install.sh failed: {result.stdout!r} {result.stderr!r}"
     assert f"executablepath: {prefix}/bin/gpbackup_sftp_plugin" in result.stdout.decode()
+    if shutil.which("cc"):  # then the calls below go through the compiled client and its -I fallback
+        assert "compiled client installed" in result.stdout.decode(), result.stderr
+        assert (prefix / "bin" / "gpbackup_sftp_plugin").read_bytes()[:4] == b"\x7fELF"
     yield prefix
 
 

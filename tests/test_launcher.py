@@ -1,0 +1,130 @@
+"""The compiled client (launcher/): it finds the same fork server as the Python code, hands it warm
+calls without starting Python, and runs the Python plugin whenever no server takes the call.
+
+`make test` installs it as the venv's gpbackup_sftp_plugin, so the rest of the suite (signals, refusals,
+a killed client) runs through it too; `make test-oldest` keeps pip's Python client, and these tests skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from devtools.gpbackup import LocalBackup
+from devtools.harness import PLUGIN_EXE, Plugin, SiteConfig, assert_ok, socket_dir_env
+from tests.helpers import own_fork_server, sha256, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+ELF_MAGIC = b"\x7fELF"
+
+
+def installed_client_is_compiled() -> bool:
+    with open(PLUGIN_EXE, "rb") as handle:
+        return handle.read(4) == ELF_MAGIC
+
+
+needs_compiled_client = pytest.mark.skipif(
+    not installed_client_is_compiled(), reason="the Python client is installed here (make test-oldest)")
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def build() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("launcher_build", REPO / "launcher" / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_compiler
+def test_the_built_client_agrees_with_the_python_code_on_digest_and_routes(build: ModuleType,
+                                                                           tmp_path: Path) -> None:
+    output = tmp_path / "gpbackup_sftp_plugin"
+    build.build(str(output))  # raises BuildError when the self-test finds any difference
+    assert output.read_bytes()[:4] == ELF_MAGIC
+    assert os.stat(output).st_mode & 0o777 == 0o755
+
+
+@needs_compiler
+def test_a_client_that_would_route_differently_is_not_installed(build: ModuleType, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    source = (REPO / "launcher" / "gpbackup_sftp_plugin.c").read_text()
+    # One deliberate difference: the route without the NUL between path and content.
+    broken = source.replace('int rc = absolute_path(config_path, cwd, &b) | put(&b, "", 1);',
+                            "int rc = absolute_path(config_path, cwd, &b);")
+    assert broken != source
+    (tmp_path / "broken.c").write_text(broken)
+    monkeypatch.setattr(build, "SOURCE", str(tmp_path / "broken.c"))
+    output = tmp_path / "gpbackup_sftp_plugin"
+    output.write_text("#!/bin/sh\n")  # what was there stays
+    with pytest.raises(build.BuildError, match="disagrees with the Python code"):
+        build.build(str(output))
+    assert output.read_text() == "#!/bin/sh\n"
+
+
+def client_executable(pid: int) -> str:
+    return os.path.realpath(f"/proc/{pid}/exe")
+
+
+class Calls:
+    def __init__(self, plugin: Plugin, config: SiteConfig, tmpdir: Path) -> None:
+        self.plugin, self.config, self.env = plugin, config, socket_dir_env(tmpdir)
+
+    def started(self, backup: LocalBackup, name: str) -> subprocess.Popen[bytes]:
+        return self.plugin.popen("backup_data", self.config.path, backup.file(name), stdin=subprocess.PIPE,
+                                 env_extra=self.env)
+
+    def served_calls(self) -> int:
+        return len(re.findall(r"fork server worker", self.config.log_text()))
+
+
+@pytest.fixture
+def calls(plugin: Plugin, fresh_config: SiteConfig) -> Iterator[Calls]:
+    with own_fork_server(fresh_config, "gpsftp-lc.") as tmpdir:
+        yield Calls(plugin, fresh_config, tmpdir)
+
+
+def finish(process: subprocess.Popen[bytes], data: bytes) -> None:
+    _, err = process.communicate(data, timeout=60)
+    assert process.returncode == 0 and err == b"", err
+
+
+@needs_compiled_client
+def test_with_no_server_the_client_runs_the_python_plugin_in_its_own_process(calls: Calls,
+                                                                             backup: LocalBackup) -> None:
+    process = calls.started(backup, "gpbackup_0_first")
+    python = os.path.realpath(sys.executable)
+    assert wait_until(lambda: client_executable(process.pid) == python), client_executable(process.pid)
+    data = os.urandom(100_000)
+    finish(process, data)
+    assert calls.served_calls() == 0
+    restored = assert_ok(calls.plugin.run("restore_data", calls.config.path, backup.file("gpbackup_0_first"),
+                                          env_extra=calls.env))
+    assert sha256(restored.stdout) == sha256(data)
+
+
+@needs_compiled_client
+def test_a_call_the_fork_server_takes_never_starts_python(calls: Calls, backup: LocalBackup) -> None:
+    finish(calls.started(backup, "gpbackup_0_warm_up"), b"x" * 1000)  # runs here and leaves a server
+    assert wait_until(lambda: calls.served_calls() == 0 and "serving" in calls.config.log_text())
+    for number in range(3):
+        served = calls.served_calls()
+        process = calls.started(backup, f"gpbackup_0_served_{number}")
+        assert wait_until(lambda s=served: calls.served_calls() == s + 1), "the server did not take the call"
+        # The worker runs the call while the client waits for its end: still this program, not Python.
+        assert client_executable(process.pid) == os.path.realpath(PLUGIN_EXE)
+        data = os.urandom(50_000 + number)
+        finish(process, data)
+        restored = assert_ok(calls.plugin.run("restore_data", calls.config.path,
+                                              backup.file(f"gpbackup_0_served_{number}"), env_extra=calls.env))
+        assert sha256(restored.stdout) == sha256(data)
