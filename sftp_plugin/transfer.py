@@ -136,6 +136,20 @@ class PipelinedWriter:
         while self._pipe.pending:
             self._confirm_oldest()
 
+    def sync_and_close(self, remote: paramiko.SFTPFile) -> None:
+        """Make the file durable and close it: fsync and CLOSE go behind the writes in flight and every
+        reply is checked in order, in one round trip where drain, fsync and close took three. A server
+        without fsync@openssh.com is tolerated (as by `fsync`); a failed CLOSE is an error, since a
+        server may report a failed write only there."""
+        sync, close = self._pipe.send_sync_and_close(remote)
+        self.drain()
+        try:
+            self._pipe.wait(sync)
+        except OSError as err:
+            if not extension_unsupported(err):
+                raise
+        self._pipe.wait(close)
+
 
 def read_range(
     sftp: paramiko.SFTPClient,
@@ -306,9 +320,8 @@ class ResumableUpload:
                 self._buffered += len(chunk)
                 writer.write(chunk)
                 self._trim(writer.confirmed)
-            writer.drain()
+            writer.sync_and_close(remote)
             self._trim(writer.confirmed)
-            fsync(sftp, remote.handle)
         return self.confirmed
 
     def _open(self, sftp: paramiko.SFTPClient) -> paramiko.SFTPFile:
@@ -388,8 +401,7 @@ def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path
     with create_private(sftp, temp_path) as remote:
         writer = PipelinedWriter(sftp, remote.handle)
         writer.write(data)
-        writer.drain()
-        fsync(sftp, remote.handle)
+        writer.sync_and_close(remote)
     rename_into_place(sftp, temp_path, final_path)
 
 

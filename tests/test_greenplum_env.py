@@ -8,8 +8,8 @@ A fake GPHOME reproduces that, with modules that abort loudly if a Python 3 inte
 from __future__ import annotations
 
 import os
-import shutil
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator

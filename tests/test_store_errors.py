@@ -185,6 +185,9 @@ class FakeWriter:
     def drain(self) -> None:
         self.confirmed = self.sent
 
+    def sync_and_close(self, _remote: FakeFile) -> None:
+        self.drain()
+
     def use_long_writes(self) -> None:
         pass
 
@@ -235,7 +238,6 @@ def test_a_resumed_upload_takes_up_at_the_acknowledged_byte_or_says_why_it_canno
 ) -> None:
     monkeypatch.setattr(transfer, "PipelinedWriter", FakeWriter)
     monkeypatch.setattr(transfer, "create_private", create)
-    monkeypatch.setattr(transfer, "fsync", lambda sftp, handle: None)
     host = FakeHost(lag)
     upload = transfer.ResumableUpload(source(CHUNKS, breaks_at), "/r/data", buffer_limit)
     temp = upload.temp_path

@@ -17,7 +17,8 @@ import struct
 from collections import deque
 
 import paramiko
-from paramiko.sftp import CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, CMD_STATUS, CMD_WRITE
+from paramiko.file import BufferedFile
+from paramiko.sftp import CMD_CLOSE, CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, CMD_STATUS, CMD_WRITE
 
 from sftp_plugin.fastpath.packets import send_channel_data
 
@@ -73,6 +74,17 @@ class Pipeline:
         )
         send_channel_data(sftp.sock, [header, data])
         return num
+
+    def send_sync_and_close(self, file: paramiko.SFTPFile) -> tuple[int, int]:
+        """fsync@openssh.com and CLOSE for `file`'s handle, sent behind what is in flight (the server
+        answers in order, so a file's last writes, its sync and its close cost one round trip together);
+        their request numbers. `file` counts as closed from here: BufferedFile.close marks it so without
+        a request, since paramiko's own CLOSE, sent after ours, could close a handle the server has
+        meanwhile given to another file."""
+        sync = self.send(CMD_EXTENDED, "fsync@openssh.com", file.handle)
+        close = self.send(CMD_CLOSE, file.handle)
+        BufferedFile.close(file)
+        return sync, close
 
     def wait(self, num: int) -> tuple[int, paramiko.Message]:
         """The reply to request ``num``; an error status raises IOError, SFTP's EOF status EndOfFile.
