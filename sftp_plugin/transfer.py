@@ -417,23 +417,50 @@ def rename_into_place(sftp: paramiko.SFTPClient, source: str, target: str) -> No
 
 
 def read_small(sftp: paramiko.SFTPClient, path: str, limit: int) -> bytes | None:
-    """Up to ``limit`` bytes of a small remote file (a report, a checksum); None if it does not exist."""
+    """Up to ``limit`` bytes of a small remote file (a report, a checksum); None if it does not exist.
+
+    Two round trips: OPEN, then FSTAT, READ and CLOSE together. The size tells
+    whether the one READ returned all there was; a server that returned less
+    (SFTP allows it) is read again the plain way.
+    """
     try:
-        with sftp.open(path, "rb") as handle:
-            return handle.read(limit)
+        remote = sftp.open(path, "rb")
     except FileNotFoundError:
         return None
+    with remote:
+        pipe = Pipeline(sftp)
+        stat, read, close = pipe.send_fstat(remote), pipe.send_read(remote, 0, limit), pipe.send_close(remote)
+        size = pipe.attributes(stat).st_size or 0
+        data = pipe.data(read)
+        pipe.wait(close)
+    if len(data) == min(size, limit):
+        return data
+    with sftp.open(path, "rb") as handle:
+        return handle.read(limit)
 
 
 def read_ends(sftp: paramiko.SFTPClient, path: str, head: int, tail: int) -> tuple[int, bytes, bytes]:
-    """A remote file's size, its first ``head`` bytes and its last ``tail`` (b"" if it is shorter than both)."""
-    with sftp.open(path, "rb") as handle:
-        size = handle.stat().st_size or 0
-        first = handle.read(min(head, size))
-        last = b""
-        if size >= head + tail:
-            handle.seek(size - tail)
-            last = handle.read(tail)
+    """A remote file's size, its first ``head`` bytes and its last ``tail`` (b"" if it is shorter than both).
+
+    Three round trips: OPEN; FSTAT and the head's READ together; the tail's READ and CLOSE together.
+    """
+    with sftp.open(path, "rb") as remote:
+        pipe = Pipeline(sftp)
+        stat, read = pipe.send_fstat(remote), pipe.send_read(remote, 0, head)
+        size = pipe.attributes(stat).st_size or 0
+        first = pipe.data(read)
+        tail_read = pipe.send_read(remote, size - tail, tail) if size >= head + tail else None
+        close = pipe.send_close(remote)
+        last = pipe.data(tail_read) if tail_read is not None else b""
+        pipe.wait(close)
+    if len(first) != min(head, size) or len(last) not in (0, tail) or (tail_read is not None and not last):
+        # a server that returned less than asked (SFTP allows it): read the plain way
+        with sftp.open(path, "rb") as handle:
+            first = handle.read(min(head, size))
+            last = b""
+            if size >= head + tail:
+                handle.seek(size - tail)
+                last = handle.read(tail)
     return size, first, last
 
 

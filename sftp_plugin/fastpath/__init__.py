@@ -61,9 +61,11 @@ def packet_code_missing() -> tuple[str, ...]:
 
 @functools.cache
 def sftp_code_missing() -> tuple[str, ...]:
-    from sftp_plugin.fastpath.sftp import REQUIRED
+    from sftp_plugin.fastpath.sftp import REQUIRED, REQUIRED_ATTRIBUTES
 
-    return tuple(f"SFTPClient.{name}" for name in REQUIRED if not hasattr(paramiko.SFTPClient, name))
+    missing = [f"SFTPClient.{name}" for name in REQUIRED if not hasattr(paramiko.SFTPClient, name)]
+    missing += [f"SFTPAttributes.{name}" for name in REQUIRED_ATTRIBUTES if not hasattr(paramiko.SFTPAttributes, name)]
+    return tuple(missing)
 
 
 def transport_options(fast: bool) -> dict[str, Any]:

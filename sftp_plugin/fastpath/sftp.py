@@ -18,7 +18,19 @@ from collections import deque
 
 import paramiko
 from paramiko.file import BufferedFile
-from paramiko.sftp import CMD_CLOSE, CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, CMD_STATUS, CMD_WRITE
+from paramiko.sftp import (
+    CMD_ATTRS,
+    CMD_CLOSE,
+    CMD_DATA,
+    CMD_EXTENDED,
+    CMD_FSTAT,
+    CMD_HANDLE,
+    CMD_OPEN,
+    CMD_READ,
+    CMD_STATUS,
+    CMD_WRITE,
+    int64,
+)
 
 from sftp_plugin.fastpath.packets import send_channel_data
 
@@ -27,6 +39,8 @@ _WRITE_TAIL = struct.Struct(">QI")  # offset, data length
 WRITE_HEADER = _WRITE_HEADER.size + _WRITE_TAIL.size  # 25 bytes besides the handle
 # SFTPClient attributes the pipeline uses; fastpath.missing checks they exist.
 REQUIRED = ("_async_request", "_read_response", "_convert_status", "_request", "_adjust_cwd")
+# SFTPAttributes' parser of an ATTRS reply, for FSTAT sent through the pipeline; checked likewise.
+REQUIRED_ATTRIBUTES = ("_from_msg",)
 
 
 class EndOfFile(Exception):
@@ -85,6 +99,36 @@ class Pipeline:
         close = self.send(CMD_CLOSE, file.handle)
         BufferedFile.close(file)
         return sync, close
+
+    def send_fstat(self, file: paramiko.SFTPFile) -> int:
+        return self.send(CMD_FSTAT, file.handle)
+
+    def send_read(self, file: paramiko.SFTPFile, offset: int, length: int) -> int:
+        return self.send(CMD_READ, file.handle, int64(offset), length)
+
+    def send_close(self, file: paramiko.SFTPFile) -> int:
+        """CLOSE for `file`'s handle, behind what is in flight; `file` counts as closed from here
+        (as in send_sync_and_close)."""
+        num = self.send(CMD_CLOSE, file.handle)
+        BufferedFile.close(file)
+        return num
+
+    def attributes(self, num: int) -> paramiko.SFTPAttributes:
+        """The reply to a send_fstat."""
+        kind, msg = self.wait(num)
+        if kind != CMD_ATTRS:
+            raise paramiko.SFTPError(f"expected attributes in reply to FSTAT, got message type {kind}")
+        return paramiko.SFTPAttributes._from_msg(msg)
+
+    def data(self, num: int) -> bytes:
+        """The reply to a send_read: its bytes, b"" at end of file."""
+        try:
+            kind, msg = self.wait(num)
+        except EndOfFile:
+            return b""
+        if kind != CMD_DATA:
+            raise paramiko.SFTPError(f"expected data in reply to READ, got message type {kind}")
+        return msg.get_string()
 
     def wait(self, num: int) -> tuple[int, paramiko.Message]:
         """The reply to request ``num``; an error status raises IOError, SFTP's EOF status EndOfFile.
