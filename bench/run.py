@@ -143,8 +143,16 @@ AT_REST_ZSTD_RATIO_TARGET = 2.0
 AT_REST_SEAL_COST_TARGET = 0.15
 SUBSET_READ_TARGET = 0.03  # 1% of the stream asked: the chunks around it, not the file
 SUBSET_TIME_TARGET = 0.05
+# The at-rest uploads again over a 1 Gbit/s link (the delay proxy's bandwidth limit, 0.25 ms each way: one
+# data centre): on loopback both clients are CPU-bound and a byte on the wire costs nothing, so compression
+# has nothing to save there; between hosts the wire is what it saves.
+LINK_RATE = 125_000_000  # bytes per second each way
+LINK_ONE_WAY_DELAY = 0.00025
+LINK_LABEL = f"{LINK_RATE * 8 / 1e9:g} Gbit/s link"
+LINK_MODES = ("zstd", "zstd+AES-GCM")
 AT_REST_METRICS = ["at-rest up plain", "at-rest up zstd", "at-rest up zstd+AES-GCM", "stored size zstd+AES-GCM",
-                   "peak RSS zstd+AES-GCM", "subset read bytes", "subset read time"]
+                   "peak RSS zstd+AES-GCM", "subset read bytes", "subset read time",
+                   *(f"at-rest up {mode} over link" for mode in LINK_MODES)]
 CONCURRENCY_RATIO_TARGET = 0.9  # parallel segments: aggregate within 10% of OpenSSH
 LATENCY_RATIO_TARGET = 0.9  # the pipelining must hide the RTT as well as OpenSSH's does
 VERSION_MS_TARGET = 50.0  # gpbackup calls plugin_api_version on every host before each backup
@@ -277,6 +285,8 @@ class Bench:
             "at-rest up zstd": f"{args.size_mib} MiB of table rows",
             "at-rest up zstd+AES-GCM": f"{args.size_mib} MiB of table rows",
             "stored size zstd+AES-GCM": f"{args.size_mib} MiB of table rows",
+            "at-rest up zstd over link": f"{args.size_mib} MiB of table rows, {LINK_LABEL}",
+            "at-rest up zstd+AES-GCM over link": f"{args.size_mib} MiB of table rows, {LINK_LABEL}",
             "peak RSS zstd+AES-GCM": f"backup_data of {args.size_mib} MiB of table rows",
             "subset read bytes": f"1% of {args.subset_size_mib} MiB in 10 ranges",
             "subset read time": f"1% of {args.subset_size_mib} MiB in 10 ranges",
@@ -489,29 +499,7 @@ class Bench:
             "zstd+AES-GCM": self.make_target("sealed", "127.0.0.1", self.server.port, self.server.known_hosts,
                                              compression="zstd", encryption_key_file=str(key)),
         }
-        seconds: dict[str, list[float]] = {mode: [] for mode in [*modes, "openssh"]}
-        dest = self.openssh_dir(self.loopback) / "table.tsv"
-        put = self.runner.sftp_batch([f"put {sftp_quote(data)} {sftp_quote(dest)}"])
-        stored: dict[str, int] = {}
-        for r in range(args.rounds):
-            for mode, target in modes.items():
-                name = f"gpbackup_0_{self.backup.timestamp}_table_{mode.replace('+', '_')}"
-                outcome = self.runner.plugin_child(target, "backup_data", self.key(name), stdin_path=data).finish()
-                seconds[mode].append(outcome.check(f"plugin backup_data ({mode})").seconds)
-                path = self.stored_path(target, name)
-                stored[mode] = path.stat().st_size
-                if r == 0:  # once per mode, untimed: the stored file restores to exactly the input
-                    back = self.runner.plugin_child(target, "restore_data", self.key(name), hash_stdout=True).finish()
-                    back.check(f"plugin restore_data ({mode})")
-                    if back.stdout_sha256 != data_sha:
-                        raise BenchError(f"plugin restore_data ({mode}) did not give back the bytes stored")
-                path.unlink()
-            seconds["openssh"].append(self.runner.sftp_child(self.loopback, put).finish()
-                                      .check("sftp put", allow_stderr=True).seconds)
-            check_size(dest, size, "sftp put")
-            dest.unlink()
-            progress(f"at rest round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{mode} {values[-1]:.2f} s" for mode, values in seconds.items()))
+        seconds, stored = self.time_uploads(modes, self.loopback, data, data_sha, "at rest")
         gzip_size = gzip_size_of(data)
         # Peak RSS of a sealing backup_data in its own process (the fork server's worker is not the process
         # the bench waits for): chunks compressed and sealed on two threads while the upload runs.
@@ -539,6 +527,70 @@ class Bench:
                         "PASS" if rss_kib / KIB <= RSS_MIB_TARGET else "FAIL",
                         note="backup_data in-process (fork_server: no)"))
         rows.extend(self.subset_read(modes["zstd+AES-GCM"], key))
+        rows.extend(self.at_rest_over_link(data, data_sha, key))
+        return rows
+
+    def time_uploads(self, modes: dict[str, Target], openssh: Target, data: Path, data_sha: str,
+                     what: str) -> tuple[dict[str, list[float]], dict[str, int]]:
+        """Each round: backup_data of `data` in every mode, then ``sftp put`` of it through `openssh`'s way;
+        their times, and each mode's stored size. Each mode's first copy must restore to exactly `data`."""
+        args = self.args
+        size = data.stat().st_size
+        seconds: dict[str, list[float]] = {mode: [] for mode in [*modes, "openssh"]}
+        dest = self.openssh_dir(openssh) / data.name
+        put = self.runner.sftp_batch([f"put {sftp_quote(data)} {sftp_quote(dest)}"])
+        stored: dict[str, int] = {}
+        for r in range(args.rounds):
+            for mode, target in modes.items():
+                name = f"gpbackup_0_{self.backup.timestamp}_table_{target.label}_{mode.replace('+', '_')}"
+                outcome = self.runner.plugin_child(target, "backup_data", self.key(name), stdin_path=data).finish()
+                seconds[mode].append(outcome.check(f"plugin backup_data ({mode})").seconds)
+                path = self.stored_path(target, name)
+                stored[mode] = path.stat().st_size
+                if r == 0:  # once per mode, untimed: the stored file restores to exactly the input
+                    back = self.runner.plugin_child(target, "restore_data", self.key(name), hash_stdout=True).finish()
+                    back.check(f"plugin restore_data ({mode})")
+                    if back.stdout_sha256 != data_sha:
+                        raise BenchError(f"plugin restore_data ({mode}) did not give back the bytes stored")
+                path.unlink()
+            seconds["openssh"].append(self.runner.sftp_child(openssh, put).finish()
+                                      .check("sftp put", allow_stderr=True).seconds)
+            check_size(dest, size, "sftp put")
+            dest.unlink()
+            progress(f"{what} round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{mode} {values[-1]:.2f} s" for mode, values in seconds.items()))
+        return seconds, stored
+
+    def at_rest_over_link(self, data: Path, data_sha: str, key: Path) -> list[Row]:
+        """The zstd and zstd + AES-GCM uploads and ``sftp put`` through the delay proxy as a LINK_LABEL."""
+        size = data.stat().st_size
+        with DelayProxy(LINK_ONE_WAY_DELAY, rate=LINK_RATE) as proxy:
+            port = proxy.forward(("127.0.0.1", self.server.port))
+            known_hosts = self.workdir / "link_known_hosts"
+            known_hosts.write_text(known_hosts_line(self.server.server_dir, "127.0.0.1", port))
+            link = self.make_target("link", "127.0.0.1", port, known_hosts)
+            options: dict[str, dict[str, object]] = {
+                "zstd": {"compression": "zstd"},
+                "zstd+AES-GCM": {"compression": "zstd", "encryption_key_file": str(key)},
+            }
+            modes = {mode: self.make_target(f"link-{mode.replace('+', '-')}", "127.0.0.1", port, known_hosts,
+                                            **options[mode]) for mode in LINK_MODES}
+            cpu_before = proxy.cpu_seconds()
+            try:
+                seconds, _ = self.time_uploads(modes, link, data, data_sha, f"at rest over a {LINK_LABEL}")
+            finally:
+                self.runner.kill_all()  # children first: a transfer in flight through a closed proxy would hang
+            cpu = proxy.cpu_seconds() - cpu_before
+        o = seconds["openssh"]
+        note = (f"the delay proxy as a {LINK_LABEL} ({LINK_RATE / MIB:.0f} MiB/s each way, shared; "
+                f"{LINK_ONE_WAY_DELAY * 1000:g} ms each way); sftp put moved {size / MIB / median(o):.0f} MiB/s of "
+                f"it; the proxy, a thread of the bench, used {cpu:.1f} s CPU beside both clients")
+        rows = []
+        for mode in LINK_MODES:
+            row = throughput_row(f"at-rest up {mode} over link", size, seconds[mode], o,
+                                 AT_REST_ZSTD_RATIO_TARGET)
+            row.note = note
+            rows.append(row)
         return rows
 
     def subset_read(self, sealed: Target, key: Path) -> list[Row]:

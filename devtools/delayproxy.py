@@ -7,13 +7,17 @@ only ``one_way_delay`` seconds after it was read, in order; an end of stream
 (FIN) is delayed the same way. So every request/response round trip through the
 proxy pays ``2 * one_way_delay``, as over a link with that RTT.
 
-The proxy does not limit bandwidth beyond its own CPU cost: it reads up to
+With a ``rate`` (bytes per second), each direction is also a link of that
+bandwidth shared by all connections: a chunk leaves the link ``len / rate``
+seconds after the one before it (or after it was read, if the link was idle),
+then travels ``one_way_delay``, as over a serial link; without one, bandwidth is
+limited only by the proxy's own CPU cost: it reads up to
 `READ_CHUNK` bytes at a time, lets up to `MAX_HELD` bytes per direction be in
 flight, and one timer per direction releases every chunk that is due at once,
 so its work is per chunk, never per byte. A chunk never leaves early, but may
 leave up to about a millisecond late (asyncio's timers wait in epoll, which
 counts whole milliseconds), so 10 ms each way measures about 21 ms RTT. Not
-emulated: loss, jitter, a bandwidth limit, and the TCP handshake (a client's
+emulated: loss, jitter, and the TCP handshake (a client's
 connect completes at the proxy at once, so a connection opens one RTT sooner
 than over a real link; every client gets the same).
 
@@ -123,13 +127,30 @@ class _Side(asyncio.BufferedProtocol):
             self.reading_paused = True
 
 
-class _Direction:
-    """Chunks read from one side, each held until one_way_delay after it was read, then written to the other."""
+class _Link:
+    """One direction's bandwidth, shared by every connection of the proxy: when it is next free to send."""
 
-    def __init__(self, connection: _Connection, delay: float, source: _Side, dest: _Side,
-                 tally: list[int]) -> None:
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate  # bytes per second; None: no limit
+        self.free_at = 0.0
+        self.tally = [0]  # bytes passed this way, over all connections of the proxy
+
+    def sent_by(self, now: float, size: int) -> float:
+        """When a chunk of `size` bytes read at `now` has left the link (now, without a rate)."""
+        if self.rate is None:
+            return now
+        self.free_at = max(now, self.free_at) + size / self.rate
+        return self.free_at
+
+
+class _Direction:
+    """Chunks read from one side, each held until it has crossed the link (its bandwidth, then
+    one_way_delay), then written to the other."""
+
+    def __init__(self, connection: _Connection, delay: float, source: _Side, dest: _Side, link: _Link) -> None:
         self.connection = connection
-        self.tally = tally  # bytes passed this way, over all connections of the proxy
+        self.link = link
+        self.tally = link.tally
         self.loop = asyncio.get_running_loop()
         self.delay = delay
         self.source = source
@@ -151,7 +172,7 @@ class _Direction:
         else:
             self.held_bytes += len(chunk)
             self.tally[0] += len(chunk)
-        self.held.append((self.loop.time() + self.delay, chunk))
+        self.held.append((self.link.sent_by(self.loop.time(), len(chunk or b"")) + self.delay, chunk))
         self.schedule()
         self.update_flow()
 
@@ -196,11 +217,11 @@ class _Direction:
 class _Connection:
     """One client connection and its upstream connection, with a delayed direction each way."""
 
-    def __init__(self, delay: float, registry: set[_Connection], tallies: tuple[list[int], list[int]]) -> None:
+    def __init__(self, delay: float, registry: set[_Connection], links: tuple[_Link, _Link]) -> None:
         self.client = _Side(self)
         self.upstream = _Side(self)
-        self.up = _Direction(self, delay, self.client, self.upstream, tallies[0])
-        self.down = _Direction(self, delay, self.upstream, self.client, tallies[1])
+        self.up = _Direction(self, delay, self.client, self.upstream, links[0])
+        self.down = _Direction(self, delay, self.upstream, self.client, links[1])
         self.registry = registry
         registry.add(self)
 
@@ -238,14 +259,17 @@ class _Connection:
 
 
 class DelayProxy:
-    """A TCP proxy on 127.0.0.1 that delays every chunk by one_way_delay seconds each way.
+    """A TCP proxy on 127.0.0.1 that delays every chunk by one_way_delay seconds each way, and with a
+    `rate` (bytes per second) limits each direction to that bandwidth.
 
     Use as a context manager (or call `start()` and `close()`); `forward()` opens a listening port.
     """
 
-    def __init__(self, one_way_delay: float) -> None:
+    def __init__(self, one_way_delay: float, rate: float | None = None) -> None:
         if one_way_delay < 0:
             raise ValueError(f"one_way_delay must not be negative, got {one_way_delay}")
+        if rate is not None and rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
         self.one_way_delay = one_way_delay
         self.errors: list[str] = []  # connections that could not be set up, and why
         self._thread = threading.Thread(target=self._run, name="delayproxy", daemon=True)
@@ -257,8 +281,8 @@ class DelayProxy:
         self._connections: set[_Connection] = set()  # touched only by the loop thread
         self._tasks: set[asyncio.Task[None]] = set()  # touched only by the loop thread
         self._cpu_seconds = 0.0  # the loop thread's CPU time, recorded as it ends
-        # Bytes passed towards the upstream and towards the clients, over all connections (the loop thread adds).
-        self._tallies: tuple[list[int], list[int]] = ([0], [0])
+        # Towards the upstream and towards the clients, over all connections (touched only by the loop thread).
+        self._links = (_Link(rate), _Link(rate))
 
     # -- control (any thread) ----------------------------------------------------------------------
 
@@ -279,7 +303,7 @@ class DelayProxy:
 
     def bytes_down(self) -> int:
         """Bytes passed from the upstream to the clients so far (with a zero delay: a byte counter)."""
-        return self._tallies[1][0]
+        return self._links[1].tally[0]
 
     def cpu_seconds(self) -> float:
         """CPU time the proxy's thread has used so far (all connections)."""
@@ -361,7 +385,7 @@ class DelayProxy:
     async def _open(self, client: socket.socket, upstream: tuple[str, int]) -> None:
         """Connect upstream first, then start serving the client, so both sides exist before any byte moves."""
         loop = asyncio.get_running_loop()
-        connection = _Connection(self.one_way_delay, self._connections, self._tallies)
+        connection = _Connection(self.one_way_delay, self._connections, self._links)
         try:
             await loop.create_connection(lambda: connection.upstream, *upstream)
             await loop.connect_accepted_socket(lambda: connection.client, client)
