@@ -609,26 +609,38 @@ class Bench:
         ranges = [(k * size // 10 + size // 40, k * size // 10 + size // 40 + span) for k in range(10)]
         offsets = self.data / "subset.offsets"
         offsets.write_text(f"{len(ranges)} " + " ".join(f"{a} {b}" for a, b in ranges) + "\n")
+        # Timed on a direct connection: the counting proxy in the path is itself worth tens of milliseconds
+        # in some rounds (sshd does not turn Nagle's algorithm off for sftp, and the proxy's own socket
+        # acknowledges late), which is the proxy's doing, not the plugin's.
+        direct = self.make_target("subset-direct", "127.0.0.1", self.server.port, self.server.known_hosts,
+                                  compression="zstd", encryption_key_file=str(key), restore_subset="on")
         with DelayProxy(0) as proxy:
             port = proxy.forward(("127.0.0.1", self.server.port))
             known_hosts = self.workdir / "counted_known_hosts"
             known_hosts.write_text(known_hosts_line(self.server.server_dir, "127.0.0.1", port))
             counted = self.make_target("counted", "127.0.0.1", port, known_hosts, compression="zstd",
                                        encryption_key_file=str(key), restore_subset="on")
-            # One untimed call first: its session is kept, so the counted calls move data, not handshakes.
-            self.runner.plugin_child(counted, "backup_file", self.key(name)).finish()
+
+            def subset(target: Target) -> Outcome:
+                outcome = self.runner.plugin_child(target, "restore_data_subset", self.key(name), offsets,
+                                                   hash_stdout=True).finish()
+                outcome.check("plugin restore_data_subset")
+                if outcome.stdout_bytes != span * len(ranges):
+                    raise BenchError(f"restore_data_subset wrote {outcome.stdout_bytes} bytes, not {span * 10}")
+                return outcome
+
+            # One untimed call each first: its session is kept, so the measured calls move data, not handshakes.
+            subset(counted)
+            subset(direct)
             subset_secs: list[float] = []
             whole_secs: list[float] = []
             subset_bytes: list[int] = []
             for r in range(args.rounds):
                 before = proxy.bytes_down()
-                outcome = self.runner.plugin_child(counted, "restore_data_subset", self.key(name), offsets,
-                                                   hash_stdout=True).finish()
-                subset_secs.append(outcome.check("plugin restore_data_subset").seconds)
+                subset(counted)
                 subset_bytes.append(proxy.bytes_down() - before)
-                if outcome.stdout_bytes != span * len(ranges):
-                    raise BenchError(f"restore_data_subset wrote {outcome.stdout_bytes} bytes, not {span * 10}")
-                whole_secs.append(self.runner.plugin_child(counted, "restore_data", self.key(name)).finish()
+                subset_secs.append(subset(direct).seconds)
+                whole_secs.append(self.runner.plugin_child(direct, "restore_data", self.key(name)).finish()
                                   .check("plugin restore_data (whole)").seconds)
                 progress(f"subset round {r + 1}/{args.rounds}: {subset_secs[-1]:.2f} s, {subset_bytes[-1]} bytes "
                          f"read; whole {whole_secs[-1]:.2f} s")
@@ -642,7 +654,8 @@ class Bench:
                 "PASS" if read_share <= SUBSET_READ_TARGET else "FAIL", note=note),
             Row("subset read time", "%", time_share * 100, None, None, f"<= {SUBSET_TIME_TARGET:.0%} of whole",
                 "PASS" if time_share <= SUBSET_TIME_TARGET else "FAIL",
-                note=f"subset {median(subset_secs) * 1000:.0f} ms, whole restore_data {median(whole_secs):.2f} s",
+                note=f"subset {median(subset_secs) * 1000:.0f} ms, whole restore_data {median(whole_secs):.2f} s "
+                     f"(both on a direct connection)",
                 samples={"subset_seconds": subset_secs, "whole_seconds": whole_secs}),
         ]
 
