@@ -67,6 +67,8 @@ def config_header() -> str:
         "ROUTE_CONTENT_LIMIT": str(cli.ROUTE_CONTENT_LIMIT),
         "FORWARDED_SIGNALS": "{" + ", ".join(signal.Signals(sig).name for sig in forkserver.FORWARDED_SIGNALS) + "}",
         "DELEGATED_COMMANDS": c_strings(tuple(cli.COMMANDS)),
+        "VERSION_COMMANDS": "{" + ", ".join(f"{{{c_string(name)}, {c_string(text)}}}"
+                                            for name, text in cli.VERSION_COMMANDS.items()) + "}",
         "WORKER_LOST_MESSAGE": c_string(" ".join(str(lost).split())),
         "WORKER_LOST_EXIT_CODE": str(lost.exit_code),
         "INTERRUPTED_MESSAGE": c_string(cli.INTERRUPTED),

@@ -20,7 +20,8 @@ from types import ModuleType
 import pytest
 
 from devtools.gpbackup import LocalBackup
-from devtools.harness import PLUGIN_EXE, Plugin, SiteConfig, assert_ok, socket_dir_env
+from devtools.harness import PLUGIN_EXE, Plugin, SiteConfig, assert_failed, assert_ok, socket_dir_env
+from sftp_plugin import __version__, cli
 from tests.helpers import own_fork_server, sha256, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,3 +129,23 @@ def test_a_call_the_fork_server_takes_never_starts_python(calls: Calls, backup: 
         restored = assert_ok(calls.plugin.run("restore_data", calls.config.path,
                                               backup.file(f"gpbackup_0_served_{number}"), env_extra=calls.env))
         assert sha256(restored.stdout) == sha256(data)
+
+
+@needs_compiler
+def test_version_commands_are_answered_without_python_and_a_python_that_cannot_start_is_one_line(
+        build: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client built for an interpreter that is not there: whatever it answers, it answered itself.
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    output = tmp_path / "gpbackup_sftp_plugin"
+    build.build(str(output))
+    env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)}
+    for argv, answer in ((["plugin_api_version"], cli.API_VERSION),
+                         (["--version", "/ignored/config.yaml"], f"{cli.PLUGIN_NAME} version {__version__}")):
+        result = subprocess.run([str(output), *argv], capture_output=True, env=env, check=False)
+        assert (result.returncode, result.stdout, result.stderr) == (0, f"{answer}\n".encode(), b"")
+    config = tmp_path / "plugin.yaml"
+    config.write_text("executablepath: x\n")
+    result = subprocess.run([str(output), "backup_file", str(config), "/tmp/x"], capture_output=True, env=env,
+                            check=False)
+    message = assert_failed(result)
+    assert f"cannot start {tmp_path / 'no-such-python'}" in message and "scripts/install.sh" in message
