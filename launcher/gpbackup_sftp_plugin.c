@@ -119,9 +119,9 @@ static void __attribute__((noreturn)) run_python(int server_asked) {
 
 /* ----------------------------------------------- socket (socket_path) */
 
-static int mtime_ns(const struct stat *info, long long *out) {
-    *out = (long long)info->st_mtim.tv_sec * 1000000000LL + info->st_mtim.tv_nsec;
-    return 0;
+/* os.stat_result.st_mtime_ns */
+static long long mtime_ns(const struct stat *info) {
+    return (long long)info->st_mtim.tv_sec * 1000000000LL + info->st_mtim.tv_nsec;
 }
 
 static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
@@ -157,14 +157,12 @@ static int put_modules(struct buffer *b) {
     char path[PATH_MAX];
     for (size_t i = 0; i < count && rc == 0; i++) {
         struct stat info;
-        long long ns;
         if (snprintf(path, sizeof path, "%s/%s", PACKAGE_DIR, names[i]) >= (int)sizeof path ||
             stat(path, &info) < 0) {
             rc = -1;
             break;
         }
-        mtime_ns(&info, &ns);
-        rc = put(b, "", 1) | puts0(b, names[i]) | putf(b, ":%lld:%lld", (long long)info.st_size, ns);
+        rc = put(b, "", 1) | puts0(b, names[i]) | putf(b, ":%lld:%lld", (long long)info.st_size, mtime_ns(&info));
     }
     for (size_t i = 0; i < count; i++)
         free(names[i]);
@@ -212,15 +210,13 @@ static int put_dependencies(struct buffer *b) {
                     continue;
                 char path[PATH_MAX];
                 struct stat info;
-                long long ns;
                 if (here_count[k] == MAX_ENTRIES ||
                     snprintf(path, sizeof path, "%s/%s", site_dirs[d], name) >= (int)sizeof path ||
                     stat(path, &info) < 0) {
                     failed = 1;  /* Python's OSError: this dir's findings are dropped */
                     break;
                 }
-                mtime_ns(&info, &ns);
-                snprintf(here[k][here_count[k]++], NAME_MAX + 32, "%s:%lld", name, ns);
+                snprintf(here[k][here_count[k]++], NAME_MAX + 32, "%s:%lld", name, mtime_ns(&info));
             }
         }
         closedir(dir);
@@ -352,7 +348,7 @@ static int absolute_path(const char *path, const char *cwd, struct buffer *out) 
 static int route(const char *config_path, const char *cwd, unsigned char out[16]) {
     struct buffer b = {0};
     int rc = absolute_path(config_path, cwd, &b) | put(&b, "", 1);
-    FILE *file = rc == 0 ? fopen(b.data + 0, "rb") : NULL;
+    FILE *file = rc == 0 ? fopen(b.data, "rb") : NULL;
     if (rc == 0 && file != NULL) {
         /* the path is in b up to its NUL: read the content after it */
         size_t path_len = b.len;
