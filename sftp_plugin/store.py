@@ -389,6 +389,17 @@ def read_stored(
         return _read_unverified(remote, source, wanted, sink, expected if ranges is None else None)
 
 
+def is_container(remote: Remote, source: str) -> bool | None:
+    """Whether a stored file is a container (True: it authenticates itself, with or without a checksum
+    file), a plain file (False), or neither (None: it starts or ends like a container, not both)."""
+    with remote_errors(remote, "look up file", source):
+        _, head, tail = remote.retrying(
+            "look up file",
+            lambda: transfer.read_ends(remote.sftp, source, container.HEADER_SIZE, container.TRAILER_SIZE),
+        )
+    return container.looks_like(head, tail)
+
+
 # How _read_container gets byte spans of the stored file: (what, [(start, end), ...], deliver) -> None.
 Fetch = Callable[[str, list[tuple[int, int]], Callable[[bytes], object]], None]
 

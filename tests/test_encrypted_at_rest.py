@@ -221,3 +221,21 @@ def test_check_loads_each_key_and_shows_its_fingerprint(plugin: Plugin, config: 
     old.chmod(0o640)
     failed = plugin.run("check", config.write(encryption_key_file=str(new), decryption_key_files=str(old)), text=True)
     assert failed.returncode != 0 and "accessible by group or others" in failed.stdout, failed.stdout
+
+
+def test_verify_checks_containers_stored_without_checksum_files(plugin: Plugin, config: SiteConfig,
+                                                                backup: LocalBackup) -> None:
+    cfg = config.write("no_sums.yaml", compression="zstd", verify_checksums="no")
+    intact, damaged = (f"gpbackup_{number}_{backup.timestamp}" for number in (0, 1))
+    for name in (intact, damaged):
+        plugin.ok("backup_data", cfg, backup.file(name), stdin=table_like(2 * CHUNK))
+    assert not Path(f"{backup.remote(config.remote_dir, intact)}.sha256").exists()
+    path = backup.remote(config.remote_dir, damaged)
+    flip(path, chunk_offsets(path, None)[1] + 10)
+
+    result = plugin.run("verify", cfg, backup.timestamp, text=True)
+
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and not any(line.startswith("NOCHECK") for line in lines), lines
+    assert any(line.startswith("DAMAGED") and damaged in line and "chunk 1" in line for line in lines), lines
+    assert not any(intact in line for line in lines), lines
