@@ -52,6 +52,9 @@ def empty_digest() -> str:
 # then the transfer waits rather than holding more than this many chunks. 8, 64
 # and 2 measured the same speed (bench/RESULTS.md).
 HASH_QUEUE_CHUNKS = 8
+# Bytes hashed inline before the helper thread starts (see BackgroundSha256): more than most tables' files,
+# and at ~1.6 GB/s under a millisecond of hashing on the caller's thread.
+INLINE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,11 @@ class BackgroundSha256:
 
     hashlib releases the GIL while it hashes, so on its own thread the hashing
     runs on another core instead of stalling the thread that feeds SSH: -8 to
-    -10% wall time on a 256 MiB transfer (bench/RESULTS.md). Chunks must not
-    be changed after update(); bytes never are.
+    -10% wall time on a 256 MiB transfer (bench/RESULTS.md). The first
+    INLINE_BYTES are hashed on the caller's thread: most calls of a per-table
+    backup store less than that, and for them starting and joining a thread
+    costs more than the hashing. Chunks must not be changed after update();
+    bytes never are.
     """
 
     def __init__(self, block_size: int = BLOCK_SIZE) -> None:
@@ -84,24 +90,24 @@ class BackgroundSha256:
         self._blocks = bytearray()
         self._size = 0
         self._chunks: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE_CHUNKS)
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started once the stream outgrows INLINE_BYTES
         self._result: StreamDigests | None = None
 
     def _run(self) -> None:
         while (chunk := self._chunks.get()) is not None:
-            self._whole.update(chunk)
-            self._size += len(chunk)
-            view = memoryview(chunk)
-            while view:
-                take = min(len(view), self._block_size - self._in_block)
-                self._block.update(view[:take])
-                self._in_block += take
-                view = view[take:]
-                if self._in_block == self._block_size:
-                    self._end_block()
-        if self._in_block:
-            self._end_block()
+            self._hash(chunk)
+
+    def _hash(self, chunk: bytes) -> None:
+        self._whole.update(chunk)
+        self._size += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            take = min(len(view), self._block_size - self._in_block)
+            self._block.update(view[:take])
+            self._in_block += take
+            view = view[take:]
+            if self._in_block == self._block_size:
+                self._end_block()
 
     def _end_block(self) -> None:
         self._blocks += self._block.digest()
@@ -109,13 +115,22 @@ class BackgroundSha256:
         self._in_block = 0
 
     def update(self, chunk: bytes) -> None:
+        if self._thread is None:
+            if self._size + len(chunk) <= INLINE_BYTES:
+                self._hash(chunk)
+                return
+            self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+            self._thread.start()
         self._chunks.put(chunk)
 
     def result(self) -> StreamDigests:
         """The digests of everything updated so far; no update() may follow."""
         if self._result is None:
-            self._chunks.put(None)
-            self._thread.join()
+            if self._thread is not None:
+                self._chunks.put(None)
+                self._thread.join()
+            if self._in_block:
+                self._end_block()
             self._result = StreamDigests(self._size, self._whole.digest(), bytes(self._blocks))
         return self._result
 

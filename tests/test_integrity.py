@@ -25,3 +25,15 @@ def test_background_hash_of_nothing_is_the_empty_digest_and_asking_twice_is_the_
 def test_sidecar_round_trips_through_sha256sum_format() -> None:
     digest = hashlib.sha256(b"x").hexdigest()
     assert integrity.parse_sidecar(integrity.format_sidecar(digest, "gpbackup_0_t")) == digest
+
+
+def test_block_digests_are_the_same_hashed_inline_or_on_the_helper_thread() -> None:
+    block = 1000  # blocks that straddle the point where the helper thread takes over
+    data = os.urandom(integrity.INLINE_BYTES + 5 * block + 17)
+    for chunk_size in (4096, len(data)):  # crossing INLINE_BYTES mid-stream; all of it on the thread
+        background = integrity.BackgroundSha256(block_size=block)
+        for start in range(0, len(data), chunk_size):
+            background.update(data[start : start + chunk_size])
+        result = background.result()
+        expected = b"".join(hashlib.sha256(data[at : at + block]).digest() for at in range(0, len(data), block))
+        assert (result.size, result.whole, result.blocks) == (len(data), hashlib.sha256(data).digest(), expected)
