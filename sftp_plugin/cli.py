@@ -257,8 +257,18 @@ def _session_key(cfg: PluginConfig, served_by: int | None) -> str | None:
     return session_key(cfg)
 
 
-def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str) -> None:
-    """Keep the call's session for the next call, keyed as that call will compute it."""
+def _known_hosts_state(cfg: PluginConfig) -> tuple[int, int, int] | None:
+    """known_hosts_file's identity, size and time: whether a call changed it."""
+    try:
+        info = os.stat(os.path.expanduser(cfg.known_hosts_file))
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str, key: str | None) -> None:
+    """Keep the call's session for the next call, keyed as that call will compute it: `key`, the one
+    computed before the call, unless the call changed known_hosts_file (None)."""
     from sftp_plugin import sessions
     from sftp_plugin.config import load_config
     from sftp_plugin.connection import session_key
@@ -267,8 +277,10 @@ def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str) -> None:
     if session is None:
         return
     path = os.path.abspath(config_path)
-    # After the call: it may have added the host's key to known_hosts (strict_host_key_checking: accept-new).
-    sessions.keep(session_key(cfg), session, cfg.session_idle, lambda: session_key(load_config(path)))
+    # A call may add the host's key to known_hosts (strict_host_key_checking: accept-new): then the next
+    # call's key differs from the one computed before this call. (Anything else changed meanwhile only
+    # costs the next call a reconnect: its key will not match.)
+    sessions.keep(key or session_key(cfg), session, cfg.session_idle, lambda: session_key(load_config(path)))
 
 
 def run(command: str, config_path: str, args: list[str], served_by: int | None = None) -> int:
@@ -300,12 +312,13 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         from sftp_plugin.interrupts import interrupt_aborts
         from sftp_plugin.store import Remote
 
+        known_hosts = _known_hosts_state(cfg)  # before the key, which reads the file
         warm = _session_key(cfg, served_by)
         remote = Remote(cfg, sessions.take(warm) if warm else None)
         with interrupt_aborts(remote.abort):
             result = getattr(commands, command)(remote, args)
             if warm and not ends_backup(command, args):
-                _keep_session(remote, cfg, config_path)
+                _keep_session(remote, cfg, config_path, warm if _known_hosts_state(cfg) == known_hosts else None)
             else:
                 remote.close()
     except ReaderGone as err:

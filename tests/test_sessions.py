@@ -251,3 +251,16 @@ def test_a_signalled_call_ends_its_worker_and_the_next_call_gets_a_new_one(warm:
     assert sha256(warm.restored(key)) == sha256(data)
     after = set(re.findall(r"\[(\d+)\] INFO (?:backup|restore)_data: start", warm.config.log_text()))
     assert after - workers, "the signalled worker served again"
+
+
+def test_a_session_whose_call_added_the_host_key_is_reused_by_the_next_call(warm: Warm, backup: LocalBackup) -> None:
+    known_hosts = warm.tmpdir / "accept_new_known_hosts"
+    path = warm.config.write("accept_new.yaml", known_hosts_file=str(known_hosts),
+                             strict_host_key_checking="accept-new")
+    warm.start_server(backup, path)  # runs in its own process, and records the host key
+    known_hosts.write_text("")  # so that a worker's call is the one that records it
+    logins = warm.logins()
+    warm.store(backup, "gpbackup_0_records_the_key", b"1" * 1000, config=path)
+    assert known_hosts.read_text().strip(), "the call did not record the host key"
+    warm.store(backup, "gpbackup_0_after_the_key", b"2" * 1000, config=path)
+    assert warm.logins() == logins + 1  # the second call used the first one's session
