@@ -29,7 +29,9 @@ route when a call's end asks it to (`Ending.retire_route`).
 
 The client imports nothing heavy, and any trouble before the worker has
 started (no server, stale socket, wrong owner, another version) means "run it
-in this process", never a failed call. `fork_server: no` stops new servers
+in this process", never a failed call. launcher/ holds the same client in C
+(what gpbackup runs where it could be built): this module is its reference,
+and launcher/build.py takes the protocol's constants from here. `fork_server: no` stops new servers
 from being started; a running one exits after IDLE_SECONDS.
 
 Trust goes both ways. The client uses a socket only in a directory nobody
