@@ -240,6 +240,13 @@ class Bench:
         """Where the plugin stores name: remote_dir/backups/<date>/<timestamp>/name."""
         return self.backup.remote(target.remote_dir, name)
 
+    def proxy_known_hosts(self, label: str, port: int) -> Path:
+        """A known_hosts file naming the sshd's key under a proxy's address: both clients check the host key
+        as they would for any host."""
+        path = self.workdir / f"{label}_known_hosts"
+        path.write_text(known_hosts_line(self.server.server_dir, "127.0.0.1", port))
+        return path
+
     @staticmethod
     def openssh_dir(target: Target) -> Path:
         return target.remote_dir / "openssh" / target.label
@@ -566,8 +573,7 @@ class Bench:
         size = data.stat().st_size
         with DelayProxy(LINK_ONE_WAY_DELAY, rate=LINK_RATE) as proxy:
             port = proxy.forward(("127.0.0.1", self.server.port))
-            known_hosts = self.workdir / "link_known_hosts"
-            known_hosts.write_text(known_hosts_line(self.server.server_dir, "127.0.0.1", port))
+            known_hosts = self.proxy_known_hosts(label="link", port=port)
             link = self.make_target("link", "127.0.0.1", port, known_hosts)
             options: dict[str, dict[str, object]] = {
                 "zstd": {"compression": "zstd"},
@@ -616,8 +622,7 @@ class Bench:
                                   compression="zstd", encryption_key_file=str(key), restore_subset="on")
         with DelayProxy(0) as proxy:
             port = proxy.forward(("127.0.0.1", self.server.port))
-            known_hosts = self.workdir / "counted_known_hosts"
-            known_hosts.write_text(known_hosts_line(self.server.server_dir, "127.0.0.1", port))
+            known_hosts = self.proxy_known_hosts(label="counted", port=port)
             counted = self.make_target("counted", "127.0.0.1", port, known_hosts, compression="zstd",
                                        encryption_key_file=str(key), restore_subset="on")
 
@@ -754,9 +759,7 @@ class Bench:
             stack.callback(self.runner.kill_all)  # runs first: children end before their proxy connections do
             progress(f"delay proxy up: 127.0.0.1:{port} -> sshd at 127.0.0.1:{self.server.port}, "
                      f"measured RTT {rtt.proxy_ms:.1f} ms ({rtt.direct_ms:.2f} ms without it)")
-            # Both clients check the host key under the proxy's address, as they would for any host.
-            known_hosts = self.workdir / "proxy_known_hosts"
-            known_hosts.write_text(known_hosts_line(self.server.server_dir, "127.0.0.1", port))
+            known_hosts = self.proxy_known_hosts(label="proxy", port=port)
             cpu_before = proxy.cpu_seconds()
             rows = self.measure_delayed("proxy", "127.0.0.1", port, known_hosts)
             cpu = proxy.cpu_seconds() - cpu_before

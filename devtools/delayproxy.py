@@ -133,7 +133,7 @@ class _Link:
     def __init__(self, rate: float | None) -> None:
         self.rate = rate  # bytes per second; None: no limit
         self.free_at = 0.0
-        self.tally = [0]  # bytes passed this way, over all connections of the proxy
+        self.passed = 0  # bytes passed this way, over all connections of the proxy
 
     def sent_by(self, now: float, size: int) -> float:
         """When a chunk of `size` bytes read at `now` has left the link (now, without a rate)."""
@@ -150,7 +150,6 @@ class _Direction:
     def __init__(self, connection: _Connection, delay: float, source: _Side, dest: _Side, link: _Link) -> None:
         self.connection = connection
         self.link = link
-        self.tally = link.tally
         self.loop = asyncio.get_running_loop()
         self.delay = delay
         self.source = source
@@ -171,7 +170,7 @@ class _Direction:
             self.ended = True
         else:
             self.held_bytes += len(chunk)
-            self.tally[0] += len(chunk)
+            self.link.passed += len(chunk)
         self.held.append((self.link.sent_by(self.loop.time(), len(chunk or b"")) + self.delay, chunk))
         self.schedule()
         self.update_flow()
@@ -303,7 +302,7 @@ class DelayProxy:
 
     def bytes_down(self) -> int:
         """Bytes passed from the upstream to the clients so far (with a zero delay: a byte counter)."""
-        return self._links[1].tally[0]
+        return self._links[1].passed
 
     def cpu_seconds(self) -> float:
         """CPU time the proxy's thread has used so far (all connections)."""

@@ -105,8 +105,8 @@ static void __attribute__((noreturn)) run_python(int server_asked) {
             args[4 + i] = g_argv[i];
         /* found on PATH: argv[0] is a bare name, where the kernel would have given a script our path */
         static char self[PATH_MAX];
-        ssize_t len = readlink("/proc/self/exe", self, sizeof self - 1);
-        if (strchr(g_argv[0], '/') == NULL && len > 0) {
+        ssize_t len = strchr(g_argv[0], '/') == NULL ? readlink("/proc/self/exe", self, sizeof self - 1) : -1;
+        if (len > 0) {
             self[len] = '\0';
             args[4] = self;
         }

@@ -59,6 +59,10 @@ class IntegrityError(PluginError):
     """Stored bytes do not match what was backed up."""
 
 
+class NotChecked(PluginError):
+    """A plain stored file without a checksum: nothing to check its bytes against (verify's NOCHECK)."""
+
+
 class ReaderGone(PluginError):
     """Whoever reads our stdout closed it: gpbackup_helper stops reading once it has the tables it
     needs, and a failing COPY stops too. Final, never retried, and not worth a line on stderr."""

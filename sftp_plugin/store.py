@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from sftp_plugin import PLUGIN_NAME, allocator, blocks, caller, container, integrity, keys, paths, transfer
 from sftp_plugin.config import PluginConfig
 from sftp_plugin.connection import Session, connect
-from sftp_plugin.errors import IntegrityError, RemoteError, RemoteNotFound
+from sftp_plugin.errors import IntegrityError, NotChecked, RemoteError, RemoteNotFound
 from sftp_plugin.offsets import check_within
 from sftp_plugin.retry import call_with_retries, is_connection_lost
 
@@ -351,8 +351,20 @@ def _verified_plan(
     return blocks.BlockIndex(header.block_size, size, found), steps
 
 
+def _stored_ends(remote: Remote, source: str, what: str) -> tuple[int, bytes, bytes]:
+    """A stored file's size and the ends that tell a container from a plain file (container.looks_like)."""
+    return remote.retrying(
+        what, lambda: transfer.read_ends(remote.sftp, source, container.HEADER_SIZE, container.TRAILER_SIZE)
+    )
+
+
 def read_stored(
-    remote: Remote, source: str, sink: Sink, ranges: list[tuple[int, int]] | None = None, ranges_from: str = "ranges"
+    remote: Remote,
+    source: str,
+    sink: Sink,
+    ranges: list[tuple[int, int]] | None = None,
+    ranges_from: str = "ranges",
+    must_check: bool = False,
 ) -> int:
     """Send a stored file, or ranges of it in the order given, to ``sink``; return the bytes sent.
 
@@ -361,19 +373,21 @@ def read_stored(
     IntegrityError with nothing of that block sent. Files stored by an earlier
     release (a whole-file checksum only, longer than one block) are checked
     after the last byte, which gpbackup_helper never hears of: the log says so.
+    With `must_check`, a plain file without a checksum raises NotChecked before
+    any byte is read (a container always checks itself).
     """
     allocator.keep_freed_memory()
     with remote_errors(remote, "download", source):
-        size, head, tail = remote.retrying(
-            "look up file",
-            lambda: transfer.read_ends(remote.sftp, source, container.HEADER_SIZE, container.TRAILER_SIZE),
-        )
+        size, head, tail = _stored_ends(remote, source, "look up file")
         shape = container.looks_like(head, tail)
         if shape is None:
             raise _damaged(remote, source, "it starts or ends like a container, but not both: cut short, or changed")
         if shape:
             return _read_container(remote, source, size, head, tail, sink, ranges, ranges_from)
         expected = _expected_digest(remote, source)
+        if expected is None and must_check:
+            raise NotChecked(f"{remote.where(source)} has no checksum stored", "verify_checksums was off when it was "
+                             "stored, or its checksum file was removed")
         wanted = [(0, size)] if ranges is None else ranges
         if ranges is not None:
             check_within(ranges, size, source=f"{ranges_from} for {remote.where(source)}")
@@ -387,17 +401,6 @@ def read_stored(
                 "cannot be verified before delivery" if ranges is None else "are not verified",
             )
         return _read_unverified(remote, source, wanted, sink, expected if ranges is None else None)
-
-
-def is_container(remote: Remote, source: str) -> bool | None:
-    """Whether a stored file is a container (True: it authenticates itself, with or without a checksum
-    file), a plain file (False), or neither (None: it starts or ends like a container, not both)."""
-    with remote_errors(remote, "look up file", source):
-        _, head, tail = remote.retrying(
-            "look up file",
-            lambda: transfer.read_ends(remote.sftp, source, container.HEADER_SIZE, container.TRAILER_SIZE),
-        )
-    return container.looks_like(head, tail)
 
 
 # How _read_container gets byte spans of the stored file: (what, [(start, end), ...], deliver) -> None.
@@ -487,9 +490,7 @@ def read_small_stored(remote: Remote, path: str, limit: int, what: str) -> bytes
             size, head, fetch = len(data), data[: container.HEADER_SIZE], _fetch_local(data)
             tail = data[-container.TRAILER_SIZE :] if size >= container.HEADER_SIZE + container.TRAILER_SIZE else b""
         else:
-            size, head, tail = remote.retrying(
-                what, lambda: transfer.read_ends(remote.sftp, path, container.HEADER_SIZE, container.TRAILER_SIZE)
-            )
+            size, head, tail = _stored_ends(remote, path, what)
         if container.looks_like(head, tail) is not True:
             raise _damaged(remote, path, "it starts like a container but does not end like one: cut short, or changed")
         out = bytearray()

@@ -449,11 +449,12 @@ def read_ends(sftp: paramiko.SFTPClient, path: str, head: int, tail: int) -> tup
         stat, read = pipe.send_fstat(remote), pipe.send_read(remote, 0, head)
         size = pipe.attributes(stat).st_size or 0
         first = pipe.data(read)
-        tail_read = pipe.send_read(remote, size - tail, tail) if size >= head + tail else None
+        wanted = tail if size >= head + tail else 0
+        tail_read = pipe.send_read(remote, size - tail, tail) if wanted else None
         close = pipe.send_close(remote)
         last = pipe.data(tail_read) if tail_read is not None else b""
         pipe.wait(close)
-    if len(first) != min(head, size) or len(last) not in (0, tail) or (tail_read is not None and not last):
+    if len(first) != min(head, size) or len(last) != wanted:
         # a server that returned less than asked (SFTP allows it): read the plain way
         with sftp.open(path, "rb") as handle:
             first = handle.read(min(head, size))

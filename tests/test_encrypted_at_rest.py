@@ -43,15 +43,21 @@ def chunk_offsets(path: Path, key: Path | None) -> list[int]:
     return [entry.stored for entry in container.Container(codec, trailer, record).entries]
 
 
+def store(plugin: Plugin, cfg: Path, config: SiteConfig, backup: LocalBackup, data: bytes,
+          segment: int = 0) -> tuple[str, Path]:
+    """backup_data of `data` as segment `segment`'s stream: its name, and where the backup host keeps it."""
+    name = f"gpbackup_{segment}_{backup.timestamp}"
+    plugin.ok("backup_data", cfg, backup.file(name), stdin=data)
+    return name, backup.remote(config.remote_dir, name)
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_data_streams_round_trip_in_every_mode(plugin: Plugin, config: SiteConfig, backup: LocalBackup,
                                                tmp_path: Path, mode: str) -> None:
     cfg = mode_config(config, tmp_path, mode)
     data = table_like(3 * CHUNK + 4321)
-    name = f"gpbackup_0_{backup.timestamp}"
-    plugin.ok("backup_data", cfg, backup.file(name), stdin=data)
+    name, path = store(plugin, cfg, config, backup, data)
 
-    path = backup.remote(config.remote_dir, name)
     stored = path.read_bytes()
     assert stored.startswith(container.MAGIC) and stored.endswith(container.TAIL_MAGIC)
     assert not Path(f"{path}.sha256blocks").exists()
@@ -107,9 +113,7 @@ def test_a_changed_byte_in_a_chunk_stops_before_that_chunk(plugin: Plugin, confi
                                                             backup: LocalBackup, tmp_path: Path) -> None:
     cfg = mode_config(config, tmp_path, "zstd+key")
     data = table_like(4 * CHUNK)
-    name = f"gpbackup_0_{backup.timestamp}"
-    plugin.ok("backup_data", cfg, backup.file(name), stdin=data)
-    path = backup.remote(config.remote_dir, name)
+    name, path = store(plugin, cfg, config, backup, data)
     offsets = chunk_offsets(path, tmp_path / "backup.key")
     flip(path, offsets[2] + 100)
 
@@ -129,9 +133,7 @@ def test_damage_outside_the_chunks_delivers_nothing(plugin: Plugin, config: Site
                                                      tmp_path: Path, where: str) -> None:
     cfg = mode_config(config, tmp_path, "zstd+key")
     data = table_like(3 * CHUNK)
-    name = f"gpbackup_0_{backup.timestamp}"
-    plugin.ok("backup_data", cfg, backup.file(name), stdin=data)
-    path = backup.remote(config.remote_dir, name)
+    name, path = store(plugin, cfg, config, backup, data)
     stored = path.read_bytes()
     offsets = chunk_offsets(path, tmp_path / "backup.key")
     if where == "header":
@@ -226,11 +228,9 @@ def test_check_loads_each_key_and_shows_its_fingerprint(plugin: Plugin, config: 
 def test_verify_checks_containers_stored_without_checksum_files(plugin: Plugin, config: SiteConfig,
                                                                 backup: LocalBackup) -> None:
     cfg = config.write("no_sums.yaml", compression="zstd", verify_checksums="no")
-    intact, damaged = (f"gpbackup_{number}_{backup.timestamp}" for number in (0, 1))
-    for name in (intact, damaged):
-        plugin.ok("backup_data", cfg, backup.file(name), stdin=table_like(2 * CHUNK))
-    assert not Path(f"{backup.remote(config.remote_dir, intact)}.sha256").exists()
-    path = backup.remote(config.remote_dir, damaged)
+    (intact, intact_path), (damaged, path) = (store(plugin, cfg, config, backup, table_like(2 * CHUNK), segment)
+                                              for segment in (0, 1))
+    assert not Path(f"{intact_path}.sha256").exists()
     flip(path, chunk_offsets(path, None)[1] + 10)
 
     result = plugin.run("verify", cfg, backup.timestamp, text=True)

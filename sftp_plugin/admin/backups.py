@@ -351,9 +351,9 @@ def _verify_backup(remote: Remote, backup: BackupDir) -> int:
     """Check every file of one backup; print a line per problem and a summary; return the problem count."""
     from sftp_plugin import paths, transfer
     from sftp_plugin.catalog import report_name
-    from sftp_plugin.errors import IntegrityError, RemoteError
+    from sftp_plugin.errors import IntegrityError, NotChecked, RemoteError
     from sftp_plugin.integrity import SIDECAR_SUFFIX, is_checksum_file, missing_data_files
-    from sftp_plugin.store import is_container, read_stored, remote_errors
+    from sftp_plugin.store import read_stored, remote_errors
 
     directory = backup.remote(remote.cfg.remote_dir)
     try:
@@ -375,13 +375,13 @@ def _verify_backup(remote: Remote, backup: BackupDir) -> int:
         problem("MISSING", report_name(backup), "no coordinator report: gpbackup did not finish this backup")
     for name in data:
         tally.files += 1
-        path = posixpath.join(directory, name)
         try:
             # Without a checksum file only a container can be checked: it authenticates its own chunks.
-            if name + SIDECAR_SUFFIX not in entries and is_container(remote, path) is False:
-                problem("NOCHECK", name, "no checksum stored (verify_checksums was off, or the sidecar was removed)")
-                continue
-            read_stored(remote, path, lambda _data: None)
+            read_stored(remote, posixpath.join(directory, name), lambda _data: None,
+                        must_check=name + SIDECAR_SUFFIX not in entries)
+        except NotChecked:
+            problem("NOCHECK", name, "no checksum stored (verify_checksums was off, or the sidecar was removed)")
+            continue
         except (IntegrityError, RemoteError) as err:
             problem("DAMAGED", name, err.message)
             continue

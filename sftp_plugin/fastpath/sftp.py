@@ -95,10 +95,7 @@ class Pipeline:
         their request numbers. `file` counts as closed from here: BufferedFile.close marks it so without
         a request, since paramiko's own CLOSE, sent after ours, could close a handle the server has
         meanwhile given to another file."""
-        sync = self.send(CMD_EXTENDED, "fsync@openssh.com", file.handle)
-        close = self.send(CMD_CLOSE, file.handle)
-        BufferedFile.close(file)
-        return sync, close
+        return self.send(CMD_EXTENDED, "fsync@openssh.com", file.handle), self.send_close(file)
 
     def send_fstat(self, file: paramiko.SFTPFile) -> int:
         return self.send(CMD_FSTAT, file.handle)
