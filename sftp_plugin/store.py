@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".gpbackup_sftp_plugin_probe"
+# A stored file up to this size is read whole, with its checksum file, in two round trips (transfer.read_head):
+# a per-table restore of a small table, where round trips are most of the time. A longer file costs these bytes
+# read twice (1 ms at 1 Gbit/s) before it is read block by block.
+WHOLE_READ_LIMIT = 128 * 1024
+# More than a checksum file (sha256sum's one line) can hold: a longer one is not one of ours.
+SIDECAR_LIMIT = 4096
 # The admin command that re-reads a whole backup (named in messages about a damaged file).
 PLUGIN_VERIFY = f"{PLUGIN_NAME} verify <config> <timestamp>"
 T = TypeVar("T")
@@ -206,11 +212,18 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
     target = target_file.remote(root)
     encoding = _encoding_reader(remote.cfg, source)  # first: a key that cannot be used fails before any transfer
     digest = integrity.new_hash() if remote.cfg.verify_checksums else None
+
+    def sidecar() -> list[bytes]:  # once the stream has ended: the checksum file stored with it
+        assert digest is not None
+        return [integrity.format_sidecar(digest.result().hexdigest, target_file.name)]
+
     upload = transfer.ResumableUpload(
         source.read if encoding is None else encoding.read,
         target,
         remote.cfg.resume_buffer,
         on_chunk=digest.update if digest else None,
+        companions=[integrity.sidecar_path(target)] if digest else [],
+        companion_data=sidecar if digest else None,
     )
 
     def create_directories() -> None:
@@ -223,8 +236,9 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
         return remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp))
 
     with remote_errors(remote, "upload", target):
-        # Each checksum file's temporary name serves every attempt: no leftovers.
-        checksum_files = [(path, paths.temp_name_for(path)) for path in _checksum_paths(target)]
+        # The block digests' temporary name serves every attempt: no leftovers.
+        block_digests = blocks.blocks_path(target)
+        block_digests_temp = paths.temp_name_for(block_digests)
         try:
             # Setup normally created the directory: open first and create it only when
             # missing, which saves two round trips on every call.
@@ -236,16 +250,12 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
                 create_directories()
                 size = stream()
             caller.confirm_before_commit()  # a cut-short input (our caller gone) is never committed
-            if digest is not None:
+            # A container authenticates its own chunks: its sidecar is for sha256sum -c on the backup host.
+            if digest is not None and encoding is None and digest.result().size > blocks.BLOCK_SIZE:
                 found = digest.result()
-                contents = [integrity.format_sidecar(found.hexdigest, target_file.name)]
-                # A container authenticates its own chunks: its sidecar is for sha256sum -c on the backup host.
-                if encoding is None and found.size > blocks.BLOCK_SIZE:
-                    contents.append(blocks.format_blocks(blocks.BLOCK_SIZE, found.size, found.whole, found.blocks))
-                for (path, temp), data in zip(checksum_files, contents):
-                    remote.retrying(
-                        "store checksum", lambda p=path, t=temp, d=data: transfer.put_bytes(remote.sftp, d, p, t)
-                    )
+                data = blocks.format_blocks(blocks.BLOCK_SIZE, found.size, found.whole, found.blocks)
+                remote.retrying("store checksum", lambda: transfer.put_bytes(
+                    remote.sftp, data, block_digests, block_digests_temp))
             remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
             if encoding is not None:
                 log.info("stored %s as a %s container: %d bytes of %d", remote.where(target),
@@ -255,8 +265,7 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
             sftp = remote.sftp_if_open()
             if sftp is not None:  # the removals are quiet: they never mask the original error
                 upload.abandon(sftp)
-                for _, temp in checksum_files:
-                    transfer.remove_quietly(sftp, temp)
+                transfer.remove_quietly(sftp, block_digests_temp)
             raise
         finally:
             if encoding is not None:
@@ -284,20 +293,15 @@ def _checksum_paths(path: str) -> tuple[str, str]:
     return integrity.sidecar_path(path), blocks.blocks_path(path)
 
 
-def _expected_digest(remote: Remote, source: str) -> str | None:
-    """The stored checksum of ``source``, or None when verification is off or none was stored."""
-    if not remote.cfg.verify_checksums:
-        return None
-    sidecar = integrity.sidecar_path(source)
-
-    text = remote.retrying("read checksum", lambda: transfer.read_small(remote.sftp, sidecar, 4096))
+def _expected_digest(remote: Remote, source: str, text: bytes | None) -> str | None:
+    """The checksum stored for ``source``, from ``text``, its checksum file (None where there is none)."""
     if text is None:
         log.warning("no checksum stored for %s; its bytes are not verified", remote.where(source))
         return None
     expected = integrity.parse_sidecar(text)
     if expected is None:
         raise IntegrityError(
-            f"checksum file {remote.where(sidecar)} is not in sha256sum format",
+            f"checksum file {remote.where(integrity.sidecar_path(source))} is not in sha256sum format",
             "it may be damaged; compare it with sha256sum on the backup host",
         )
     return expected
@@ -358,6 +362,12 @@ def _stored_ends(remote: Remote, source: str, what: str) -> tuple[int, bytes, by
     )
 
 
+def _ends_of(data: bytes) -> tuple[bytes, bytes]:
+    """The head and tail container.looks_like wants, of a whole stored file read into memory."""
+    tail = data[-container.TRAILER_SIZE :] if len(data) >= container.HEADER_SIZE + container.TRAILER_SIZE else b""
+    return data[: container.HEADER_SIZE], tail
+
+
 def read_stored(
     remote: Remote,
     source: str,
@@ -378,13 +388,21 @@ def read_stored(
     """
     allocator.keep_freed_memory()
     with remote_errors(remote, "download", source):
-        size, head, tail = _stored_ends(remote, source, "look up file")
+        sidecar = integrity.sidecar_path(source) if remote.cfg.verify_checksums else None
+        first = remote.retrying(
+            "look up file", lambda: transfer.read_head(remote.sftp, source, WHOLE_READ_LIMIT, sidecar, SIDECAR_LIMIT)
+        )
+        if first.whole:
+            size, (head, tail), fetch = first.size, _ends_of(first.data), _fetch_local(first.data)
+        else:
+            size, head, tail = _stored_ends(remote, source, "look up file")
+            fetch = _fetch_remote(remote, source)
         shape = container.looks_like(head, tail)
         if shape is None:
             raise _damaged(remote, source, "it starts or ends like a container, but not both: cut short, or changed")
         if shape:
-            return _read_container(remote, source, size, head, tail, sink, ranges, ranges_from)
-        expected = _expected_digest(remote, source)
+            return _read_container(remote, source, size, head, tail, sink, ranges, ranges_from, fetch=fetch)
+        expected = _expected_digest(remote, source, first.companion) if sidecar is not None else None
         if expected is None and must_check:
             raise NotChecked(f"{remote.where(source)} has no checksum stored", "verify_checksums was off when it was "
                              "stored, or its checksum file was removed")
@@ -393,14 +411,14 @@ def read_stored(
             check_within(ranges, size, source=f"{ranges_from} for {remote.where(source)}")
         verified = None if expected is None else _verified_plan(remote, source, size, expected, wanted)
         if verified is not None:
-            return _read_verified(remote, source, *verified, sink)
+            return _read_verified(remote, source, *verified, sink, fetch)
         if expected is not None:
             log.warning(
                 "%s has no block digests (stored by an earlier release): its bytes %s",
                 remote.where(source),
                 "cannot be verified before delivery" if ranges is None else "are not verified",
             )
-        return _read_unverified(remote, source, wanted, sink, expected if ranges is None else None)
+        return _read_unverified(remote, source, wanted, sink, expected if ranges is None else None, fetch)
 
 
 # How _read_container gets byte spans of the stored file: (what, [(start, end), ...], deliver) -> None.
@@ -498,11 +516,12 @@ def read_small_stored(remote: Remote, path: str, limit: int, what: str) -> bytes
         return bytes(out)
 
 
-def _read_verified(remote: Remote, source: str, index: blocks.BlockIndex, steps: list[blocks.Step], sink: Sink) -> int:
+def _read_verified(
+    remote: Remote, source: str, index: blocks.BlockIndex, steps: list[blocks.Step], sink: Sink, fetch: Fetch
+) -> int:
     output = blocks.VerifiedOutput(index, steps, sink)
-    download = transfer.ResumableDownload(source, output.feed, blocks.fetch_ranges(steps, index))
     try:
-        remote.retrying(f"download {source}", lambda: download.attempt(remote.sftp))
+        fetch(f"download {source}", blocks.fetch_ranges(steps, index), output.feed)
         output.finish()
     except blocks.BlockMismatch as err:
         raise _damaged(remote, source, str(err)) from None
@@ -513,21 +532,23 @@ def _read_verified(remote: Remote, source: str, index: blocks.BlockIndex, steps:
 
 
 def _read_unverified(
-    remote: Remote, source: str, ranges: list[tuple[int, int]], sink: Sink, expected: str | None
+    remote: Remote, source: str, ranges: list[tuple[int, int]], sink: Sink, expected: str | None, fetch: Fetch
 ) -> int:
     """Stream without per-block digests; a whole-file checksum, if given, is checked at the end."""
     digest = integrity.new_hash() if expected else None
+    delivered = 0
 
     def deliver(data: bytes) -> None:
+        nonlocal delivered
         if digest is not None:
             digest.update(data)
         sink(memoryview(data))
+        delivered += len(data)
 
-    download = transfer.ResumableDownload(source, deliver, ranges)
-    size = remote.retrying(f"download {source}", lambda: download.attempt(remote.sftp))
+    fetch(f"download {source}", ranges, deliver)
     if digest is not None and digest.hexdigest() != expected:
         raise IntegrityError(
             f"checksum mismatch for {remote.where(source)}: the stored bytes are not what was backed up",
             "the file on the backup host is damaged; restore from another backup",
         )
-    return size
+    return delivered

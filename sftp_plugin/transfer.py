@@ -16,17 +16,20 @@ every account on the host), so there is no moment when it is open to others.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import posixpath
 import stat
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import paramiko
 from paramiko.sftp import (
     CMD_READ,
     SFTP_FLAG_CREATE,
+    SFTP_FLAG_READ,
     SFTP_FLAG_TRUNC,
     SFTP_FLAG_WRITE,
     int64,
@@ -34,7 +37,7 @@ from paramiko.sftp import (
 
 from sftp_plugin import paths
 from sftp_plugin.connection import WINDOW_SIZE
-from sftp_plugin.fastpath.sftp import WRITE_HEADER, EndOfFile, Pipeline, extended, open_with_attributes
+from sftp_plugin.fastpath.sftp import WRITE_HEADER, EndOfFile, Pipeline, extended
 
 log = logging.getLogger(__name__)
 
@@ -136,19 +139,30 @@ class PipelinedWriter:
         while self._pipe.pending:
             self._confirm_oldest()
 
-    def sync_and_close(self, remote: paramiko.SFTPFile) -> None:
+    def sync_and_close(self, remote: paramiko.SFTPFile,
+                       companions: Sequence[tuple[paramiko.SFTPFile, bytes]] = ()) -> None:
         """Make the file durable and close it: fsync and CLOSE go behind the writes in flight and every
         reply is checked in order, in one round trip where drain, fsync and close took three. A server
         without fsync@openssh.com is tolerated (as by `fsync`); a failed CLOSE is an error, since a
-        server may report a failed write only there."""
-        sync, close = self._pipe.send_sync_and_close(remote)
+        server may report a failed write only there. ``companions``, small files opened beside it
+        (a checksum), are written, synced and closed behind it, in the same round trip."""
+        closing = [self._pipe.send_sync_and_close(remote)]
+        writes: list[int] = []
+        for file, data in companions:
+            view = memoryview(data)
+            for start in range(0, len(view), self._request_size):
+                writes.append(self._pipe.send_write(file.handle, start, view[start : start + self._request_size]))
+            closing.append(self._pipe.send_sync_and_close(file))
         self.drain()
-        try:
-            self._pipe.wait(sync)
-        except OSError as err:
-            if not extension_unsupported(err):
-                raise
-        self._pipe.wait(close)
+        for num in writes:  # replies come in order: the companions' writes, then their syncs and closes
+            self._pipe.wait(num)
+        for sync, close in closing:
+            try:
+                self._pipe.wait(sync)
+            except OSError as err:
+                if not extension_unsupported(err):
+                    raise
+            self._pipe.wait(close)
 
 
 def read_range(
@@ -246,9 +260,42 @@ def create_private(sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPFile:
     leave a window; the SFTP OPEN request carries the mode for a new file. An
     existing file keeps its mode: ours were created private.
     """
+    return create_private_together(sftp, [path])[0]
+
+
+def create_private_together(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[paramiko.SFTPFile]:
+    """`create_private` for each of ``paths``, in one round trip."""
     attrs = paramiko.SFTPAttributes()
     attrs.st_mode = PRIVATE_FILE_MODE
-    return open_with_attributes(sftp, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC, attrs, "wb")
+    files = open_together(sftp, paths, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC, attrs)
+    return [file for file in files if file is not None]
+
+
+def open_together(sftp: paramiko.SFTPClient, paths: Sequence[str], flags: int = SFTP_FLAG_READ,
+                  attrs: paramiko.SFTPAttributes | None = None, optional: Sequence[str] = ()
+                  ) -> list[paramiko.SFTPFile | None]:
+    """OPEN each of ``paths`` (with ``flags`` and, for a file it creates, ``attrs``) in one round trip.
+
+    A missing path named in ``optional`` gives None. Any other error is raised as ``open`` raises it
+    (the first, in the order of ``paths``), with whatever did open closed again.
+    """
+    pipe = Pipeline(sftp)
+    mode = "rb" if flags == SFTP_FLAG_READ else "wb"
+    found: list[paramiko.SFTPFile | OSError | None] = []
+    for path, num in [(path, pipe.send_open(path, flags, attrs)) for path in paths]:
+        try:
+            found.append(pipe.opened(num, mode))
+        except FileNotFoundError as err:
+            found.append(None if path in optional else err)
+        except OSError as err:
+            found.append(err)
+    errors = [item for item in found if isinstance(item, OSError)]
+    if errors:
+        for item in found:
+            if isinstance(item, paramiko.SFTPFile):
+                item.close()
+        raise errors[0]
+    return [item for item in found if not isinstance(item, OSError)]
 
 
 def fsync(sftp: paramiko.SFTPClient, handle: bytes) -> None:
@@ -273,6 +320,12 @@ class ResumableUpload:
     length and resends from the buffer, so a source that cannot be re-read
     (stdin) still arrives whole. Memory stays within ``buffer_limit`` plus one
     read, whatever the stream size.
+
+    ``companions``: small files stored with the stream (its checksum), whose
+    contents ``companion_data`` gives once the source has ended. They are opened
+    with the stream's temporary file, written behind its last bytes and renamed
+    into place just before it: three round trips for a short stream, where
+    storing them one by one took six.
     """
 
     def __init__(
@@ -281,22 +334,31 @@ class ResumableUpload:
         final_path: str,
         buffer_limit: int,
         on_chunk: Callable[[bytes], object] | None = None,
+        companions: Sequence[str] = (),
+        companion_data: Callable[[], list[bytes]] | None = None,
     ) -> None:
         self.read = read
         self.final_path = final_path
         self.temp_path = paths.temp_name_for(final_path)
         self.buffer_limit = buffer_limit
         self.on_chunk = on_chunk
+        # (final name, temporary name) of each companion; one temporary name serves every attempt
+        self.companions = [(path, paths.temp_name_for(path)) for path in companions]
+        self.companion_data = companion_data
         self.confirmed = 0  # bytes acknowledged by the server
         self._buffer: deque[bytes] = deque()  # unacknowledged bytes, starting at offset self._buffer_start
         self._buffer_start = 0
         self._buffered = 0
         self._started = False
         self._source_done = False
+        self._companion_bytes: list[bytes] | None = None
 
     def attempt(self, sftp: paramiko.SFTPClient) -> int:
-        """One try: (re)open the temporary file, resend what is unconfirmed, stream the rest, flush."""
-        with self._open(sftp) as remote:
+        """One try: (re)open the temporary files, resend what is unconfirmed, stream the rest, flush."""
+        remote, companions = self._open(sftp)
+        with remote, contextlib.ExitStack() as opened:
+            for file in companions:
+                opened.enter_context(file)  # closed if the attempt fails; closed by sync_and_close if not
             writer = PipelinedWriter(sftp, remote.handle, offset=self.confirmed)
             for piece in unacknowledged(self._buffer, self._buffer_start, self.confirmed):
                 writer.write(piece)
@@ -320,20 +382,26 @@ class ResumableUpload:
                 self._buffered += len(chunk)
                 writer.write(chunk)
                 self._trim(writer.confirmed)
-            writer.sync_and_close(remote)
+            if self._companion_bytes is None and self.companion_data is not None:
+                self._companion_bytes = self.companion_data()
+            writer.sync_and_close(remote, list(zip(companions, self._companion_bytes or [])))
             self._trim(writer.confirmed)
         return self.confirmed
 
-    def _open(self, sftp: paramiko.SFTPClient) -> paramiko.SFTPFile:
+    def _open(self, sftp: paramiko.SFTPClient) -> tuple[paramiko.SFTPFile, list[paramiko.SFTPFile]]:
+        """The stream's temporary file, and the companions' (created afresh on every attempt)."""
+        temps = [temp for _, temp in self.companions]
         if not self._started:
             self._started = True
-            return create_private(sftp, self.temp_path)
+            first, *companions = create_private_together(sftp, [self.temp_path, *temps])
+            return first, companions
         try:
             durable = sftp.stat(self.temp_path).st_size or 0
         except FileNotFoundError:
             if self.confirmed == 0:
                 # The connection broke before the server created the file: start afresh.
-                return create_private(sftp, self.temp_path)
+                first, *companions = create_private_together(sftp, [self.temp_path, *temps])
+                return first, companions
             raise ShortFileError(
                 f"{self.temp_path} vanished after reconnecting, but the server had acknowledged "
                 f"{self.confirmed} bytes of it; the stream cannot be resumed"
@@ -344,9 +412,14 @@ class ResumableUpload:
                 f"but the server had acknowledged {self.confirmed}; the stream cannot be resumed"
             )
         remote = sftp.open(self.temp_path, "r+b")
-        remote.truncate(self.confirmed)
+        try:
+            remote.truncate(self.confirmed)
+            companions = create_private_together(sftp, temps)
+        except BaseException:
+            remote.close()
+            raise
         log.info("resuming upload of %s at byte %d", self.final_path, self.confirmed)
-        return remote
+        return remote, companions
 
     def _trim(self, confirmed: int) -> None:
         """Forget buffered chunks the server has acknowledged in full."""
@@ -357,15 +430,15 @@ class ResumableUpload:
             self._buffered -= len(chunk)
 
     def finish(self, sftp: paramiko.SFTPClient) -> None:
-        """Rename into place; a rename whose reply was lost (temp gone, target complete) counts as done."""
-        try:
-            rename_into_place(sftp, self.temp_path, self.final_path)
-        except FileNotFoundError:
-            if exists(sftp, self.temp_path) or sftp.stat(self.final_path).st_size != self.confirmed:
-                raise
+        """Rename the companions, then the stream, into place (rename_together); a rename whose reply was
+        lost (temporary name gone, final name holding all of it) counts as done."""
+        sizes = [len(data) for data in self._companion_bytes or []]
+        moves = [(temp, final, size) for (final, temp), size in zip(self.companions, sizes)]
+        rename_together(sftp, [*moves, (self.temp_path, self.final_path, self.confirmed)])
 
     def abandon(self, sftp: paramiko.SFTPClient) -> None:
-        remove_quietly(sftp, self.temp_path)
+        for temp in [self.temp_path, *(temp for _, temp in self.companions)]:
+            remove_quietly(sftp, temp)
 
 
 def unacknowledged(chunks: Iterable[bytes], start: int, confirmed: int) -> list[memoryview]:
@@ -405,6 +478,41 @@ def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path
     rename_into_place(sftp, temp_path, final_path)
 
 
+def rename_together(sftp: paramiko.SFTPClient, moves: Sequence[tuple[str, str, int]]) -> None:
+    """Rename each (temporary name, final name, size) into place, in order and in one round trip.
+
+    The renames are sent together, so a later one is carried out even where an
+    earlier one failed: give the file the others depend on last. A rename whose
+    reply was lost before a retry (temporary name gone, the final name holding
+    ``size`` bytes) counts as done. Where the server lacks posix-rename, each goes
+    through rename_into_place in turn.
+    """
+    pipe = Pipeline(sftp)
+    sent = [(source, target, size, pipe.send_posix_rename(source, target)) for source, target, size in moves]
+    failure: OSError | None = None
+    for source, target, size, num in sent:
+        try:
+            pipe.wait(num)
+        except FileNotFoundError as err:
+            if not _moved_already(sftp, source, target, size):
+                failure = failure or err
+        except OSError as err:
+            if not extension_unsupported(err):
+                failure = failure or err
+            elif failure is None:
+                rename_into_place(sftp, source, target)
+    if failure is not None:
+        raise failure
+
+
+def _moved_already(sftp: paramiko.SFTPClient, source: str, target: str, size: int) -> bool:
+    """Whether a rename that found no ``source`` was done before (its reply lost): ``target`` holds ``size`` bytes."""
+    try:
+        return not exists(sftp, source) and sftp.stat(target).st_size == size
+    except FileNotFoundError:
+        return False
+
+
 def rename_into_place(sftp: paramiko.SFTPClient, source: str, target: str) -> None:
     """Atomic replace where the server offers posix-rename, remove-then-rename elsewhere."""
     try:
@@ -437,6 +545,58 @@ def read_small(sftp: paramiko.SFTPClient, path: str, limit: int) -> bytes | None
         return data
     with sftp.open(path, "rb") as handle:
         return handle.read(limit)
+
+
+@dataclass(frozen=True)
+class FileHead:
+    """What `read_head` found: a file's size, its first bytes (all of them when ``whole``), and the
+    first bytes of its companion file (None where that does not exist)."""
+
+    size: int
+    data: bytes
+    companion: bytes | None
+
+    @property
+    def whole(self) -> bool:
+        return len(self.data) == self.size
+
+
+def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str | None = None,
+              companion_limit: int = REQUEST_SIZE) -> FileHead:
+    """``path``'s size and first ``limit`` bytes (the whole file, if no longer), and, in the same round trips,
+    the first ``companion_limit`` bytes of ``companion`` (a file kept beside it, such as its checksum).
+
+    Two round trips: both OPENs; then FSTAT, the READs and both CLOSEs. The READs ask for at most
+    REQUEST_SIZE each, what every server serves whole; a server that returned less than asked anyway is
+    read again the plain way. A missing ``path`` raises FileNotFoundError, as ``open`` does.
+    """
+    if companion is None:
+        target, other = open_together(sftp, [path])[0], None
+    else:
+        target, other = open_together(sftp, [path, companion], optional=[companion])
+    assert target is not None
+    pipe = Pipeline(sftp)
+    stat = pipe.send_fstat(target)
+    reads = [pipe.send_read(target, start, min(REQUEST_SIZE, limit - start)) for start in range(0, limit, REQUEST_SIZE)]
+    close = pipe.send_close(target)
+    companion_data = None
+    if other is not None:
+        other_stat, other_read, other_close = (
+            pipe.send_fstat(other), pipe.send_read(other, 0, companion_limit), pipe.send_close(other))
+    size = pipe.attributes(stat).st_size or 0
+    data = b"".join([pipe.data(num) for num in reads])
+    pipe.wait(close)
+    if other is not None:
+        other_size = pipe.attributes(other_stat).st_size or 0
+        companion_data = pipe.data(other_read)
+        pipe.wait(other_close)
+        if len(companion_data) != min(other_size, companion_limit):  # short: read the plain way
+            with sftp.open(companion, "rb") as handle:
+                companion_data = handle.read(min(other_size, companion_limit))
+    if len(data) != min(size, limit):
+        with sftp.open(path, "rb") as handle:
+            data = handle.read(min(size, limit))
+    return FileHead(size, data, companion_data)
 
 
 def read_ends(sftp: paramiko.SFTPClient, path: str, head: int, tail: int) -> tuple[int, bytes, bytes]:

@@ -276,7 +276,8 @@ def test_list_backups_shows_each_backup_with_files_size_age_and_state(plugin: Pl
     assert re.match(rf"^{NO_REPORT}\s+\?\s+2\s+", no_report), no_report
     assert "incomplete" in no_report and "no coordinator report" in no_report
     leftover = table_row(result.stdout, LEFTOVER)
-    assert "incomplete" in leftover and "1 leftover temporary file" in leftover
+    # the stream's temporary file and its checksum file's, opened together
+    assert "incomplete" in leftover and "2 leftover temporary files" in leftover
     assert "no coordinator report" not in leftover
     assert "3 backups" in result.stdout and "2 incomplete" in result.stdout
 
@@ -298,7 +299,7 @@ def test_list_backups_json_gives_scripts_the_same_facts(plugin: Plugin, stored: 
     assert no_report["complete"] is False and no_report["has_report"] is False
     assert any("report" in reason for reason in no_report["reasons"])
     leftover = backups[LEFTOVER]
-    assert leftover["complete"] is False and len(leftover["temporary_files"]) == 1
+    assert leftover["complete"] is False and len(leftover["temporary_files"]) == 2
     assert leftover["temporary_files"][0].endswith(".partial")
 
 

@@ -14,6 +14,7 @@ import pytest
 from devtools.gpbackup import LocalBackup
 from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_failed, assert_ok, socket_dir_env
 from sftp_plugin import blocks
+from sftp_plugin.store import WHOLE_READ_LIMIT as WHOLE
 from tests.helpers import alive, flip, start_under_a_parent, wait_until, write_offsets
 
 MIB = 1024 * 1024
@@ -72,6 +73,43 @@ def test_a_changed_byte_in_a_small_file_delivers_nothing(plugin: Plugin, config:
 
     assert result.stdout == b""
     assert path.name in assert_failed(result)
+
+
+@pytest.mark.parametrize("size", [0, 1, WHOLE - 1, WHOLE, WHOLE + 1])
+def test_files_around_the_whole_read_limit_restore_byte_exact_and_damaged_deliver_nothing(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup, tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    key, path = stored(plugin, config, backup, data)
+    assert plugin.ok("restore_data", config.path, key).stdout == data
+    ranges = [(size // 2, size), (0, size // 3)]
+    assert plugin.ok("restore_data_subset", config.path, key, write_offsets(tmp_path, ranges)).stdout == (
+        data[size // 2 :] + data[: size // 3])
+    if size:
+        flip(path, size - 1)
+        result = plugin.run("restore_data", config.path, key)
+        assert result.stdout == b""
+        assert path.name in assert_failed(result)
+
+
+def test_a_small_file_without_its_checksum_file_restores_and_the_log_says_so(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup) -> None:
+    data = os.urandom(5000)
+    key, path = stored(plugin, config, backup, data)
+    Path(str(path) + ".sha256").unlink()
+
+    assert plugin.ok("restore_data", config.path, key).stdout == data
+    assert f"no checksum stored for 127.0.0.1:{path}" in config.log_text()
+
+
+def test_a_small_file_whose_checksum_file_is_not_sha256sum_output_delivers_nothing(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup) -> None:
+    key, path = stored(plugin, config, backup, os.urandom(5000))
+    Path(str(path) + ".sha256").write_text("not a checksum\n")
+
+    result = plugin.run("restore_data", config.path, key)
+
+    assert result.stdout == b""
+    assert "not in sha256sum format" in assert_failed(result)
 
 
 def test_restore_data_subset_delivers_nothing_of_a_damaged_block_a_range_touches(

@@ -185,17 +185,20 @@ class FakeWriter:
     def drain(self) -> None:
         self.confirmed = self.sent
 
-    def sync_and_close(self, _remote: FakeFile) -> None:
+    def sync_and_close(self, _remote: FakeFile, companions: object = ()) -> None:
+        assert not companions
         self.drain()
 
     def use_long_writes(self) -> None:
         pass
 
 
-def create(host: FakeHost, path: str) -> FakeFile:
-    host.created += 1
-    host.files[path] = bytearray()
-    return FakeFile(host, path)
+def create(host: FakeHost, paths: list[str]) -> list[FakeFile]:
+    """Stands for transfer.create_private_together."""
+    for path in paths:
+        host.created += 1
+        host.files[path] = bytearray()
+    return [FakeFile(host, path) for path in paths]
 
 
 def source(chunks: list[bytes], breaks_at: int) -> Callable[[int], bytes]:
@@ -237,7 +240,7 @@ def test_a_resumed_upload_takes_up_at_the_acknowledged_byte_or_says_why_it_canno
     resumes_at: int, error: str
 ) -> None:
     monkeypatch.setattr(transfer, "PipelinedWriter", FakeWriter)
-    monkeypatch.setattr(transfer, "create_private", create)
+    monkeypatch.setattr(transfer, "create_private_together", create)
     host = FakeHost(lag)
     upload = transfer.ResumableUpload(source(CHUNKS, breaks_at), "/r/data", buffer_limit)
     temp = upload.temp_path

@@ -29,6 +29,7 @@ from paramiko.sftp import (
     CMD_READ,
     CMD_STATUS,
     CMD_WRITE,
+    SFTP_FLAG_READ,
     int64,
 )
 
@@ -97,6 +98,23 @@ class Pipeline:
         meanwhile given to another file."""
         return self.send(CMD_EXTENDED, "fsync@openssh.com", file.handle), self.send_close(file)
 
+    def send_open(self, path: str, flags: int = SFTP_FLAG_READ, attrs: paramiko.SFTPAttributes | None = None) -> int:
+        """OPEN framed as SFTPClient.open frames it, with ``attrs`` for a file it creates (``open`` sends none);
+        its reply is taken by `opened`."""
+        return self.send(CMD_OPEN, self.sftp._adjust_cwd(path), flags, attrs or paramiko.SFTPAttributes())
+
+    def opened(self, num: int, mode: str = "rb") -> paramiko.SFTPFile:
+        """The file a send_open opened; an error status raises IOError (FileNotFoundError for a missing file)."""
+        kind, msg = self.wait(num)
+        if kind != CMD_HANDLE:
+            raise paramiko.SFTPError(f"expected a handle in reply to OPEN, got message type {kind}")
+        return paramiko.SFTPFile(self.sftp, msg.get_binary(), mode)
+
+    def send_posix_rename(self, source: str, target: str) -> int:
+        """posix-rename@openssh.com, as SFTPClient.posix_rename frames it."""
+        return self.send(CMD_EXTENDED, "posix-rename@openssh.com", self.sftp._adjust_cwd(source),
+                         self.sftp._adjust_cwd(target))
+
     def send_fstat(self, file: paramiko.SFTPFile) -> int:
         return self.send(CMD_FSTAT, file.handle)
 
@@ -151,12 +169,3 @@ def extended(sftp: paramiko.SFTPClient, name: str, *args: object) -> tuple[int, 
     """An SFTP extended request (fsync@openssh.com, limits@openssh.com, statvfs@openssh.com...) and its reply;
     an error status (an extension the server lacks: "unsupported") raises IOError."""
     return sftp._request(CMD_EXTENDED, name, *args)
-
-
-def open_with_attributes(sftp: paramiko.SFTPClient, path: str, flags: int,
-                         attrs: paramiko.SFTPAttributes, mode: str) -> paramiko.SFTPFile:
-    """OPEN with attributes for a file it creates (paramiko's ``open`` sends none), framed as ``open`` frames it."""
-    kind, msg = sftp._request(CMD_OPEN, sftp._adjust_cwd(path), flags, attrs)
-    if kind != CMD_HANDLE:
-        raise paramiko.SFTPError(f"expected a handle in reply to opening {path}, got message type {kind}")
-    return paramiko.SFTPFile(sftp, msg.get_binary(), mode)
