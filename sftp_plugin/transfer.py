@@ -146,13 +146,14 @@ class PipelinedWriter:
         without fsync@openssh.com is tolerated (as by `fsync`); a failed CLOSE is an error, since a
         server may report a failed write only there. ``companions``, small files opened beside it
         (a checksum), are written, synced and closed behind it, in the same round trip."""
-        closing = [self._pipe.send_sync_and_close(remote)]
         writes: list[int] = []
-        for file, data in companions:
-            view = memoryview(data)
-            for start in range(0, len(view), self._request_size):
-                writes.append(self._pipe.send_write(file.handle, start, view[start : start + self._request_size]))
-            closing.append(self._pipe.send_sync_and_close(file))
+        with self._pipe.batch():
+            closing = [self._pipe.send_sync_and_close(remote)]
+            for file, data in companions:
+                view = memoryview(data)
+                for start in range(0, len(view), self._request_size):
+                    writes.append(self._pipe.send_write(file.handle, start, view[start : start + self._request_size]))
+                closing.append(self._pipe.send_sync_and_close(file))
         self.drain()
         for num in writes:  # replies come in order: the companions' writes, then their syncs and closes
             self._pipe.wait(num)
@@ -282,7 +283,9 @@ def open_together(sftp: paramiko.SFTPClient, paths: Sequence[str], flags: int = 
     pipe = Pipeline(sftp)
     mode = "rb" if flags == SFTP_FLAG_READ else "wb"
     found: list[paramiko.SFTPFile | OSError | None] = []
-    for path, num in [(path, pipe.send_open(path, flags, attrs)) for path in paths]:
+    with pipe.batch():
+        sent = [(path, pipe.send_open(path, flags, attrs)) for path in paths]
+    for path, num in sent:
         try:
             found.append(pipe.opened(num, mode))
         except FileNotFoundError as err:
@@ -481,14 +484,17 @@ def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path
 def rename_together(sftp: paramiko.SFTPClient, moves: Sequence[tuple[str, str, int]]) -> None:
     """Rename each (temporary name, final name, size) into place, in order and in one round trip.
 
-    The renames are sent together, so a later one is carried out even where an
-    earlier one failed: give the file the others depend on last. A rename whose
-    reply was lost before a retry (temporary name gone, the final name holding
-    ``size`` bytes) counts as done. Where the server lacks posix-rename, each goes
-    through rename_into_place in turn.
+    The server carries the renames out in order, but all of them, so a later one
+    succeeds even where an earlier one failed: those are moved back to their
+    temporary names before the first failure is raised, and a file given last
+    (the one the others vouch for) is never left in place without them. A
+    rename whose reply was lost before a retry (temporary name gone, the final
+    name holding ``size`` bytes) counts as done. Where the server lacks
+    posix-rename, each goes through rename_into_place in turn.
     """
     pipe = Pipeline(sftp)
-    sent = [(source, target, size, pipe.send_posix_rename(source, target)) for source, target, size in moves]
+    with pipe.batch():
+        sent = [(source, target, size, pipe.send_posix_rename(source, target)) for source, target, size in moves]
     failure: OSError | None = None
     for source, target, size, num in sent:
         try:
@@ -496,11 +502,15 @@ def rename_together(sftp: paramiko.SFTPClient, moves: Sequence[tuple[str, str, i
         except FileNotFoundError as err:
             if not _moved_already(sftp, source, target, size):
                 failure = failure or err
+            continue
         except OSError as err:
             if not extension_unsupported(err):
                 failure = failure or err
             elif failure is None:
                 rename_into_place(sftp, source, target)
+            continue
+        if failure is not None:
+            sftp.posix_rename(target, source)  # carried out after an earlier rename failed: undone
     if failure is not None:
         raise failure
 
@@ -576,13 +586,14 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
         target, other = open_together(sftp, [path, companion], optional=[companion])
     assert target is not None
     pipe = Pipeline(sftp)
-    stat = pipe.send_fstat(target)
-    reads = [pipe.send_read(target, start, min(REQUEST_SIZE, limit - start)) for start in range(0, limit, REQUEST_SIZE)]
-    close = pipe.send_close(target)
+    with pipe.batch():
+        stat = pipe.send_fstat(target)
+        reads = [pipe.send_read(target, at, min(REQUEST_SIZE, limit - at)) for at in range(0, limit, REQUEST_SIZE)]
+        close = pipe.send_close(target)
+        if other is not None:
+            other_stat, other_read, other_close = (
+                pipe.send_fstat(other), pipe.send_read(other, 0, companion_limit), pipe.send_close(other))
     companion_data = None
-    if other is not None:
-        other_stat, other_read, other_close = (
-            pipe.send_fstat(other), pipe.send_read(other, 0, companion_limit), pipe.send_close(other))
     size = pipe.attributes(stat).st_size or 0
     data = b"".join([pipe.data(num) for num in reads])
     pipe.wait(close)

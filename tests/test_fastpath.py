@@ -5,14 +5,27 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+import threading
 from pathlib import Path
 
 import paramiko
 import pytest
+from paramiko.sftp import (
+    CMD_CLOSE,
+    CMD_EXTENDED,
+    CMD_OPEN,
+    CMD_READ,
+    CMD_WRITE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_WRITE,
+    int64,
+)
 
 from devtools.gpbackup import LocalBackup
 from devtools.harness import Plugin, SiteConfig
 from sftp_plugin import fastpath
+from sftp_plugin.fastpath import sftp as fastpath_sftp
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sftp_plugin"
 # Private names of paramiko's classes the plugin has used: none of them may appear outside fastpath/.
@@ -71,3 +84,47 @@ def test_without_the_fast_path_files_round_trip_and_check_passes(plugin: Plugin,
     assert source.read_bytes() == data
     result = plugin.run("check", cfg, "--probe-mib", "1")
     assert result.returncode == 0, result.stdout.decode()
+
+
+class _Recorder:
+    """What SFTPClient._async_request and Pipeline use of an SFTPClient, recording what is sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.request_number = 7
+        self._expecting: dict[int, object] = {}
+        self.sock = object()
+        self.sent: list[bytes] = []
+
+    def _send_packet(self, kind: int, msg: paramiko.Message) -> None:  # paramiko's framing, recorded
+        body = msg.asbytes()
+        self.sent.append(struct.pack(">IB", len(body) + 1, kind) + body)
+
+
+@pytest.mark.unit
+def test_a_batch_frames_each_request_as_paramiko_does_and_numbers_them_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    attrs = paramiko.SFTPAttributes()
+    attrs.st_mode = 0o600
+    requests = [
+        (CMD_OPEN, "/r/a file", SFTP_FLAG_WRITE | SFTP_FLAG_CREATE, attrs),
+        (CMD_READ, b"\x00\x01handle", int64(5 * 2**32 + 3), 32768),
+        (CMD_EXTENDED, "posix-rename@openssh.com", "/r/.a.tmp", "/r/a"),
+        (CMD_CLOSE, b"\x00\x01handle"),
+    ]
+    reference = _Recorder()
+    expected_numbers = [paramiko.SFTPClient._async_request(reference, None, *request)
+                        for request in [*requests, (CMD_WRITE, b"\x00\x01handle", int64(9), b"data")]]
+
+    batched = _Recorder()
+    flushed: list[list[bytes | memoryview]] = []
+    monkeypatch.setattr(fastpath_sftp, "send_channel_data", lambda _sock, buffers: flushed.append(list(buffers)))
+    pipe = fastpath_sftp.Pipeline(batched)  # type: ignore[arg-type]
+    with pipe.batch():
+        numbers = [pipe.send(*request) for request in requests]
+        assert flushed == []  # nothing leaves before the batch ends
+        numbers.append(pipe.send_write(b"\x00\x01handle", 9, memoryview(b"data")))
+
+    assert numbers == expected_numbers
+    assert len(flushed) == 1  # sent together, byte for byte what paramiko would have sent one by one
+    assert b"".join(bytes(buffer) for buffer in flushed[0]) == b"".join(reference.sent)
+    assert set(batched._expecting) == set(numbers)

@@ -299,3 +299,21 @@ def test_verify_all_checks_every_backup_and_fails_if_one_is_bad(plugin: Plugin, 
     out = result.stdout.decode()
     assert result.returncode == 1
     assert f"backup {good.timestamp}: OK" in out and f"backup {bad.timestamp}: 1 problem" in out
+
+
+def test_a_checksum_file_that_cannot_be_put_in_place_keeps_the_stream_out_of_its_final_name(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup) -> None:
+    name = f"gpbackup_0_{backup.timestamp}_4242"
+    plugin.ok("backup_data", config.path, backup.file(name), stdin=b"first")
+    final = backup.remote(config.remote_dir, name)
+    final.unlink()
+    blocker = Path(str(final) + ".sha256")  # a directory where the checksum file goes: its rename fails
+    blocker.unlink()
+    (blocker / "in the way").mkdir(parents=True)
+
+    result = plugin.run("backup_data", config.path, backup.file(name), stdin=os.urandom(5000))
+
+    assert_failed(result)
+    # Both renames went out together; the stream's, carried out after the checksum's failed, was undone.
+    assert not final.exists()
+    assert [p.name for p in final.parent.iterdir()] == [blocker.name]

@@ -4,8 +4,9 @@
   (InPlacePacketizer, a Packetizer subclass keeping its private state), and
   several channel packets per socket send;
 - ``channel``: the SFTP channel's receive buffer (replaces ``Channel.in_buffer``);
-- ``sftp``: the SFTP request pipeline that checks every reply, extended
-  requests, OPEN with attributes (SFTPClient's request machinery);
+- ``sftp``: the SFTP request pipeline that checks every reply and sends
+  requests in batches, extended requests, OPEN with attributes (SFTPClient's
+  request machinery);
 - ``negotiation``: the server's algorithm offer, for "no cipher in common".
 
 Checked, not assumed: `packet_code_missing` says which private names the
