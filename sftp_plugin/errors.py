@@ -35,6 +35,10 @@ class ConfigError(PluginError):
     exit_code = 2
 
 
+class KeyNotConfigured(ConfigError):
+    """A stored file is encrypted with a key that is not among those configured."""
+
+
 class ConnectError(PluginError):
     """The backup host could not be reached or the SSH session broke."""
 

@@ -19,7 +19,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from sftp_plugin.errors import ConfigError
+from sftp_plugin.errors import ConfigError, KeyNotConfigured
 
 KEY_SIZE = 32
 # Permission bits a key file must not have: any access by group or others.
@@ -118,7 +118,7 @@ class Keyring:
             configured.append(f"{fingerprint(key)} ({path})")
         needed = fingerprint_of_digest(digest)
         have = ", ".join(configured) if configured else "none (encryption_key_file and decryption_key_files unset)"
-        raise ConfigError(
+        raise KeyNotConfigured(
             f"{what} is encrypted with key {needed}; configured keys: {have}",
             f"add the key file with fingerprint {needed} to decryption_key_files",
         )

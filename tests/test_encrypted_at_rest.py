@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,26 @@ def test_verify_checks_containers_stored_without_checksum_files(plugin: Plugin, 
     assert result.returncode == 1 and not any(line.startswith("NOCHECK") for line in lines), lines
     assert any(line.startswith("DAMAGED") and damaged in line and "chunk 1" in line for line in lines), lines
     assert not any(intact in line for line in lines), lines
+
+
+def test_list_backups_lists_a_backup_encrypted_with_a_key_no_longer_configured_as_unreadable(
+        plugin: Plugin, config: SiteConfig, make_backup: Callable[..., LocalBackup], tmp_path: Path) -> None:
+    old_key, new_key = make_key(tmp_path, "old.key"), make_key(tmp_path, "new.key")
+    old = config.write("old.yaml", encryption_key_file=str(old_key))
+    new = config.write("new.yaml", encryption_key_file=str(new_key))
+    older, newer = make_backup(timestamp="20240101000000"), make_backup(timestamp="20240202000000")
+    for cfg, backup in ((old, older), (new, newer)):
+        name = f"gpbackup_{backup.timestamp}_report"
+        backup.file(name).write_bytes(b"database name: db\nbackup status: Success\n")
+        plugin.ok("backup_file", cfg, backup.file(name))
+
+    result = plugin.run("list-backups", new, "--json", text=True)
+
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    listing = {b["timestamp"]: b for b in json.loads(result.stdout)["backups"]}
+    assert listing[newer.timestamp]["state"] == "complete"
+    assert listing[older.timestamp]["state"] == "unreadable" and listing[older.timestamp]["complete"] is False
+    assert keys.fingerprint(keys.load_key(str(old_key))) in listing[older.timestamp]["reasons"][0]
+    table = plugin.run("list-backups", new, text=True)
+    assert table.returncode == 0, table.stderr
+    assert "unreadable: " in next(line for line in table.stdout.splitlines() if line.startswith(older.timestamp))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from sftp_plugin.admin.output import human_age, human_size, print_table
 from sftp_plugin.admin.runner import command_parser, parse_args, with_config
-from sftp_plugin.errors import RemoteError, RemoteNotFound
+from sftp_plugin.errors import KeyNotConfigured, RemoteError, RemoteNotFound
 from sftp_plugin.stderr import fail
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class BackupSummary:
     needs: list[str] | None = None
     # Stored files whose size differs from what their checksum files record, or that are gone.
     damaged_files: list[str] = field(default_factory=list)
+    # Why its report or config.yaml could not be read (encrypted with a key not configured); None if it could.
+    unreadable: str | None = None
 
     @property
     def reasons(self) -> list[str]:
@@ -56,7 +58,7 @@ class BackupSummary:
             found.append(f"{count} leftover temporary file{'s' if count != 1 else ''} (an interrupted upload)")
         if not self.has_report:
             found.append("no coordinator report (gpbackup did not finish)")
-        elif self.report_status != SUCCESS:
+        elif self.report_status != SUCCESS and self.unreadable is None:
             found.append(f"gpbackup reported it as {self.report_status or 'without a status'}")
         if self.config_status not in (None, SUCCESS):
             found.append(f"its config.yaml says {self.config_status}")
@@ -65,10 +67,12 @@ class BackupSummary:
 
     @property
     def complete(self) -> bool:
-        return not self.reasons
+        return not self.reasons and self.unreadable is None
 
     @property
     def state(self) -> str:
+        if self.unreadable is not None:
+            return "unreadable: " + "; ".join([self.unreadable, *self.reasons])
         return "complete" if self.complete else "incomplete: " + "; ".join(self.reasons)
 
     def as_json(self) -> dict[str, object]:
@@ -79,8 +83,8 @@ class BackupSummary:
             "bytes": self.bytes,
             "age_seconds": self.age_seconds,
             "complete": self.complete,
-            "state": "complete" if self.complete else "incomplete",
-            "reasons": self.reasons,
+            "state": self.state.partition(":")[0],
+            "reasons": self.reasons if self.unreadable is None else [self.unreadable, *self.reasons],
             "temporary_files": self.temporary_files,
             "has_report": self.has_report,
             "report_status": self.report_status,
@@ -188,8 +192,14 @@ def _collect(cfg: PluginConfig) -> list[BackupSummary]:
             except RemoteNotFound:
                 continue  # deleted (delete_backup, retention) since we listed the backups
             # The listing says which of report and config.yaml exist: no read of an absent one.
-            entry = catalog.read_entry(remote, backup, present={name for name, _ in entries})
+            unreadable = None
+            try:
+                entry: CatalogEntry | None = catalog.read_entry(
+                    remote, backup, present={name for name, _ in entries})
+            except KeyNotConfigured as err:  # listed as unreadable, with the key it needs; the others still are
+                entry, unreadable = None, err.message
             summary = summarize(backup.timestamp, path, entries, now, entry)
+            summary.unreadable = unreadable
             summary.damaged_files = _size_problems(remote, path, dict(entries))
             summaries.append(summary)
         return summaries
