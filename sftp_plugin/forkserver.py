@@ -982,7 +982,6 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
     """One call: check the caller, receive it, hand it to the worker (a new one if need be), forward
     signals, report the end. The worker that may serve the next call, and whether the route retires."""
     import socket
-    import threading
 
     caller_pid = peer_credentials(conn)[0]
     why = refusal(caller_pid, own)
@@ -1030,31 +1029,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
     conn.settimeout(None)
     worker.sock.settimeout(None)
     conn.sendall(STARTED + _INT.pack(worker.pid))
-    finished = threading.Lock()
-    done = False
-    target = worker.pid
-
-    def forward() -> None:
-        # Each byte from the client is a signal to pass on; EOF means the
-        # client died, and its worker must not outlive it.
-        while True:
-            try:
-                data = conn.recv(16)
-            except OSError:
-                data = b""
-            with finished:
-                if done:
-                    return
-                for sig in data or [_signal.SIGKILL]:
-                    os.kill(target, sig)
-            if not data:
-                return
-
-    forwarder = threading.Thread(target=forward, daemon=True)
-    forwarder.start()
-    reply = _recv_exact(worker.sock, _REPLY.size)
-    with finished:
-        done = True  # before the client hears the end: its EOF after that is no news for the worker
+    reply = _await_reply(conn, worker)
     if len(reply) == _REPLY.size:
         code, flags = _REPLY.unpack(reply)
         status = (code & 0xFF) << 8  # as waitpid reports an exit with that code
@@ -1067,11 +1042,29 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         worker = None
     _report_idle(ctrl, worker)
     conn.sendall(ENDED + _INT.pack(status))
-    # Wake the forwarder and let it end before anything else: a worker forked later must not be
-    # forked beside a thread.
-    conn.shutdown(socket.SHUT_RDWR)
-    forwarder.join()
     return worker, bool(flags & _RETIRE)
+
+
+def _await_reply(conn: socket.socket, worker: _Worker) -> bytes:
+    """The worker's reply to the call (short if it died), passing on meanwhile each signal the client
+    forwards: each byte from the client is one; EOF means the client died, and its worker must not
+    outlive it. One thread watches both, the worker first: once its reply is in, the client's
+    EOF is no news for the worker, which may stay for the next call."""
+    import select
+
+    watched = [worker.sock, conn]
+    while True:
+        readable = select.select(watched, [], [])[0]
+        if worker.sock in readable:
+            return _recv_exact(worker.sock, _REPLY.size)
+        try:
+            data = conn.recv(16)
+        except OSError:
+            data = b""
+        for sig in data or [_signal.SIGKILL]:
+            os.kill(worker.pid, sig)
+        if not data:
+            watched = [worker.sock]  # the client is gone: only the worker's end is left to hear
 
 
 def _report_idle(ctrl: socket.socket, worker: _Worker | None) -> None:
