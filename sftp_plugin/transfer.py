@@ -38,6 +38,7 @@ from paramiko.sftp import (
 from sftp_plugin import paths
 from sftp_plugin.connection import WINDOW_SIZE
 from sftp_plugin.fastpath.sftp import WRITE_HEADER, EndOfFile, Pipeline, extended
+from sftp_plugin.retry import is_connection_lost
 
 log = logging.getLogger(__name__)
 
@@ -502,17 +503,34 @@ def rename_together(sftp: paramiko.SFTPClient, moves: Sequence[tuple[str, str, i
         except FileNotFoundError as err:
             if not _moved_already(sftp, source, target, size):
                 failure = failure or err
-            continue
+                continue
         except OSError as err:
             if not extension_unsupported(err):
                 failure = failure or err
-            elif failure is None:
+                continue
+            if failure is not None:
+                continue  # not moved: nothing to undo
+            # remove-then-rename cannot be repeated once done: a retry after a lost reply must see that
+            if not _moved_already(sftp, source, target, size):
                 rename_into_place(sftp, source, target)
-            continue
         if failure is not None:
-            sftp.posix_rename(target, source)  # carried out after an earlier rename failed: undone
+            # In place (now, or by an attempt whose reply was lost) after an earlier rename failed: undone.
+            _undo_rename(sftp, source, target)
     if failure is not None:
         raise failure
+
+
+def _undo_rename(sftp: paramiko.SFTPClient, source: str, target: str) -> None:
+    """Move ``target`` back to ``source``; where the server refuses, remove it: the call fails either way,
+    and a file must not stay in place without the files that vouch for it. A lost connection is raised
+    (the retry that follows runs rename_together again, which undoes it then)."""
+    try:
+        sftp.posix_rename(target, source)
+    except OSError as err:
+        if is_connection_lost(err):
+            raise
+        log.warning("could not move %s back to %s (%s); removing it", target, source, err)
+        sftp.remove(target)
 
 
 def _moved_already(sftp: paramiko.SFTPClient, source: str, target: str, size: int) -> bool:

@@ -263,3 +263,4 @@ def test_list_backups_lists_a_backup_encrypted_with_a_key_no_longer_configured_a
     table = plugin.run("list-backups", new, text=True)
     assert table.returncode == 0, table.stderr
     assert "unreadable: " in next(line for line in table.stdout.splitlines() if line.startswith(older.timestamp))
+    assert table.stdout.rstrip().endswith("; 0 incomplete, 1 unreadable"), table.stdout

@@ -651,6 +651,47 @@ def test_backup_file_survives_a_reset_inside_any_request_or_reply(
 
 
 @pytest.mark.parametrize("direction", [C2S, S2C], ids=lambda d: d.value)
+def test_a_file_whose_checksum_cannot_be_put_in_place_is_never_left_under_its_name_wherever_a_reset_falls(
+    plugin: Plugin, config: SiteConfig, backup: LocalBackup, direction: Direction
+) -> None:
+    # The checksum file's rename fails on every attempt (a non-empty directory holds its name), the
+    # stream's rename behind it succeeds and must be undone: also when a reset loses the reply to the
+    # renames or the undo, and the retry finds the stream already in place.
+    data = os.urandom(SWEEP_FILE_SIZE)
+    name = "gpbackup_-1_metadata.sql"
+    backup.file(name).write_bytes(data)
+
+    def run_once(index: int, plan: Plan) -> Outcome:
+        remote_dir = config.remote_dir / f"run{index:03d}"
+        stored = backup.remote(remote_dir, name)
+        (stored.with_name(name + ".sha256") / "in the way").mkdir(parents=True)
+
+        def config_for(port: int) -> Path:
+            return config.write(f"run{index:03d}.yaml", port=port, remote_dir=str(remote_dir))
+
+        own, result = run_through_own_proxy(plugin, config.server, plan, config_for, "backup_file", backup.file(name))
+        problems = []
+        stderr = result.stderr.decode(errors="replace")
+        if result.returncode == 0:
+            problems.append("the call succeeded")
+        elif stderr.count("\n") != 1 or "Traceback" in stderr:
+            problems.append(f"not one line on stderr: {stderr!r}")
+        if stored.exists():
+            problems.append("the file is under its final name without its checksum file")
+        # Temporary names may stay where the reset falls in the removal of them (cleanup removes those).
+        others = sorted(p.name for p in stored.parent.iterdir()
+                        if p.name != stored.name + ".sha256" and not p.match(PARTIAL_GLOB))
+        if others:
+            problems.append(f"unexpected files {others}")
+        reached = plan.action is Action.PASS or own.triggered == 1
+        return Outcome(own, f"{plan}: " + "; ".join(problems) if problems else None, reached)
+
+    problems = sweep(direction, run_once)
+
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("direction", [C2S, S2C], ids=lambda d: d.value)
 def test_restore_file_survives_a_reset_inside_any_request_or_reply(
     plugin: Plugin, config: SiteConfig, backup: LocalBackup, direction: Direction, tmp_path: Path
 ) -> None:

@@ -139,11 +139,12 @@ def _print_table(host: str, root: str, backups: list[BackupSummary]) -> None:
         for b in backups
     ]
     print_table(rows, right_aligned={2, 3, 4})  # files, size, age
-    incomplete = sum(1 for b in backups if not b.complete)
+    unreadable = sum(1 for b in backups if b.unreadable is not None)
+    incomplete = sum(1 for b in backups if not b.complete) - unreadable
     total = sum(b.bytes for b in backups)
     print(
         f"\n{len(backups)} backup{'s' if len(backups) != 1 else ''}, {human_size(total)} on "
-        f"{host}:{root}; {incomplete} incomplete"
+        f"{host}:{root}; {incomplete} incomplete" + (f", {unreadable} unreadable" if unreadable else "")
     )
 
 
