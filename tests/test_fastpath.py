@@ -128,3 +128,21 @@ def test_a_batch_frames_each_request_as_paramiko_does_and_numbers_them_alike(mon
     assert len(flushed) == 1  # sent together, byte for byte what paramiko would have sent one by one
     assert b"".join(bytes(buffer) for buffer in flushed[0]) == b"".join(reference.sent)
     assert set(batched._expecting) == set(numbers)
+
+
+@pytest.mark.unit
+def test_what_a_batch_framed_goes_out_even_when_its_block_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CLOSE framed in it marks its file closed at once: were it dropped, the handle would stay open on the
+    # server for as long as a kept session lives.
+    flushed: list[list[bytes | memoryview]] = []
+    monkeypatch.setattr(fastpath_sftp, "send_channel_data", lambda _sock, buffers: flushed.append(list(buffers)))
+    pipe = fastpath_sftp.Pipeline(_Recorder())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="in the block"):
+        with pipe.batch():
+            pipe.send(CMD_CLOSE, b"\x00\x01handle")
+            raise RuntimeError("in the block")
+
+    assert len(flushed) == 1 and bytes(flushed[0][0])[4] == CMD_CLOSE
+    with pipe.batch():  # the pipeline is usable again, and an empty batch sends nothing
+        pass
+    assert len(flushed) == 1

@@ -82,15 +82,15 @@ class Pipeline:
     def batch(self) -> Iterator[None]:
         """Requests sent inside go out together as it ends, in as few SSH packets as they fit (one, for a
         few small ones) instead of one packet each: less work for both ends of a short call. Nothing
-        sent inside may be waited for inside."""
+        sent inside may be waited for inside. What was framed goes out even if the block raises: those
+        requests are numbered, and a file whose CLOSE is among them counts as closed already."""
         self._batch = []
         try:
             yield
-            framed = self._batch
         finally:
-            self._batch = None
-        if framed:
-            send_channel_data(self.sftp.sock, framed)
+            framed, self._batch = self._batch, None
+            if framed:
+                send_channel_data(self.sftp.sock, framed)
 
     def _number(self) -> int:
         """The next request number, registered for our replies: as SFTPClient._async_request does it."""
