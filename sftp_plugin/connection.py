@@ -14,6 +14,7 @@ import getpass
 import hashlib
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass, replace
 
@@ -83,18 +84,19 @@ HONOURED_SSH_CONFIG = frozenset(
 )
 
 
-def resolve_endpoint(cfg: PluginConfig) -> Endpoint:
-    """Apply ``~/.ssh/config`` to the hostname; explicit plugin options take precedence."""
+def resolve_endpoint(cfg: PluginConfig, looked_at: list[str] | None = None) -> Endpoint:
+    """Apply ``~/.ssh/config`` to the hostname; explicit plugin options take precedence. ``looked_at`` gets
+    the identity files ssh_config names, present or not: whether they exist decides the result too."""
     ssh_config = _read_ssh_config()
     found = _lookup(ssh_config, cfg.hostname)
     endpoint = Endpoint(
         host=found.get("hostname", cfg.hostname),
         port=cfg.port or int(found.get("port", DEFAULT_PORT)),
         user=cfg.username or found.get("user") or cfg.effective_username(),
-        identity_files=_identities(cfg, found),
+        identity_files=_identities(cfg, found, looked_at),
         host_key_alias=found.get("hostkeyalias"),
     )
-    return _with_route(cfg, endpoint, ssh_config, found)
+    return _with_route(cfg, endpoint, ssh_config, found, looked_at)
 
 
 def _read_ssh_config() -> paramiko.SSHConfig | None:
@@ -116,16 +118,18 @@ def _lookup(ssh_config: paramiko.SSHConfig | None, host: str) -> dict:
         raise ConfigError(f"cannot parse {SSH_CONFIG_PATH}: {err}", "fix or move that file") from None
 
 
-def _identities(cfg: PluginConfig, found: dict) -> tuple[str, ...]:
+def _identities(cfg: PluginConfig, found: dict, looked_at: list[str] | None = None) -> tuple[str, ...]:
     if cfg.identity_file:
         return (cfg.identity_file,)
     # Like ssh, skip IdentityFile entries that do not exist (ssh_config often lists several).
-    candidates = (os.path.expanduser(p) for p in found.get("identityfile", []))
+    candidates = [os.path.expanduser(p) for p in found.get("identityfile", [])]
+    if looked_at is not None:
+        looked_at += candidates
     return tuple(p for p in candidates if os.path.isfile(p))
 
 
 def _with_route(cfg: PluginConfig, endpoint: Endpoint, ssh_config: paramiko.SSHConfig | None,
-                found: dict) -> Endpoint:
+                found: dict, looked_at: list[str] | None = None) -> Endpoint:
     """The endpoint with the ProxyJump hosts or the ProxyCommand ~/.ssh/config sets for it (proxy.py)."""
     route = proxy.route_of(found)
     if route is None:
@@ -140,10 +144,12 @@ def _with_route(cfg: PluginConfig, endpoint: Endpoint, ssh_config: paramiko.SSHC
     except ValueError as err:
         raise ConfigError(f"cannot use {where}: {err}",
                           "write ProxyJump as [user@]host[:port], several separated by commas") from None
-    return replace(endpoint, jumps=tuple(_jump_endpoint(cfg, ssh_config, spec) for spec in specs), route=where)
+    jumps = tuple(_jump_endpoint(cfg, ssh_config, spec, looked_at) for spec in specs)
+    return replace(endpoint, jumps=jumps, route=where)
 
 
-def _jump_endpoint(cfg: PluginConfig, ssh_config: paramiko.SSHConfig | None, spec: proxy.JumpSpec) -> Endpoint:
+def _jump_endpoint(cfg: PluginConfig, ssh_config: paramiko.SSHConfig | None, spec: proxy.JumpSpec,
+                   looked_at: list[str] | None = None) -> Endpoint:
     """A jump host as ssh -J reaches it: its own HostName, Port, User, IdentityFile and HostKeyAlias in
     ~/.ssh/config apply (what ProxyJump says wins); identity_file, when set, is offered to it too. The
     plugin's username and port are the backup host's, not its."""
@@ -154,9 +160,40 @@ def _jump_endpoint(cfg: PluginConfig, ssh_config: paramiko.SSHConfig | None, spe
         host=found.get("hostname", spec.host),
         port=spec.port or int(found.get("port", DEFAULT_PORT)),
         user=spec.user or found.get("user") or getpass.getuser(),
-        identity_files=_identities(cfg, found),
+        identity_files=_identities(cfg, found, looked_at),
         host_key_alias=found.get("hostkeyalias"),
     )
+
+
+# The environment a session key depends on: HOME (where ~ is), the ssh-agent, and the variables
+# getpass.getuser reads for the default username.
+KEY_ENVIRONMENT = ("HOME", "SSH_AUTH_SOCK", "LOGNAME", "USER", "LNAME", "USERNAME")
+# Session keys remembered by a fork-server worker, which asks at every call (parsing ~/.ssh/config
+# again was a tenth of a warm call's CPU); a handful of configs is the most one host uses at a time.
+KEY_MEMO_SIZE = 16
+# ssh_config's ``Match exec`` runs a command at every lookup: its answer may change with nothing on disk
+# changing, so a key computed through one is never remembered.
+MATCH_EXEC_RE = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class _KeyMemo:
+    """A session key and what it was computed from: the files it read or looked for, by stat."""
+
+    files: tuple[tuple[str, tuple[int, ...] | None], ...]
+    key: str
+
+
+_key_memo: dict[tuple[str, tuple[str | None, ...]], _KeyMemo] = {}
+
+
+def _stat_signature(path: str) -> tuple[int, ...] | None:
+    """What changes whenever the file at ``path`` does (ctime: on any write, also one that restores mtime)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def session_key(cfg: PluginConfig) -> str:
@@ -167,22 +204,50 @@ def session_key(cfg: PluginConfig) -> str:
     counts), the files read while connecting (known_hosts, the identity
     files of the host and its jump hosts, ~/.ssh/config) by content, and the
     ssh-agent in use. A secret goes into the digest, never out of it.
+
+    Remembered while the options, the environment and every file it read or looked for are unchanged
+    (by stat, taken before they are read, so a change while computing is seen by the next call; a relative
+    path is stat'ed from the directory of the call that asks).
     """
-    endpoint = resolve_endpoint(cfg)
+    options = repr(tuple(getattr(cfg, field.name) for field in dataclasses.fields(cfg)))  # astuple deep-copies
+    memo_key = (options, tuple(os.environ.get(name) for name in KEY_ENVIRONMENT))
+    memo = _key_memo.get(memo_key)
+    if memo is not None and all(_stat_signature(path) == signature for path, signature in memo.files):
+        return memo.key
+    ssh_config = os.path.expanduser(SSH_CONFIG_PATH)
+    before = {ssh_config: _stat_signature(ssh_config)}
+    looked_at: list[str] = []
+    endpoint = resolve_endpoint(cfg, looked_at)
     digest = hashlib.sha256()
-    options = tuple(getattr(cfg, field.name) for field in dataclasses.fields(cfg))  # astuple deep-copies
-    for part in (repr(options), repr(endpoint), os.environ.get("SSH_AUTH_SOCK", "")):
+    for part in (options, repr(endpoint), os.environ.get("SSH_AUTH_SOCK", "")):
         digest.update(part.encode() + b"\0")
     files = [cfg.known_hosts_file, SSH_CONFIG_PATH, *endpoint.identity_files,
              *(path for jump in endpoint.jumps for path in jump.identity_files)]
+    rememberable = True
     for path in files:
         digest.update(os.fsencode(path) + b"\0")
+        expanded = os.path.expanduser(path)
+        before.setdefault(expanded, _stat_signature(expanded))
         try:
-            with open(os.path.expanduser(path), "rb") as handle:
-                digest.update(hashlib.sha256(handle.read()).digest())
+            with open(expanded, "rb") as handle:
+                content = handle.read()
         except OSError as err:
             digest.update(f"unreadable: {err.errno}".encode())
-    return digest.hexdigest()
+            continue
+        digest.update(hashlib.sha256(content).digest())
+        if expanded == ssh_config and MATCH_EXEC_RE.search(content.decode(errors="replace")):
+            rememberable = False
+    used = set(endpoint.identity_files).union(*(jump.identity_files for jump in endpoint.jumps))
+    for path in looked_at:
+        signature = before.setdefault(path, _stat_signature(path))
+        # resolve_endpoint looked for it before this stat: remembered only if it still finds what it found then
+        rememberable &= (signature is not None and os.path.isfile(path)) == (path in used)
+    key = digest.hexdigest()
+    if rememberable:
+        if len(_key_memo) >= KEY_MEMO_SIZE:
+            _key_memo.clear()
+        _key_memo[memo_key] = _KeyMemo(tuple(before.items()), key)
+    return key
 
 
 def fingerprint(key: paramiko.PKey) -> str:
