@@ -318,6 +318,24 @@ def test_list_backups_marks_a_backup_gpbackup_reported_as_failed_incomplete(
     assert any("Failure" in reason for reason in entry["reasons"])
 
 
+def test_list_backups_lists_a_directory_whose_14_digits_are_no_time_of_unknown_age(
+    plugin: Plugin, config: SiteConfig, tmp_path: Path
+) -> None:
+    # The plugin stores under any 14-digit timestamp gpbackup's paths carry (a test bench's, a hand-made one):
+    # such a directory must not stop the listing of the others.
+    good, odd = "20240108101500", "20240108888888"
+    store_backup(plugin, config, tmp_path, good, report=True)
+    store_backup(plugin, config, tmp_path, odd, report=True)
+
+    table = plugin.run("list-backups", config.path, text=True)
+    listing = plugin.run("list-backups", config.path, "--json", text=True)
+
+    assert table.returncode == 0 and table.stderr == "", table.stderr
+    assert re.search(rf"^{odd}\s.*\s\?\s", table.stdout, re.MULTILINE), table.stdout
+    entries = {b["timestamp"]: b for b in json.loads(listing.stdout)["backups"]}
+    assert entries[odd]["age_seconds"] is None and isinstance(entries[good]["age_seconds"], int)
+
+
 def test_list_backups_says_so_when_there_are_none(plugin: Plugin, config: SiteConfig) -> None:
     table = plugin.run("list-backups", config.path, text=True)
     listing = plugin.run("list-backups", config.path, "--json", text=True)

@@ -34,7 +34,7 @@ class BackupSummary:
     path: str
     files: int
     bytes: int
-    age_seconds: int
+    age_seconds: int | None  # None: the directory's name is 14 digits, but not a date and time
     temporary_files: list[str]
     has_report: bool
     report_status: str | None = None  # what the report says ("Success", "Failure"); None without one
@@ -102,17 +102,20 @@ def summarize(
     from sftp_plugin import paths
     from sftp_plugin.catalog import report_name
     from sftp_plugin.integrity import is_checksum_file
+    from sftp_plugin.retention import backup_time
 
     names = [posixpath.basename(name) for name, _ in entries]
     temporary = sorted(name for name in names if paths.is_temp_name(name))
     data_files = [name for name in names if not paths.is_temp_name(name) and not is_checksum_file(name)]
-    started = datetime.strptime(timestamp, "%Y%m%d%H%M%S")  # gpbackup timestamps are the coordinator's local time
+    # gpbackup timestamps are the coordinator's local time; a directory of 14 digits that are no time
+    # (made by hand, or by a test) is listed all the same, of unknown age
+    started = backup_time(paths.BackupDir(timestamp[:8], timestamp))
     return BackupSummary(
         timestamp=timestamp,
         path=path,
         files=len(data_files),
         bytes=sum(size for _, size in entries),
-        age_seconds=int((now - started).total_seconds()),
+        age_seconds=None if started is None else int((now - started).total_seconds()),
         temporary_files=temporary,
         has_report=report_name(paths.BackupDir(timestamp[:8], timestamp)) in names,
         report_status=entry.report_status if entry is not None else None,
@@ -134,8 +137,8 @@ def _print_table(host: str, root: str, backups: list[BackupSummary]) -> None:
         return
     rows = [("TIMESTAMP", "DATABASE", "FILES", "SIZE", "AGE", "NEEDS", "STATE")]
     rows += [
-        (b.timestamp, b.database or "?", str(b.files), human_size(b.bytes), human_age(b.age_seconds),
-         _needs_column(b.needs), b.state)
+        (b.timestamp, b.database or "?", str(b.files), human_size(b.bytes),
+         "?" if b.age_seconds is None else human_age(b.age_seconds), _needs_column(b.needs), b.state)
         for b in backups
     ]
     print_table(rows, right_aligned={2, 3, 4})  # files, size, age
