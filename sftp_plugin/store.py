@@ -287,12 +287,6 @@ def _encoding_reader(cfg: PluginConfig, source: BinaryIO) -> container.EncodingR
     return container.EncodingReader(source.read, container.Encoder(codec))
 
 
-def _checksum_paths(path: str) -> tuple[str, str]:
-    """The sha256sum sidecar and the per-block digests of a stored file (the latter only for
-    streams longer than one block)."""
-    return integrity.sidecar_path(path), blocks.blocks_path(path)
-
-
 def _expected_digest(remote: Remote, source: str, text: bytes | None) -> str | None:
     """The checksum stored for ``source``, from ``text``, its checksum file (None where there is none)."""
     if text is None:
@@ -505,8 +499,7 @@ def read_small_stored(remote: Remote, path: str, limit: int, what: str) -> bytes
             return data
         fetch = None
         if len(data) < limit:  # the whole stored file is here already: decode it without reading it again
-            size, head, fetch = len(data), data[: container.HEADER_SIZE], _fetch_local(data)
-            tail = data[-container.TRAILER_SIZE :] if size >= container.HEADER_SIZE + container.TRAILER_SIZE else b""
+            size, (head, tail), fetch = len(data), _ends_of(data), _fetch_local(data)
         else:
             size, head, tail = _stored_ends(remote, path, what)
         if container.looks_like(head, tail) is not True:

@@ -555,9 +555,9 @@ def rename_into_place(sftp: paramiko.SFTPClient, source: str, target: str) -> No
 def read_small(sftp: paramiko.SFTPClient, path: str, limit: int) -> bytes | None:
     """Up to ``limit`` bytes of a small remote file (a report, a checksum); None if it does not exist.
 
-    Two round trips: OPEN, then FSTAT, READ and CLOSE together. The size tells
-    whether the one READ returned all there was; a server that returned less
-    (SFTP allows it) is read again the plain way.
+    Two round trips: OPEN, then FSTAT, one READ of ``limit`` and CLOSE together (read_head would ask in
+    REQUEST_SIZE pieces, a thousand for a config.yaml's 64 MiB limit). The size tells whether the READ
+    returned all there was; a server that returned less (SFTP allows it) is read again the plain way.
     """
     try:
         remote = sftp.open(path, "rb")
@@ -569,10 +569,13 @@ def read_small(sftp: paramiko.SFTPClient, path: str, limit: int) -> bytes | None
         size = pipe.attributes(stat).st_size or 0
         data = pipe.data(read)
         pipe.wait(close)
-    if len(data) == min(size, limit):
-        return data
+    return data if len(data) == min(size, limit) else _read_plainly(sftp, path, limit)
+
+
+def _read_plainly(sftp: paramiko.SFTPClient, path: str, length: int) -> bytes:
+    """The first ``length`` bytes, read the plain way: after a server returned less than asked (SFTP allows it)."""
     with sftp.open(path, "rb") as handle:
-        return handle.read(limit)
+        return handle.read(length)
 
 
 @dataclass(frozen=True)
@@ -619,12 +622,10 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
         other_size = pipe.attributes(other_stat).st_size or 0
         companion_data = pipe.data(other_read)
         pipe.wait(other_close)
-        if len(companion_data) != min(other_size, companion_limit):  # short: read the plain way
-            with sftp.open(companion, "rb") as handle:
-                companion_data = handle.read(min(other_size, companion_limit))
+        if len(companion_data) != min(other_size, companion_limit):
+            companion_data = _read_plainly(sftp, companion, min(other_size, companion_limit))
     if len(data) != min(size, limit):
-        with sftp.open(path, "rb") as handle:
-            data = handle.read(min(size, limit))
+        data = _read_plainly(sftp, path, min(size, limit))
     return FileHead(size, data, companion_data)
 
 

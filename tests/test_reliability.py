@@ -597,6 +597,25 @@ def run_through_own_proxy(
     return own, result
 
 
+def backup_file_in_own_run(
+    plugin: Plugin, config: SiteConfig, local: Path, index: int, plan: Plan,
+    prepare: Callable[[Path], None] | None = None,
+) -> tuple[FaultProxy, subprocess.CompletedProcess[bytes], Path]:
+    """backup_file of ``local`` through a proxy of its own into a fresh remote_dir (``prepare`` may put things
+    there first), as run ``index`` of a sweep: every run's remote_dir has the same length, so every run sends
+    the same requests. The proxy, the result and that remote_dir."""
+    remote_dir = config.remote_dir / f"run{index:03d}"
+    remote_dir.mkdir()
+    if prepare is not None:
+        prepare(remote_dir)
+
+    def config_for(port: int) -> Path:
+        return config.write(f"run{index:03d}.yaml", port=port, remote_dir=str(remote_dir))
+
+    own, result = run_through_own_proxy(plugin, config.server, plan, config_for, "backup_file", local)
+    return own, result, remote_dir
+
+
 def outcome(
     config: SiteConfig, proxy: FaultProxy, plan: Plan, result: subprocess.CompletedProcess[bytes], problems: list[str]
 ) -> Outcome:
@@ -624,14 +643,7 @@ def test_backup_file_survives_a_reset_inside_any_request_or_reply(
     backup.file(name).write_bytes(data)
 
     def run_once(index: int, plan: Plan) -> Outcome:
-        # Every run gets a fresh remote_dir of the same length, so every run sends the same requests.
-        remote_dir = config.remote_dir / f"run{index:03d}"
-        remote_dir.mkdir()
-
-        def config_for(port: int) -> Path:
-            return config.write(f"run{index:03d}.yaml", port=port, remote_dir=str(remote_dir))
-
-        own, result = run_through_own_proxy(plugin, config.server, plan, config_for, "backup_file", backup.file(name))
+        own, result, remote_dir = backup_file_in_own_run(plugin, config, backup.file(name), index, plan)
         stored = backup.remote(remote_dir, name)
         sidecar = stored.with_name(name + ".sha256")
         problems = []
@@ -661,15 +673,13 @@ def test_a_file_whose_checksum_cannot_be_put_in_place_is_never_left_under_its_na
     name = "gpbackup_-1_metadata.sql"
     backup.file(name).write_bytes(data)
 
+    def hold_the_checksum_name(remote_dir: Path) -> None:
+        (backup.remote(remote_dir, name + ".sha256") / "in the way").mkdir(parents=True)
+
     def run_once(index: int, plan: Plan) -> Outcome:
-        remote_dir = config.remote_dir / f"run{index:03d}"
+        own, result, remote_dir = backup_file_in_own_run(plugin, config, backup.file(name), index, plan,
+                                                         prepare=hold_the_checksum_name)
         stored = backup.remote(remote_dir, name)
-        (stored.with_name(name + ".sha256") / "in the way").mkdir(parents=True)
-
-        def config_for(port: int) -> Path:
-            return config.write(f"run{index:03d}.yaml", port=port, remote_dir=str(remote_dir))
-
-        own, result = run_through_own_proxy(plugin, config.server, plan, config_for, "backup_file", backup.file(name))
         problems = []
         stderr = result.stderr.decode(errors="replace")
         if result.returncode == 0:
