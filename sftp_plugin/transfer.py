@@ -353,6 +353,7 @@ class ResumableUpload:
         self._buffer: deque[bytes] = deque()  # unacknowledged bytes, starting at offset self._buffer_start
         self._buffer_start = 0
         self._buffered = 0
+        self._taken = 0  # bytes read from the source
         self._started = False
         self._source_done = False
         self._companion_bytes: list[bytes] | None = None
@@ -371,26 +372,42 @@ class ResumableUpload:
                 if self._buffered >= self.buffer_limit:
                     writer.drain()
                     self._trim(writer.confirmed)
-                chunk = self.read(LOCAL_CHUNK)
+                chunk = self._take_from_source()
                 if not chunk:
-                    self._source_done = True
                     break
                 if not long_writes and len(chunk) == LOCAL_CHUNK:
                     # A full chunk: a long stream, worth a round trip to the server's limits
                     # (a small file is not). Replies to writes in flight go to their _Replies.
                     writer.use_long_writes()
                     long_writes = True
-                if self.on_chunk is not None:
-                    self.on_chunk(chunk)
-                self._buffer.append(chunk)
-                self._buffered += len(chunk)
                 writer.write(chunk)
                 self._trim(writer.confirmed)
             if self._companion_bytes is None and self.companion_data is not None:
                 self._companion_bytes = self.companion_data()
             writer.sync_and_close(remote, list(zip(companions, self._companion_bytes or [])))
             self._trim(writer.confirmed)
+        if self.confirmed != self._taken:
+            # Every byte taken from the source is kept until the server acknowledges it, so this
+            # means a bug here: fail the call rather than commit a file with bytes missing.
+            raise ShortFileError(
+                f"the server acknowledged {self.confirmed} bytes of {self.temp_path}, "
+                f"but the source gave {self._taken}"
+            )
         return self.confirmed
+
+    def _take_from_source(self) -> bytes:
+        """The source's next chunk (b"" at its end), kept for a resend before any request can fail:
+        a chunk read and then lost with the connection could never be read again."""
+        chunk = self.read(LOCAL_CHUNK)
+        if not chunk:
+            self._source_done = True
+            return chunk
+        if self.on_chunk is not None:
+            self.on_chunk(chunk)
+        self._buffer.append(chunk)
+        self._buffered += len(chunk)
+        self._taken += len(chunk)
+        return chunk
 
     def _open(self, sftp: paramiko.SFTPClient) -> tuple[paramiko.SFTPFile, list[paramiko.SFTPFile]]:
         """The stream's temporary file, and the companions' (created afresh on every attempt)."""
@@ -659,8 +676,10 @@ def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
     """(max-read-length, max-write-length) from limits@openssh.com; None where the server does not say."""
     try:
         _, msg = extended(sftp, LIMITS_EXTENSION)
-    except OSError:  # SFTP "unsupported" status: the server predates the extension
-        return None
+    except OSError as err:
+        if not extension_unsupported(err):  # a lost connection is no answer
+            raise
+        return None  # the server predates the extension
     msg.get_int64()  # max-packet-length
     return msg.get_int64(), msg.get_int64()
 
