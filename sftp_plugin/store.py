@@ -142,6 +142,8 @@ def remote_errors(remote: Remote, action: str, path: str) -> Iterator[None]:
             f"{action}: {remote.where(path)} is shorter than expected ({err})",
             "the stored file may be truncated; check the backup host's disk",
         ) from None
+    except transfer.SyncRefusedError as err:
+        raise sync_refused(f"{action}: {remote.where(path)}", err) from None
     except PermissionError:
         raise RemoteError(
             f"{action}: permission denied on {remote.where(path)}",
@@ -154,6 +156,15 @@ def remote_errors(remote: Remote, action: str, path: str) -> Iterator[None]:
         raise RemoteError(
             f"{action}: {remote.where(path)}: {err}", "check free space, quotas and permissions on the backup host"
         ) from None
+
+
+def sync_refused(what: str, err: transfer.SyncRefusedError) -> RemoteError:
+    """The error for a backup host that refuses to flush files to disk: nothing is stored without it."""
+    return RemoteError(
+        f"{what}: {err}; a file cannot be made durable there",
+        "let the backup host's sftp-server flush files: take fsync out of its -P option"
+        " (sshd_config's Subsystem or ForceCommand line)",
+    )
 
 
 def require_remote_dir(remote: Remote) -> None:
@@ -177,12 +188,19 @@ def check_writable(remote: Remote) -> None:
 
     try:
         remote.retrying("write a probe file", write_probe)
-    except OSError as err:
-        raise RemoteError(
-            f"remote_dir {remote.where(remote.cfg.remote_dir)} is not writable by "
-            f"{remote.session.endpoint.user}: {err.strerror or err}",
-            "fix its ownership or permissions on the backup host",
-        ) from None
+    except BaseException as err:
+        sftp = remote.sftp_if_open()
+        if sftp is not None:  # a probe written but never synced or renamed is left nowhere
+            transfer.remove_quietly(sftp, probe + paths.TEMP_SUFFIX)
+        where = f"remote_dir {remote.where(remote.cfg.remote_dir)}"
+        if isinstance(err, transfer.SyncRefusedError):
+            raise sync_refused(where, err) from None
+        if isinstance(err, OSError):
+            raise RemoteError(
+                f"{where} is not writable by {remote.session.endpoint.user}: {err.strerror or err}",
+                "fix its ownership or permissions on the backup host",
+            ) from None
+        raise
 
 
 def delete_backup_dir(remote: Remote, backup: paths.BackupDir, reason: str) -> int:

@@ -88,6 +88,11 @@ class ShortFileError(Exception):
     """The remote file ended before the bytes we were asked for (not a connection failure)."""
 
 
+class SyncRefusedError(Exception):
+    """The server refused fsync@openssh.com (sftp-server -P fsync denies it): the file it wrote cannot be made
+    durable. Not a lost connection, and not the permission error paramiko reports it as."""
+
+
 def write_request_size(max_packet: int, handle: bytes, packets: int = 1, max_write: int = REQUEST_SIZE) -> int:
     """Data per WRITE request so that each request fills exactly `packets` SSH packets of the
     peer's maximum size, and stays within what the server accepts (`max_write`)."""
@@ -162,8 +167,9 @@ class PipelinedWriter:
             try:
                 self._pipe.wait(sync)
             except OSError as err:
-                if not extension_unsupported(err):
-                    raise
+                self._pipe.wait(close)  # the handle is closed either way: its reply is read before raising
+                sync_failed(err)
+                continue
             self._pipe.wait(close)
 
 
@@ -307,8 +313,17 @@ def fsync(sftp: paramiko.SFTPClient, handle: bytes) -> None:
     try:
         extended(sftp, "fsync@openssh.com", handle)
     except OSError as err:
-        if not extension_unsupported(err):
-            raise
+        sync_failed(err)
+
+
+def sync_failed(err: OSError) -> None:
+    """What a failed fsync@openssh.com means: nothing where the server lacks the extension (tolerated, as
+    OpenSSH's sftp client does); SyncRefusedError where it refuses it; otherwise ``err`` itself."""
+    if extension_unsupported(err):
+        return
+    if isinstance(err, PermissionError):
+        raise SyncRefusedError(f"the server refused fsync@openssh.com ({err.strerror or err})") from None
+    raise err
 
 
 def extension_unsupported(err: OSError) -> bool:

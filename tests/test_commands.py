@@ -12,8 +12,9 @@ import pytest
 
 from devtools.gpbackup import LocalBackup
 from devtools.harness import Plugin, SiteConfig, assert_failed
+from devtools.sshd import SshServer
 from sftp_plugin import paths
-from tests.helpers import gpbackup_config, gpbackup_files, gpbackup_report, undeletable
+from tests.helpers import gpbackup_config, gpbackup_files, gpbackup_report, sshd_fixture, undeletable
 
 HOOKS = ("setup_plugin_for_backup", "setup_plugin_for_restore", "cleanup_plugin_for_backup",
          "cleanup_plugin_for_restore")
@@ -135,6 +136,31 @@ def test_setup_fails_naming_host_user_and_dir_when_remote_dir_missing(plugin: Pl
     assert user in message
     assert str(missing) in message
     assert not missing.exists()
+
+
+# A backup host whose sftp-server refuses fsync@openssh.com (-P): no file stored there could be made durable.
+fsync_refused = sshd_fixture("sshd_fsync_refused", extra_config="ForceCommand internal-sftp -P fsync\n")
+
+
+@pytest.mark.parametrize(("command", "scope_args"), [
+    ("setup_plugin_for_backup", ("segment_host",)),  # its probe proves remote_dir takes a durable file
+    ("backup_data", ()),
+])
+def test_a_backup_host_that_refuses_fsync_fails_naming_the_option_to_change_and_stores_nothing(
+    plugin: Plugin, fsync_refused: SshServer, backup: LocalBackup, tmp_path: Path, command: str,
+    scope_args: tuple[str, ...]
+) -> None:
+    cfg = fsync_refused.write_config(tmp_path / "fsync_refused.yaml", log_dir=str(tmp_path / "logs"))
+    stream = "gpbackup_0_stream"
+    args = (backup.path, *scope_args) if scope_args else (backup.file(stream),)
+
+    message = plugin.fails(command, cfg, *args, stdin=b"rows" * 1000)
+
+    assert "refused fsync@openssh.com" in message and "durable" in message
+    assert "take fsync out of its -P option" in message
+    assert "may write there" not in message and "ownership" not in message  # not a permissions problem
+    stored = [p for p in fsync_refused.remote_dir.rglob("*") if p.is_file()]
+    assert stored == []  # neither the stream under its name nor a temporary file or probe
 
 
 @pytest.mark.parametrize("content", ['"0"', "0", '"3"'])

@@ -45,6 +45,12 @@ ERROR_CASES: list[tuple[str, BaseException, type[RemoteError] | None, str, str]]
     ("the file ends early", transfer.ShortFileError("remote file ends at byte 5, expected 10"),
      RemoteError, f"list backup: {WHERE} is shorter than expected (remote file ends at byte 5, expected 10)",
      "the stored file may be truncated; check the backup host's disk"),
+    ("the server refuses fsync (sftp-server -P)",
+     transfer.SyncRefusedError("the server refused fsync@openssh.com (Permission denied)"),
+     RemoteError, f"list backup: {WHERE}: the server refused fsync@openssh.com (Permission denied); "
+     "a file cannot be made durable there",
+     "let the backup host's sftp-server flush files: take fsync out of its -P option (sshd_config's Subsystem "
+     "or ForceCommand line)"),
     # raised on: an errno is a local or socket error, not the server's answer
     ("an errno of the socket", ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), None, "", ""),
     ("an errno of the local disk", OSError(errno.ENOSPC, "No space left on device"), None, "", ""),
