@@ -115,11 +115,17 @@ def describe(error: BaseException | None) -> str:
 
 
 def call_with_retries(
-    what: str, attempts: int, max_wait: float, action: Callable[[], T], on_retry: Callable[[], None] | None = None
+    what: str, attempts: int, max_wait: float, action: Callable[[], T], on_retry: Callable[[], None] | None = None,
+    progress: Callable[[], int] | None = None,
 ) -> T:
     """Run ``action`` until it succeeds, fails for good, or ``attempts`` are used up.
 
     ``on_retry`` runs before each new attempt (e.g. to drop a broken session).
+    ``progress``, for an action that resumes where the last attempt stopped: how far
+    it has got (bytes acknowledged or delivered). An attempt that got further before
+    its connection was lost starts the count and the backoff again, so ``attempts``
+    bounds the failures in a row without progress, not the resets a long transfer
+    over a flaky link meets in all.
     A lost connection that outlasts several attempts is re-raised as a ConnectError
     that says how many were made; any other error is re-raised unchanged.
     """
@@ -135,7 +141,15 @@ def call_with_retries(
             with attempt:
                 if on_retry is not None and attempt.retry_state.attempt_number > 1:
                     on_retry()
-                return action()
+                reached = progress() if progress is not None else 0
+                try:
+                    return action()
+                except BaseException:
+                    if progress is not None and progress() > reached:
+                        # The stop and the wait read attempt_number (a RetryCallState attribute): from 1, this
+                        # failure is the first of a new run.
+                        attempt.retry_state.attempt_number = 1
+                    raise
     except BaseException as error:
         if is_connection_lost(error) and attempts > 1:
             message = getattr(error, "message", None) or describe(error)

@@ -79,10 +79,11 @@ class Remote:
         where a new connection could be one more failed login)."""
         return self._session.sftp if self._session is not None else None
 
-    def retrying(self, what: str, step: Callable[[], T]) -> T:
+    def retrying(self, what: str, step: Callable[[], T], progress: Callable[[], int] | None = None) -> T:
         """Run one remote step under the retry policy; a lost connection is dropped and reopened.
 
-        ``step`` must be safe to run again: idempotent, or resuming from its own progress.
+        ``step`` must be safe to run again: idempotent, or resuming from its own ``progress``
+        (retry.call_with_retries: an attempt that got further counts as a first one).
         """
         if self._unproven:
             self._unproven = False
@@ -93,7 +94,8 @@ class Remote:
                     raise
                 log.info("the kept session to %s was lost (%s); connecting anew", self.cfg.hostname, err)
                 self.drop()
-        return call_with_retries(what, self.cfg.retries, self.cfg.retry_max_wait, step, on_retry=self.drop)
+        return call_with_retries(what, self.cfg.retries, self.cfg.retry_max_wait, step, on_retry=self.drop,
+                                 progress=progress)
 
     def release(self) -> Session | None:
         """Hand the open session over (to be kept for a later call) instead of closing it."""
@@ -251,7 +253,7 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
         )
 
     def stream() -> int:
-        return remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp))
+        return remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp), lambda: upload.confirmed)
 
     with remote_errors(remote, "upload", target):
         # The block digests' temporary name serves every attempt: no leftovers.
@@ -442,7 +444,7 @@ def _fetch_remote(remote: Remote, source: str) -> Fetch:
 
     def fetch(what: str, spans: list[tuple[int, int]], deliver: Callable[[bytes], object]) -> None:
         download = transfer.ResumableDownload(source, deliver, spans)
-        remote.retrying(what, lambda: download.attempt(remote.sftp))
+        remote.retrying(what, lambda: download.attempt(remote.sftp), lambda: download.delivered)
 
     return fetch
 

@@ -131,9 +131,18 @@ class PipelinedWriter:
             piece = view[start : start + self._request_size]
             if len(self._pipe.pending) >= self._depth:
                 self._confirm_oldest()
+            else:
+                self._confirm_arrived()
             num = self._pipe.send_write(self._handle, self.sent, piece)
             self._pipe.pending.append((num, self.sent, len(piece)))
             self.sent += len(piece)
+
+    def _confirm_arrived(self) -> None:
+        """Take the replies that are here already, without waiting for more: ``confirmed`` then follows the
+        server, and a reset costs only what it had not acknowledged. Taken only when the pipeline was full,
+        a link that reset every few MiB never got past the first WRITE_IN_FLIGHT_BYTES."""
+        while self._pipe.pending and self._pipe.sftp.sock.recv_ready():
+            self._confirm_oldest()
 
     def _confirm_oldest(self) -> None:
         num, offset, length = self._pipe.pending.popleft()
@@ -380,27 +389,15 @@ class ResumableUpload:
             for file in companions:
                 opened.enter_context(file)  # closed if the attempt fails; closed by sync_and_close if not
             writer = PipelinedWriter(sftp, remote.handle, offset=self.confirmed)
-            for piece in unacknowledged(self._buffer, self._buffer_start, self.confirmed):
-                writer.write(piece)
-            long_writes = False
-            while not self._source_done:
-                if self._buffered >= self.buffer_limit:
-                    writer.drain()
-                    self._trim(writer.confirmed)
-                chunk = self._take_from_source()
-                if not chunk:
-                    break
-                if not long_writes and len(chunk) == LOCAL_CHUNK:
-                    # A full chunk: a long stream, worth a round trip to the server's limits
-                    # (a small file is not). Replies to writes in flight go to their _Replies.
-                    writer.use_long_writes()
-                    long_writes = True
-                writer.write(chunk)
+            try:
+                self._send(writer)
+                if self._companion_bytes is None and self.companion_data is not None:
+                    self._companion_bytes = self.companion_data()
+                writer.sync_and_close(remote, list(zip(companions, self._companion_bytes or [])))
+            finally:
+                # What the server acknowledged counts also when the connection broke: the next attempt
+                # resends only the rest, and a link that keeps resetting still gets further each time.
                 self._trim(writer.confirmed)
-            if self._companion_bytes is None and self.companion_data is not None:
-                self._companion_bytes = self.companion_data()
-            writer.sync_and_close(remote, list(zip(companions, self._companion_bytes or [])))
-            self._trim(writer.confirmed)
         if self.confirmed != self._taken:
             # Every byte taken from the source is kept until the server acknowledges it, so this
             # means a bug here: fail the call rather than commit a file with bytes missing.
@@ -409,6 +406,26 @@ class ResumableUpload:
                 f"but the source gave {self._taken}"
             )
         return self.confirmed
+
+    def _send(self, writer: PipelinedWriter) -> None:
+        """Resend what the server has not acknowledged, then the rest of the source."""
+        for piece in unacknowledged(self._buffer, self._buffer_start, self.confirmed):
+            writer.write(piece)
+        long_writes = False
+        while not self._source_done:
+            if self._buffered >= self.buffer_limit:
+                writer.drain()
+                self._trim(writer.confirmed)
+            chunk = self._take_from_source()
+            if not chunk:
+                break
+            if not long_writes and len(chunk) == LOCAL_CHUNK:
+                # A full chunk: a long stream, worth a round trip to the server's limits
+                # (a small file is not). Replies to writes in flight go to their _Replies.
+                writer.use_long_writes()
+                long_writes = True
+            writer.write(chunk)
+            self._trim(writer.confirmed)
 
     def _take_from_source(self) -> bytes:
         """The source's next chunk (b"" at its end), kept for a resend before any request can fail:

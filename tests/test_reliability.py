@@ -521,6 +521,33 @@ def test_corrupted_file_restores_when_verify_checksums_is_off(
     assert sha256((restore_dir / name).read_bytes()) == sha256(damaged)
 
 
+# A link that resets every connection after this much client->server: less than the writes an upload keeps
+# in flight (transfer.WRITE_IN_FLIGHT_BYTES, 4 MiB), so only acknowledgements taken as they arrive make progress.
+# Each connection sends again what the last one had sent unacknowledged (up to sshd's 2 MiB window and the
+# replies not yet read): 0.6-1.4 MiB of progress per connection measured, 4-6 connections for STREAM_SIZE.
+FLAKY_LINK_RESET = 7 * MIB // 2
+# Connections the proxy resets: more than STREAM_SIZE needs (the rest are never made).
+FLAKY_LINK_RESETS = 20
+# Fewer attempts than resets: only attempts in a row that get no further are counted.
+FLAKY_LINK_RETRIES = 2
+
+
+def test_an_upload_gets_through_a_link_that_resets_every_few_mebibytes(
+    plugin: Plugin, config: SiteConfig, backup: LocalBackup, proxy: FaultProxy
+) -> None:
+    data = os.urandom(STREAM_SIZE)
+    proxy.push(*(Plan.reset(FLAKY_LINK_RESET, C2S) for _ in range(FLAKY_LINK_RESETS)))
+    # A resume buffer larger than the stream: no drain when it fills makes the upload wait for acknowledgements.
+    cfg = config.write("flaky.yaml", retries=FLAKY_LINK_RETRIES, resume_buffer=2 * STREAM_SIZE // MIB)
+
+    assert_ok(plugin.run("backup_data", cfg, backup.file(STREAM), stdin=data))
+
+    assert_stored(config, backup, STREAM, data)
+    resumed_at = [int(n) for n in re.findall(r"resuming upload of \S+ at byte (\d+)", config.log_text())]
+    assert len(resumed_at) == proxy.triggered > FLAKY_LINK_RETRIES
+    assert resumed_at == sorted(set(resumed_at)) and resumed_at[0] > 0  # every connection took it further
+
+
 # --- what the log says ------------------------------------------------------------------------
 
 
@@ -528,9 +555,10 @@ def test_retries_are_logged_with_attempt_cause_and_wait(
     plugin: Plugin, config: SiteConfig, backup: LocalBackup, proxy: FaultProxy
 ) -> None:
     data = os.urandom(STREAM_SIZE)
-    # The first cut comes after the first 2 MiB (one resume buffer) was acknowledged, so the
-    # upload resumes past byte 0; the second cuts the resumed upload before its next drain.
-    proxy.push(Plan.reset(3 * MIB, C2S), Plan.reset(512 * KIB, C2S))
+    # The first cut comes after the first 2 MiB (one resume buffer) was acknowledged, so the upload resumes
+    # past byte 0; the second cuts the next connection in its handshake, before it can get any further, so
+    # it is the second attempt (one that got further would start the count again).
+    proxy.push(Plan.reset(3 * MIB, C2S), Plan.reset(HANDSHAKE_OFFSET, C2S))
 
     assert_ok(plugin.run("backup_data", config.path, backup.file(STREAM), stdin=data))
 

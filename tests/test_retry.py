@@ -96,3 +96,33 @@ def test_a_lost_connection_is_tried_as_often_as_allowed_and_says_so() -> None:
         call_with_retries("connect", 3, NO_WAIT, action)
     assert len(calls) == 3
     assert "failed after 3 attempts" in caught.value.message
+
+
+def test_an_attempt_that_got_further_starts_the_count_again() -> None:
+    # Ten resets, each after the transfer got 100 bytes further: three attempts in a row without progress
+    # are never used up, so the transfer gets through.
+    done = [0]
+
+    def action() -> int:
+        done[0] += 100
+        if done[0] < 1000:
+            raise EOFError()
+        return done[0]
+
+    assert call_with_retries("upload", 3, NO_WAIT, action, progress=lambda: done[0]) == 1000
+
+
+def test_attempts_without_progress_are_counted_even_after_some_with_it() -> None:
+    done, calls = [0], []
+
+    def action() -> None:
+        calls.append(1)
+        if len(calls) <= 4:
+            done[0] += 100  # four attempts get further, then none does
+        raise EOFError()
+
+    with pytest.raises(ConnectError) as caught:
+        call_with_retries("upload", 3, NO_WAIT, action, progress=lambda: done[0])
+    # The fourth attempt got further, so the count starts again there: it and the next two fail in a row.
+    assert len(calls) == 4 + 2
+    assert "failed after 3 attempts" in caught.value.message
