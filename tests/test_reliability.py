@@ -548,6 +548,20 @@ def test_an_upload_gets_through_a_link_that_resets_every_few_mebibytes(
     assert resumed_at == sorted(set(resumed_at)) and resumed_at[0] > 0  # every connection took it further
 
 
+def test_a_download_gets_through_a_link_that_resets_every_few_mebibytes(
+    plugin: Plugin, config: SiteConfig, backup: LocalBackup, proxy: FaultProxy
+) -> None:
+    data = os.urandom(STREAM_SIZE)
+    store_directly(plugin, config, backup, STREAM, data)
+    proxy.push(*(Plan.reset(FLAKY_LINK_RESET, S2C) for _ in range(FLAKY_LINK_RESETS)))
+
+    result = assert_ok(plugin.run("restore_data", config.write("flaky.yaml", retries=FLAKY_LINK_RETRIES),
+                                  backup.file(STREAM)))
+
+    assert sha256(result.stdout) == sha256(data)
+    assert proxy.triggered > FLAKY_LINK_RETRIES  # more resets than attempts: each connection got further
+
+
 # --- what the log says ------------------------------------------------------------------------
 
 
