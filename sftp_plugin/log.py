@@ -30,6 +30,18 @@ class _MaskingFormatter(logging.Formatter):
         return mask(super().format(record), self._secrets)
 
 
+class _LostConnectionIsAWarning(logging.Filter):
+    """paramiko's transport thread logs a reset connection as ERROR ("Socket exception: Connection reset by
+    peer"). The retry policy takes it from there and our own lines say what came of it; an ERROR in the log of
+    a backup that then succeeded would send an admin after a problem already handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and record.name.startswith("paramiko.transport") \
+                and str(record.msg).startswith("Socket exception"):
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
 def mask(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         if secret:
@@ -54,6 +66,7 @@ def setup_logging(log_dir: str, level: str, command: str, secrets: list[str]) ->
     handler.setFormatter(
         _MaskingFormatter(f"%(asctime)s {host} [%(process)d] %(levelname)s {command}: %(message)s", secrets)
     )
+    handler.addFilter(_LostConnectionIsAWarning())
     root = logging.getLogger()
     for previous in root.handlers:  # a fork-server worker sets up each of its calls anew
         previous.close()

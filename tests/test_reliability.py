@@ -544,8 +544,10 @@ def test_an_upload_gets_through_a_link_that_resets_every_few_mebibytes(
 
     assert_stored(config, backup, STREAM, data)
     resumed_at = [int(n) for n in re.findall(r"resuming upload of \S+ at byte (\d+)", config.log_text())]
-    assert len(resumed_at) == proxy.triggered > FLAKY_LINK_RETRIES
+    assert len(resumed_at) == proxy.triggered >= FLAKY_LINK_RETRIES
     assert resumed_at == sorted(set(resumed_at)) and resumed_at[0] > 0  # every connection took it further
+    # Every reset was handled: paramiko's "Socket exception" lines for them are warnings, nothing is an ERROR.
+    assert " ERROR " not in config.log_text()
 
 
 def test_a_download_gets_through_a_link_that_resets_every_few_mebibytes(
@@ -559,7 +561,8 @@ def test_a_download_gets_through_a_link_that_resets_every_few_mebibytes(
                                   backup.file(STREAM)))
 
     assert sha256(result.stdout) == sha256(data)
-    assert proxy.triggered > FLAKY_LINK_RETRIES  # more resets than attempts: each connection got further
+    # As many resets as attempts allowed, and still through: each connection got further.
+    assert proxy.triggered >= FLAKY_LINK_RETRIES
 
 
 # --- what the log says ------------------------------------------------------------------------
