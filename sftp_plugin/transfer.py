@@ -173,13 +173,14 @@ class PipelinedWriter:
         for num in writes:  # replies come in order: the companions' writes, then their syncs and closes
             self._pipe.wait(num)
         for sync, close in closing:
+            refused: OSError | None = None
             try:
                 self._pipe.wait(sync)
             except OSError as err:
-                self._pipe.wait(close)  # the handle is closed either way: its reply is read before raising
-                sync_failed(err)
-                continue
-            self._pipe.wait(close)
+                refused = err
+            self._pipe.wait(close)  # the handle is closed either way: its reply is read before any raise
+            if refused is not None:
+                sync_failed(refused)
 
 
 def read_range(
@@ -377,7 +378,6 @@ class ResumableUpload:
         self._buffer: deque[bytes] = deque()  # unacknowledged bytes, starting at offset self._buffer_start
         self._buffer_start = 0
         self._buffered = 0
-        self._taken = 0  # bytes read from the source
         self._started = False
         self._source_done = False
         self._companion_bytes: list[bytes] | None = None
@@ -398,12 +398,12 @@ class ResumableUpload:
                 # What the server acknowledged counts also when the connection broke: the next attempt
                 # resends only the rest, and a link that keeps resetting still gets further each time.
                 self._trim(writer.confirmed)
-        if self.confirmed != self._taken:
+        if self._buffered:
             # Every byte taken from the source is kept until the server acknowledges it, so this
             # means a bug here: fail the call rather than commit a file with bytes missing.
             raise ShortFileError(
                 f"the server acknowledged {self.confirmed} bytes of {self.temp_path}, "
-                f"but the source gave {self._taken}"
+                f"but the source gave {self._buffer_start + self._buffered}"
             )
         return self.confirmed
 
@@ -438,7 +438,6 @@ class ResumableUpload:
             self.on_chunk(chunk)
         self._buffer.append(chunk)
         self._buffered += len(chunk)
-        self._taken += len(chunk)
         return chunk
 
     def _open(self, sftp: paramiko.SFTPClient) -> tuple[paramiko.SFTPFile, list[paramiko.SFTPFile]]:
