@@ -38,10 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".gpbackup_sftp_plugin_probe"
-# A stored file up to this size is read whole, with its checksum file, in two round trips (transfer.read_head):
-# a per-table restore of a small table, where round trips are most of the time. A longer file costs these bytes
-# read twice (1 ms at 1 Gbit/s) before it is read block by block.
-WHOLE_READ_LIMIT = 128 * 1024
+# A stored file up to this size is read whole with its checksum file (transfer.read_head: two round trips up
+# to 128 KiB, four above): a per-table restore, where round trips are most of the time (a file of 128 KiB to
+# 1 MiB took ten when only 128 KiB were read so). One block (blocks.BLOCK_SIZE): such a file is checked against
+# its checksum file alone. Of a longer file these first bytes are delivered from memory, not read again.
+WHOLE_READ_LIMIT = blocks.BLOCK_SIZE
 # More than a checksum file (sha256sum's one line) can hold: a longer one is not one of ours.
 SIDECAR_LIMIT = 4096
 # The admin command that re-reads a whole backup (named in messages about a damaged file).
@@ -342,8 +343,9 @@ def _verified_plan(
         index = blocks.BlockIndex.single(size, bytes.fromhex(expected))
         return index, blocks.plan(wanted, index.block_size)
     digests_path = blocks.blocks_path(source)
+    # The header, and in the same read the digests of a file up to ~1 GiB (1,022 blocks).
     head = remote.retrying(
-        "read block digests", lambda: transfer.read_small(remote.sftp, digests_path, blocks.HEADER_SIZE)
+        "read block digests", lambda: transfer.read_small(remote.sftp, digests_path, transfer.REQUEST_SIZE)
     )
     if head is None:
         return None
@@ -359,8 +361,7 @@ def _verified_plan(
     runs = blocks.block_runs(steps)
     spans = [header.digest_span(run.start, run.stop - 1) for run in runs]
     loaded = bytearray()
-    download = transfer.ResumableDownload(digests_path, loaded.extend, spans)
-    remote.retrying("read block digests", lambda: download.attempt(remote.sftp))
+    _fetch_known(head, remote, digests_path)("read block digests", spans, loaded.extend)
     found: list[tuple[int, bytes]] = []
     at = 0
     for run in runs:
@@ -403,14 +404,11 @@ def read_stored(
     allocator.keep_freed_memory()
     with remote_errors(remote, "download", source):
         sidecar = integrity.sidecar_path(source) if remote.cfg.verify_checksums else None
-        first = remote.retrying(
-            "look up file", lambda: transfer.read_head(remote.sftp, source, WHOLE_READ_LIMIT, sidecar, SIDECAR_LIMIT)
-        )
-        if first.whole:
-            size, (head, tail), fetch = first.size, _ends_of(first.data), _fetch_local(first.data)
-        else:
-            size, head, tail = _stored_ends(remote, source, "look up file")
-            fetch = _fetch_remote(remote, source)
+        first = remote.retrying("look up file", lambda: transfer.read_head(
+            remote.sftp, source, WHOLE_READ_LIMIT, sidecar, SIDECAR_LIMIT, tail=container.TRAILER_SIZE))
+        size, fetch = first.size, _fetch_known(first.data, remote, source)
+        # The ends that tell a container from a plain file: a longer file's last bytes came with its first.
+        head, tail = _ends_of(first.data) if first.whole else (first.data[: container.HEADER_SIZE], first.last)
         shape = container.looks_like(head, tail)
         if shape is None:
             raise _damaged(remote, source, "it starts or ends like a container, but not both: cut short, or changed")
@@ -449,12 +447,24 @@ def _fetch_remote(remote: Remote, source: str) -> Fetch:
     return fetch
 
 
-def _fetch_local(stored: bytes) -> Fetch:
-    """Spans of a stored file already read whole (a small one): nothing more to read."""
+def _fetch_known(known: bytes, remote: Remote, source: str) -> Fetch:
+    """Spans of ``source`` whose bytes lie in ``known``, its first bytes read already (all of them, for a
+    small file), delivered from memory; the rest read from the backup host. Nothing is read twice."""
+    read = _fetch_remote(remote, source)
 
-    def fetch(_what: str, spans: list[tuple[int, int]], deliver: Callable[[bytes], object]) -> None:
+    def fetch(what: str, spans: list[tuple[int, int]], deliver: Callable[[bytes], object]) -> None:
+        unknown: list[tuple[int, int]] = []  # spans to read, in order, before the next known bytes
         for start, end in spans:
-            deliver(stored[start:end])
+            cut = min(max(start, len(known)), end)  # [start, cut) is known, [cut, end) is not
+            if start < cut:
+                if unknown:
+                    read(what, unknown, deliver)
+                    unknown = []
+                deliver(known[start:cut])
+            if cut < end:
+                unknown.append((cut, end))
+        if unknown:
+            read(what, unknown, deliver)
 
     return fetch
 
@@ -519,7 +529,7 @@ def read_small_stored(remote: Remote, path: str, limit: int, what: str) -> bytes
             return data
         fetch = None
         if len(data) < limit:  # the whole stored file is here already: decode it without reading it again
-            size, (head, tail), fetch = len(data), _ends_of(data), _fetch_local(data)
+            size, (head, tail), fetch = len(data), _ends_of(data), _fetch_known(data, remote, path)
         else:
             size, head, tail = _stored_ends(remote, path, what)
         if container.looks_like(head, tail) is not True:

@@ -21,6 +21,7 @@ import errno
 import logging
 import posixpath
 import stat
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ PIPELINE_DEPTH = WRITE_IN_FLIGHT_BYTES // REQUEST_SIZE
 # the server can always send and our requests never wait on the window.
 READ_AHEAD_BYTES = WINDOW_SIZE
 LIMITS_EXTENSION = "limits@openssh.com"
+# What read_head asks for at once, before it knows a file's size: four REQUEST_SIZE reads, the whole of
+# a small file (a per-table restore's usual one) and few requests answered with EOF where it is smaller.
+HEAD_FIRST_READ = 4 * REQUEST_SIZE
 # How much we read from a local source at once: few Python calls per MiB.
 LOCAL_CHUNK = 1024 * 1024
 # Modes of what the plugin creates on the backup host: backups hold a database's
@@ -628,12 +632,14 @@ def _read_plainly(sftp: paramiko.SFTPClient, path: str, length: int) -> bytes:
 
 @dataclass(frozen=True)
 class FileHead:
-    """What `read_head` found: a file's size, its first bytes (all of them when ``whole``), and the
-    first bytes of its companion file (None where that does not exist)."""
+    """What `read_head` found: a file's size, its first bytes (all of them when ``whole``), its last bytes
+    where asked for and not among the first, and the first bytes of its companion file (None where that
+    does not exist)."""
 
     size: int
     data: bytes
     companion: bytes | None
+    last: bytes = b""
 
     @property
     def whole(self) -> bool:
@@ -641,11 +647,14 @@ class FileHead:
 
 
 def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str | None = None,
-              companion_limit: int = REQUEST_SIZE) -> FileHead:
-    """``path``'s size and first ``limit`` bytes (the whole file, if no longer), and, in the same round trips,
-    the first ``companion_limit`` bytes of ``companion`` (a file kept beside it, such as its checksum).
+              companion_limit: int = REQUEST_SIZE, tail: int = 0) -> FileHead:
+    """``path``'s size and first ``limit`` bytes (the whole file, if no longer), its last ``tail`` bytes if it is
+    longer, and, in the same round trips, the first ``companion_limit`` bytes of ``companion`` (a file kept
+    beside it, such as its checksum).
 
-    Two round trips: both OPENs; then FSTAT, the READs and both CLOSEs. The READs ask for at most
+    Two round trips for a file up to HEAD_FIRST_READ: both OPENs; then FSTAT, the READs and both CLOSEs. A
+    longer one takes two more, for the rest of what is wanted (`read_spans`): asking for all of ``limit`` at
+    first would cost every small file that many READs answered with EOF. The READs ask for at most
     REQUEST_SIZE each, what every server serves whole; a server that returned less than asked anyway is
     read again the plain way. A missing ``path`` raises FileNotFoundError, as ``open`` does.
     """
@@ -654,10 +663,11 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
     else:
         target, other = open_together(sftp, [path, companion], optional=[companion])
     assert target is not None
+    first = min(limit, HEAD_FIRST_READ)
     pipe = Pipeline(sftp)
     with pipe.batch():
         stat = pipe.send_fstat(target)
-        reads = [pipe.send_read(target, at, min(REQUEST_SIZE, limit - at)) for at in range(0, limit, REQUEST_SIZE)]
+        reads = [pipe.send_read(target, at, min(REQUEST_SIZE, first - at)) for at in range(0, first, REQUEST_SIZE)]
         close = pipe.send_close(target)
         if other is not None:
             other_stat, other_read, other_close = (
@@ -672,9 +682,35 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
         pipe.wait(other_close)
         if len(companion_data) != min(other_size, companion_limit):
             companion_data = _read_plainly(sftp, companion, min(other_size, companion_limit))
-    if len(data) != min(size, limit):
-        data = _read_plainly(sftp, path, min(size, limit))
-    return FileHead(size, data, companion_data)
+    if len(data) != min(size, first):
+        data = _read_plainly(sftp, path, min(size, first))
+    rest = (first, min(size, limit))  # wanted beyond the first READs
+    end = (size - tail, size) if tail and size - tail >= rest[1] else None  # not among the first bytes
+    spans = [span for span in (rest, end) if span is not None and span[0] < span[1]]
+    found = read_spans(sftp, path, spans) if spans else []
+    if rest[0] < rest[1]:
+        data += found.pop(0)
+    return FileHead(size, data, companion_data, found[0] if found else b"")
+
+
+def read_spans(sftp: paramiko.SFTPClient, path: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each span [start, end) of a remote file: OPEN, then every READ and the CLOSE together,
+    two round trips. A server that returned less than asked (SFTP allows it) is read again the plain way."""
+    with sftp.open(path, "rb") as remote:
+        pipe = Pipeline(sftp)
+        with pipe.batch():
+            reads = [[pipe.send_read(remote, at, min(REQUEST_SIZE, end - at)) for at in range(start, end, REQUEST_SIZE)]
+                     for start, end in spans]
+            close = pipe.send_close(remote)
+        found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
+        pipe.wait(close)
+    if any(len(data) != end - start for data, (start, end) in zip(found, spans)):
+        with sftp.open(path, "rb") as handle:
+            found = []
+            for start, end in spans:
+                handle.seek(start)
+                found.append(handle.read(end - start))
+    return found
 
 
 def read_ends(sftp: paramiko.SFTPClient, path: str, head: int, tail: int) -> tuple[int, bytes, bytes]:
@@ -703,16 +739,25 @@ def read_ends(sftp: paramiko.SFTPClient, path: str, head: int, tail: int) -> tup
     return size, first, last
 
 
+# What each SFTP session's server said of its limits: asked once per session, not once per transfer (a warm
+# session serves many calls). Weak keys: a closed session's answer goes with it.
+_limits: weakref.WeakKeyDictionary[paramiko.SFTPClient, tuple[int, int] | None] = weakref.WeakKeyDictionary()
+
+
 def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
     """(max-read-length, max-write-length) from limits@openssh.com; None where the server does not say."""
+    if sftp in _limits:
+        return _limits[sftp]
     try:
         _, msg = extended(sftp, LIMITS_EXTENSION)
     except OSError as err:
         if not extension_unsupported(err):  # a lost connection is no answer
             raise
-        return None  # the server predates the extension
+        _limits[sftp] = None  # the server predates the extension
+        return None
     msg.get_int64()  # max-packet-length
-    return msg.get_int64(), msg.get_int64()
+    _limits[sftp] = msg.get_int64(), msg.get_int64()
+    return _limits[sftp]
 
 
 def read_request_size(sftp: paramiko.SFTPClient) -> int:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from devtools.gpbackup import LocalBackup
 from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_failed, assert_ok, socket_dir_env
-from sftp_plugin import blocks
+from devtools.sshd import SshServer
+from sftp_plugin import blocks, container
 from sftp_plugin.store import WHOLE_READ_LIMIT as WHOLE
 from tests.helpers import alive, flip, start_under_a_parent, wait_until, write_offsets
 
@@ -85,10 +87,46 @@ def test_files_around_the_whole_read_limit_restore_byte_exact_and_damaged_delive
     assert plugin.ok("restore_data_subset", config.path, key, write_offsets(tmp_path, ranges)).stdout == (
         data[size // 2 :] + data[: size // 3])
     if size:
-        flip(path, size - 1)
+        flip(path, min(size, BLOCK) - 1)  # the last byte of the first block: nothing is delivered before it
         result = plugin.run("restore_data", config.path, key)
         assert result.stdout == b""
         assert path.name in assert_failed(result)
+
+
+# Where Debian's openssh-sftp-server (a dependency of openssh-server) puts the program.
+SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
+
+
+@pytest.fixture
+def sftp_logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SshServer, Path]]:
+    """An sshd whose sftp-server logs to a file of its own (internal-sftp logs only to syslog): every CLOSE,
+    with the bytes read through that handle ("close "<path>" bytes read N written M", at INFO)."""
+    if not SFTP_SERVER.exists():
+        pytest.skip(f"no {SFTP_SERVER}")
+    workdir = tmp_path_factory.mktemp("sshd_sftp_logged")
+    log = workdir / "sftp-server.log"
+    with SshServer(workdir, extra_config=f"ForceCommand {SFTP_SERVER} -e -l INFO 2>>{log}\n") as server:
+        yield server, log
+
+
+@pytest.mark.parametrize("size", [1000, 300 * 1024, BLOCK, 2 * BLOCK + 10])
+def test_a_restore_reads_each_stored_byte_once(plugin: Plugin, sftp_logged: tuple[SshServer, Path],
+                                               backup: LocalBackup, tmp_path: Path, size: int) -> None:
+    # Up to WHOLE: the file whole with its checksum, in two round trips. A longer one's first WHOLE bytes come
+    # from that same read; only its last bytes are read twice (to tell a container from a plain file).
+    server, sftp_log = sftp_logged
+    cfg = server.write_config(tmp_path / "logged.yaml", log_dir=str(tmp_path / "logs"))
+    data = os.urandom(size)
+    key = backup.file(f"gpbackup_0_{backup.timestamp}")
+    plugin.ok("backup_data", cfg, key, stdin=data)
+    path = backup.remote(server.remote_dir, f"gpbackup_0_{backup.timestamp}")
+    logged = sftp_log.stat().st_size
+
+    assert plugin.ok("restore_data", cfg, key).stdout == data
+
+    closes = re.findall(rf'close "{re.escape(str(path))}" bytes read (\d+)', sftp_log.read_text()[logged:])
+    assert closes, "sftp-server logged no CLOSE of the stored file"
+    assert sum(map(int, closes)) == size + (container.TRAILER_SIZE if size > WHOLE else 0)
 
 
 def test_a_small_file_without_its_checksum_file_restores_and_the_log_says_so(
