@@ -19,7 +19,9 @@ in one run, alternating plugin and OpenSSH within every round, measures:
   root, no netem in the kernel), through a userspace delay proxy on 127.0.0.1
   in front of the loopback sshd instead (devtools/delayproxy.py), which both
   clients share; the rows and the JSON say which was used, and the proxy's
-  measured RTT;
+  measured RTT; and over that link a per-table restore, ``restore_data`` of a
+  300 KiB table file call after call, each hashed, vs ``sftp get`` of it one
+  process each;
 * at rest: ``backup_data`` of table-like rows (bench/tabledata.py) stored plain,
   as a zstd container and as a zstd + AES-256-GCM container vs ``sftp put`` of
   the same bytes; the stored size vs gzip -1; ``restore_data_subset`` of 1% of
@@ -120,8 +122,13 @@ LATENCY_METHODS = ("auto", "netem", "proxy")
 # The delay proxy's measured RTT may miss the asked one by this fraction before the rows carry a warning:
 # the proxy releases chunks up to ~1 ms late (about 5% at 20 ms); far more means a CPU too busy to keep time.
 RTT_TOLERANCE = 0.25
+# A per-table restore over the slow link: restore_data of a table file one call after another (a warm
+# session), against a fresh sftp per file. 300 KiB: above the 128 KiB a restore reads at first, below the
+# 1 MiB it reads whole (store.WHOLE_READ_LIMIT). Ten calls per round keep the part to about half a minute.
+RESTORE_CALL_KIB = 300
+RESTORE_CALLS_PER_ROUND = 10
 # The rows the high-latency part always yields, measured or skipped.
-LATENCY_METRICS = ("high-latency up", "high-latency down")
+LATENCY_METRICS = ("high-latency up", "high-latency down", "high-latency restore_data")
 DEFAULT_JSON = REPO / "bench" / "results.json"
 # tmpfs: the sshd's remote_dir and the source files live in RAM, so disk speed is not measured.
 TMPFS = Path("/dev/shm")
@@ -155,6 +162,9 @@ AT_REST_METRICS = ["at-rest up plain", "at-rest up zstd", "at-rest up zstd+AES-G
                    *(f"at-rest up {mode} over link" for mode in LINK_MODES)]
 CONCURRENCY_RATIO_TARGET = 0.9  # parallel segments: aggregate within 10% of OpenSSH
 LATENCY_RATIO_TARGET = 0.9  # the pipelining must hide the RTT as well as OpenSSH's does
+# A warm call pays round trips only, a fresh sftp a process, a login and its own round trips: the storm's
+# 5x. The ten round trips such a file took before it was read whole (store.WHOLE_READ_LIMIT) gave 3.2x.
+RESTORE_CALL_RATIO_TARGET = 5.0
 VERSION_MS_TARGET = 50.0  # gpbackup calls plugin_api_version on every host before each backup
 RSS_MIB_TARGET = 128.0  # one backup_data per segment at once: 8+ per host must fit easily in RAM
 
@@ -300,6 +310,8 @@ class Bench:
             "concurrency": f"{args.streams} x {self.stream_size / MIB:g} MiB",
             "high-latency up": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency down": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
+            "high-latency restore_data": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x {RESTORE_CALL_KIB} "
+                                         f"KiB, {args.latency_rtt_ms:g} ms RTT",
             "plugin_api_version": f"median of {args.version_runs}",
             "peak RSS": f"backup_data of {args.size_mib} MiB",
         }
@@ -799,7 +811,40 @@ class Bench:
         sha = write_random_file(source, size)
         up = self.guard("high-latency up", lambda: self.stream_up(target, source, size, sha, "lat_up"))
         down = self.guard("high-latency down", lambda: self.stream_down(target, source, size, sha, "lat_down"))
-        return [up, down]
+        calls = self.guard("high-latency restore_data", lambda: self.restore_calls(target))
+        return [up, down, calls]
+
+    def restore_calls(self, target: Target) -> Row:
+        """A per-table restore over the slow link: ``restore_data`` of one table file, call after call (the
+        first, untimed, leaves a warm session), each checked byte for byte; OpenSSH's ``sftp`` gets the
+        same stored file, one process each."""
+        size = RESTORE_CALL_KIB * KIB
+        source = self.data / "table.bin"
+        sha = write_random_file(source, size)
+        name = "lat_table"
+        self.runner.plugin_child(target, "backup_data", self.key(name), stdin_path=source).finish().check(
+            "plugin backup_data (table file)")
+        stored = self.stored_path(target, name)
+        check_size(stored, size, "plugin backup_data (table file)")
+        get = self.runner.sftp_batch([f"get {sftp_quote(stored)} /dev/null"])
+        self.runner.plugin_child(target, "restore_data", self.key(name)).finish().check("plugin restore_data")
+        seconds: dict[str, list[float]] = {"plugin": [], "openssh": []}
+        for r in range(self.args.rounds):
+            for _ in range(RESTORE_CALLS_PER_ROUND):
+                plugin = self.runner.plugin_child(target, "restore_data", self.key(name), hash_stdout=True).finish()
+                plugin.check("plugin restore_data")
+                if plugin.stdout_sha256 != sha:
+                    raise BenchError(f"plugin restore_data returned {plugin.stdout_bytes} bytes unlike those stored")
+                seconds["plugin"].append(plugin.seconds)
+            for _ in range(RESTORE_CALLS_PER_ROUND):
+                seconds["openssh"].append(
+                    self.runner.sftp_child(target, get).finish().check("sftp get", allow_stderr=True).seconds)
+            progress(f"high-latency restore_data round {r + 1}/{self.args.rounds}: median plugin "
+                     f"{median(seconds['plugin']) * 1000:.1f} ms, OpenSSH {median(seconds['openssh']) * 1000:.1f} ms")
+        p, o = median(seconds["plugin"]) * 1000, median(seconds["openssh"]) * 1000
+        return Row("high-latency restore_data", "ms", p, o, o / p, f"ratio >= {RESTORE_CALL_RATIO_TARGET:g}",
+                   "PASS" if o / p >= RESTORE_CALL_RATIO_TARGET else "FAIL",
+                   samples={f"{kind}_seconds": values for kind, values in seconds.items()})
 
     def api_version(self) -> Row:
         seconds: list[float] = []
