@@ -404,8 +404,10 @@ def read_stored(
     allocator.keep_freed_memory()
     with remote_errors(remote, "download", source):
         sidecar = integrity.sidecar_path(source) if remote.cfg.verify_checksums else None
+        # A subset wants its ranges, not the file's first MiB: only what the first READs bring anyway.
+        limit = WHOLE_READ_LIMIT if ranges is None else transfer.HEAD_FIRST_READ
         first = remote.retrying("look up file", lambda: transfer.read_head(
-            remote.sftp, source, WHOLE_READ_LIMIT, sidecar, SIDECAR_LIMIT, tail=container.TRAILER_SIZE))
+            remote.sftp, source, limit, sidecar, SIDECAR_LIMIT, tail=container.TRAILER_SIZE))
         size, fetch = first.size, _fetch_known(first.data, remote, source)
         # The ends that tell a container from a plain file: a longer file's last bytes came with its first.
         head, tail = _ends_of(first.data) if first.whole else (first.data[: container.HEADER_SIZE], first.last)

@@ -17,6 +17,7 @@ from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_failed, ass
 from devtools.sshd import SshServer
 from sftp_plugin import blocks, container
 from sftp_plugin.store import WHOLE_READ_LIMIT as WHOLE
+from sftp_plugin.transfer import HEAD_FIRST_READ
 from tests.helpers import alive, flip, start_under_a_parent, wait_until, write_offsets
 
 MIB = 1024 * 1024
@@ -127,6 +128,26 @@ def test_a_restore_reads_each_stored_byte_once(plugin: Plugin, sftp_logged: tupl
     closes = re.findall(rf'close "{re.escape(str(path))}" bytes read (\d+)', sftp_log.read_text()[logged:])
     assert closes, "sftp-server logged no CLOSE of the stored file"
     assert sum(map(int, closes)) == size + (container.TRAILER_SIZE if size > WHOLE else 0)
+
+
+def test_a_subset_restore_reads_the_blocks_of_its_ranges_not_the_files_first_mib(
+        plugin: Plugin, sftp_logged: tuple[SshServer, Path], backup: LocalBackup, tmp_path: Path) -> None:
+    # What any restore reads first (HEAD_FIRST_READ) and last (the container check), then the one block
+    # the range lies in, checked against its digest: not the whole first block a whole restore reads.
+    server, sftp_log = sftp_logged
+    cfg = server.write_config(tmp_path / "logged.yaml", log_dir=str(tmp_path / "logs"))
+    data = os.urandom(3 * BLOCK)
+    key = backup.file(f"gpbackup_0_{backup.timestamp}")
+    plugin.ok("backup_data", cfg, key, stdin=data)
+    path = backup.remote(server.remote_dir, f"gpbackup_0_{backup.timestamp}")
+    logged = sftp_log.stat().st_size
+
+    ranges = [(2 * BLOCK + 100, 2 * BLOCK + 5000)]
+    assert plugin.ok("restore_data_subset", cfg, key, write_offsets(tmp_path, ranges)).stdout == data[
+        2 * BLOCK + 100 : 2 * BLOCK + 5000]
+
+    closes = re.findall(rf'close "{re.escape(str(path))}" bytes read (\d+)', sftp_log.read_text()[logged:])
+    assert sum(map(int, closes)) == HEAD_FIRST_READ + container.TRAILER_SIZE + BLOCK
 
 
 def test_a_small_file_without_its_checksum_file_restores_and_the_log_says_so(
