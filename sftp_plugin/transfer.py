@@ -685,7 +685,7 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
     if len(data) != min(size, first):
         data = _read_plainly(sftp, path, min(size, first))
     rest = (first, min(size, limit))  # wanted beyond the first READs
-    end = (size - tail, size) if tail and size - tail >= rest[1] else None  # not among the first bytes
+    end = (size - tail, size) if tail and size > limit else None  # a longer file's, even overlapping the first
     spans = [span for span in (rest, end) if span is not None and span[0] < span[1]]
     found = read_spans(sftp, path, spans) if spans else []
     if rest[0] < rest[1]:

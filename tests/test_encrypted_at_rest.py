@@ -13,6 +13,7 @@ import pytest
 from devtools.gpbackup import LocalBackup
 from devtools.harness import Plugin, SiteConfig, assert_failed
 from sftp_plugin import container, keys
+from sftp_plugin.store import WHOLE_READ_LIMIT
 from tests.helpers import flip, write_offsets
 from tests.test_container import table_like
 
@@ -74,6 +75,21 @@ def test_data_streams_round_trip_in_every_mode(plugin: Plugin, config: SiteConfi
     ranges = [(0, 10), (CHUNK - 3, CHUNK + 3), (2 * CHUNK, 2 * CHUNK), (len(data) - 100, len(data))]
     result = plugin.ok("restore_data_subset", cfg, backup.file(name), write_offsets(tmp_path, ranges))
     assert result.stdout == b"".join(data[s:e] for s, e in ranges)
+
+
+@pytest.mark.parametrize("past", [1, container.TRAILER_SIZE - 1, container.TRAILER_SIZE])
+def test_a_container_just_longer_than_the_whole_read_limit_restores(
+        plugin: Plugin, config: SiteConfig, backup: LocalBackup, tmp_path: Path, past: int) -> None:
+    # Stored `past` bytes beyond what a restore reads whole: its trailer lies partly among the bytes read
+    # first, and must still be found at the end of the file.
+    cfg = mode_config(config, tmp_path, "key")  # no compression: the stored size follows the stream's
+    _, probe = store(plugin, cfg, config, backup, os.urandom(1000), segment=1)
+    overhead = probe.stat().st_size - 1000  # one chunk's: a header, a tag, an index and a trailer
+    data = os.urandom(WHOLE_READ_LIMIT + past - overhead)
+    name, path = store(plugin, cfg, config, backup, data)
+    assert path.stat().st_size == WHOLE_READ_LIMIT + past
+
+    assert plugin.ok("restore_data", cfg, backup.file(name)).stdout == data
 
 
 def test_an_empty_stream_round_trips(plugin: Plugin, config: SiteConfig, backup: LocalBackup,
