@@ -621,20 +621,25 @@ def read_small(sftp: paramiko.SFTPClient, path: str, limit: int) -> bytes | None
         size = pipe.attributes(stat).st_size or 0
         data = pipe.data(read)
         pipe.wait(close)
-    return data if len(data) == min(size, limit) else _read_plainly(sftp, path, limit)
+    return data if len(data) == min(size, limit) else _read_plainly(sftp, path, [(0, limit)])[0]
 
 
-def _read_plainly(sftp: paramiko.SFTPClient, path: str, length: int) -> bytes:
-    """The first ``length`` bytes, read the plain way: after a server returned less than asked (SFTP allows it)."""
+def _read_plainly(sftp: paramiko.SFTPClient, path: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each span [start, end) (fewer where the file ends sooner), read the plain way: after a
+    server returned less than asked (SFTP allows it)."""
+    found = []
     with sftp.open(path, "rb") as handle:
-        return handle.read(length)
+        for start, end in spans:
+            handle.seek(start)
+            found.append(handle.read(end - start))
+    return found
 
 
 @dataclass(frozen=True)
 class FileHead:
     """What `read_head` found: a file's size, its first bytes (all of them when ``whole``), its last bytes
-    where asked for and not among the first, and the first bytes of its companion file (None where that
-    does not exist)."""
+    where asked for and the file is longer than the first bytes read (b"" otherwise), and the first bytes
+    of its companion file (None where that does not exist)."""
 
     size: int
     data: bytes
@@ -649,8 +654,8 @@ class FileHead:
 def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str | None = None,
               companion_limit: int = REQUEST_SIZE, tail: int = 0) -> FileHead:
     """``path``'s size and first ``limit`` bytes (the whole file, if no longer), its last ``tail`` bytes if it is
-    longer, and, in the same round trips, the first ``companion_limit`` bytes of ``companion`` (a file kept
-    beside it, such as its checksum).
+    longer (even where they overlap the first), and, in the same round trips, the first ``companion_limit``
+    bytes of ``companion`` (a file kept beside it, such as its checksum).
 
     Two round trips for a file up to HEAD_FIRST_READ: both OPENs; then FSTAT, the READs and both CLOSEs. A
     longer one takes two more, for the rest of what is wanted (`read_spans`): asking for all of ``limit`` at
@@ -681,14 +686,15 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
         companion_data = pipe.data(other_read)
         pipe.wait(other_close)
         if len(companion_data) != min(other_size, companion_limit):
-            companion_data = _read_plainly(sftp, companion, min(other_size, companion_limit))
+            companion_data = _read_plainly(sftp, companion, [(0, companion_limit)])[0]
     if len(data) != min(size, first):
-        data = _read_plainly(sftp, path, min(size, first))
-    rest = (first, min(size, limit))  # wanted beyond the first READs
-    end = (size - tail, size) if tail and size > limit else None  # a longer file's, even overlapping the first
-    spans = [span for span in (rest, end) if span is not None and span[0] < span[1]]
+        data = _read_plainly(sftp, path, [(0, first)])[0]
+    wanted = min(size, limit)
+    spans = [(first, wanted)] if first < wanted else []  # the rest of what is wanted
+    if tail and size > limit:  # a longer file: its last bytes, even where they overlap the first
+        spans.append((size - tail, size))
     found = read_spans(sftp, path, spans) if spans else []
-    if rest[0] < rest[1]:
+    if first < wanted:
         data += found.pop(0)
     return FileHead(size, data, companion_data, found[0] if found else b"")
 
@@ -705,11 +711,7 @@ def read_spans(sftp: paramiko.SFTPClient, path: str, spans: Sequence[tuple[int, 
         found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
         pipe.wait(close)
     if any(len(data) != end - start for data, (start, end) in zip(found, spans)):
-        with sftp.open(path, "rb") as handle:
-            found = []
-            for start, end in spans:
-                handle.seek(start)
-                found.append(handle.read(end - start))
+        found = _read_plainly(sftp, path, spans)
     return found
 
 
@@ -729,13 +731,7 @@ def read_ends(sftp: paramiko.SFTPClient, path: str, head: int, tail: int) -> tup
         last = pipe.data(tail_read) if tail_read is not None else b""
         pipe.wait(close)
     if len(first) != min(head, size) or len(last) != wanted:
-        # a server that returned less than asked (SFTP allows it): read the plain way
-        with sftp.open(path, "rb") as handle:
-            first = handle.read(min(head, size))
-            last = b""
-            if size >= head + tail:
-                handle.seek(size - tail)
-                last = handle.read(tail)
+        first, last = _read_plainly(sftp, path, [(0, head), (size - wanted, size)])
     return size, first, last
 
 
@@ -746,18 +742,20 @@ _limits: weakref.WeakKeyDictionary[paramiko.SFTPClient, tuple[int, int] | None] 
 
 def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
     """(max-read-length, max-write-length) from limits@openssh.com; None where the server does not say."""
-    if sftp in _limits:
-        return _limits[sftp]
+    if sftp not in _limits:
+        _limits[sftp] = _ask_limits(sftp)
+    return _limits[sftp]
+
+
+def _ask_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
     try:
         _, msg = extended(sftp, LIMITS_EXTENSION)
     except OSError as err:
         if not extension_unsupported(err):  # a lost connection is no answer
             raise
-        _limits[sftp] = None  # the server predates the extension
-        return None
+        return None  # the server predates the extension
     msg.get_int64()  # max-packet-length
-    _limits[sftp] = msg.get_int64(), msg.get_int64()
-    return _limits[sftp]
+    return msg.get_int64(), msg.get_int64()
 
 
 def read_request_size(sftp: paramiko.SFTPClient) -> int:

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -98,56 +99,67 @@ def test_files_around_the_whole_read_limit_restore_byte_exact_and_damaged_delive
 SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
 
 
+@dataclass
+class LoggedServer:
+    """An sshd whose sftp-server logs every CLOSE with the bytes read through that handle."""
+
+    server: SshServer
+    log: Path
+
+    def store(self, plugin: Plugin, backup: LocalBackup, tmp_path: Path, data: bytes) -> tuple[Path, Path, Path]:
+        """backup_data of ``data`` through this server: the config, the key gpbackup passes, the stored file."""
+        cfg = self.server.write_config(tmp_path / "logged.yaml", log_dir=str(tmp_path / "logs"))
+        name = f"gpbackup_0_{backup.timestamp}"
+        plugin.ok("backup_data", cfg, backup.file(name), stdin=data)
+        return cfg, backup.file(name), backup.remote(self.server.remote_dir, name)
+
+    def reads_of(self, path: Path, since: int) -> list[int]:
+        """The bytes read through each handle of ``path`` closed after the log held ``since`` bytes."""
+        logged = self.log.read_text()[since:]
+        return [int(n) for n in re.findall(rf'close "{re.escape(str(path))}" bytes read (\d+)', logged)]
+
+
 @pytest.fixture
-def sftp_logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SshServer, Path]]:
-    """An sshd whose sftp-server logs to a file of its own (internal-sftp logs only to syslog): every CLOSE,
-    with the bytes read through that handle ("close "<path>" bytes read N written M", at INFO)."""
+def sftp_logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggedServer]:
+    """A LoggedServer: its sftp-server logs to a file of its own (internal-sftp logs only to syslog), every
+    CLOSE as "close "<path>" bytes read N written M" (at INFO)."""
     if not SFTP_SERVER.exists():
         pytest.skip(f"no {SFTP_SERVER}")
     workdir = tmp_path_factory.mktemp("sshd_sftp_logged")
     log = workdir / "sftp-server.log"
     with SshServer(workdir, extra_config=f"ForceCommand {SFTP_SERVER} -e -l INFO 2>>{log}\n") as server:
-        yield server, log
+        yield LoggedServer(server, log)
 
 
 @pytest.mark.parametrize("size", [1000, 300 * 1024, BLOCK, 2 * BLOCK + 10])
-def test_a_restore_reads_each_stored_byte_once(plugin: Plugin, sftp_logged: tuple[SshServer, Path],
+def test_a_restore_reads_each_stored_byte_once(plugin: Plugin, sftp_logged: LoggedServer,
                                                backup: LocalBackup, tmp_path: Path, size: int) -> None:
     # Up to WHOLE: the file whole with its checksum, in two round trips. A longer one's first WHOLE bytes come
     # from that same read; only its last bytes are read twice (to tell a container from a plain file).
-    server, sftp_log = sftp_logged
-    cfg = server.write_config(tmp_path / "logged.yaml", log_dir=str(tmp_path / "logs"))
     data = os.urandom(size)
-    key = backup.file(f"gpbackup_0_{backup.timestamp}")
-    plugin.ok("backup_data", cfg, key, stdin=data)
-    path = backup.remote(server.remote_dir, f"gpbackup_0_{backup.timestamp}")
-    logged = sftp_log.stat().st_size
+    cfg, key, path = sftp_logged.store(plugin, backup, tmp_path, data)
+    since = sftp_logged.log.stat().st_size
 
     assert plugin.ok("restore_data", cfg, key).stdout == data
 
-    closes = re.findall(rf'close "{re.escape(str(path))}" bytes read (\d+)', sftp_log.read_text()[logged:])
+    closes = sftp_logged.reads_of(path, since)
     assert closes, "sftp-server logged no CLOSE of the stored file"
-    assert sum(map(int, closes)) == size + (container.TRAILER_SIZE if size > WHOLE else 0)
+    assert sum(closes) == size + (container.TRAILER_SIZE if size > WHOLE else 0)
 
 
 def test_a_subset_restore_reads_the_blocks_of_its_ranges_not_the_files_first_mib(
-        plugin: Plugin, sftp_logged: tuple[SshServer, Path], backup: LocalBackup, tmp_path: Path) -> None:
+        plugin: Plugin, sftp_logged: LoggedServer, backup: LocalBackup, tmp_path: Path) -> None:
     # What any restore reads first (HEAD_FIRST_READ) and last (the container check), then the one block
     # the range lies in, checked against its digest: not the whole first block a whole restore reads.
-    server, sftp_log = sftp_logged
-    cfg = server.write_config(tmp_path / "logged.yaml", log_dir=str(tmp_path / "logs"))
     data = os.urandom(3 * BLOCK)
-    key = backup.file(f"gpbackup_0_{backup.timestamp}")
-    plugin.ok("backup_data", cfg, key, stdin=data)
-    path = backup.remote(server.remote_dir, f"gpbackup_0_{backup.timestamp}")
-    logged = sftp_log.stat().st_size
+    cfg, key, path = sftp_logged.store(plugin, backup, tmp_path, data)
+    since = sftp_logged.log.stat().st_size
 
     ranges = [(2 * BLOCK + 100, 2 * BLOCK + 5000)]
     assert plugin.ok("restore_data_subset", cfg, key, write_offsets(tmp_path, ranges)).stdout == data[
         2 * BLOCK + 100 : 2 * BLOCK + 5000]
 
-    closes = re.findall(rf'close "{re.escape(str(path))}" bytes read (\d+)', sftp_log.read_text()[logged:])
-    assert sum(map(int, closes)) == HEAD_FIRST_READ + container.TRAILER_SIZE + BLOCK
+    assert sum(sftp_logged.reads_of(path, since)) == HEAD_FIRST_READ + container.TRAILER_SIZE + BLOCK
 
 
 def test_a_small_file_without_its_checksum_file_restores_and_the_log_says_so(
