@@ -164,6 +164,12 @@ class _WorkerCalls:
         return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(),
                                  retire_route=ends_backup(argv[0], argv[2:]))
 
+    def warm(self, argv: list[str], monitor: int) -> forkserver.Ending:
+        from sftp_plugin import forkserver, sessions
+
+        code = open_spare_session(argv, served_by=monitor)
+        return forkserver.Ending(code, stay=code == 0 and sessions.is_kept())
+
     def still_warm(self) -> bool:
         from sftp_plugin import sessions
 
@@ -281,6 +287,47 @@ def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str, key: str 
     # call's key differs from the one computed before this call. (Anything else changed meanwhile only
     # costs the next call a reconnect: its key will not match.)
     sessions.keep(key or session_key(cfg), session, cfg.session_idle, lambda: session_key(load_config(path)))
+
+
+def open_spare_session(argv: list[str], served_by: int) -> int:
+    """A spare worker's only task (forkserver: a call found every warm worker of its config busy): log in
+    as the call `argv` would and keep the session for the next call; 0 when one is kept. Nothing is
+    printed (no one is there to read it); a failure is logged and costs the call it was meant for only
+    its wait: that call then gets a worker of its own, which reports whatever fails again."""
+    import logging
+
+    from sftp_plugin.config import load_config
+    from sftp_plugin.errors import PluginError
+    from sftp_plugin.log import mask, setup_logging
+
+    if len(argv) < 2 or argv[0] not in COMMANDS:
+        return 2
+    config_path = argv[1]
+    try:
+        cfg = load_config(config_path)
+        setup_logging(cfg.log_dir, cfg.log_level, "spare_session", cfg.secrets())
+    except (PluginError, OSError):
+        return 1
+    key = _session_key(cfg, served_by)
+    if key is None:
+        return 0
+    from sftp_plugin.store import Remote
+
+    log = logging.getLogger("gpbackup_sftp_plugin")
+    started = time.monotonic()
+    known_hosts = _known_hosts_state(cfg)
+    remote = Remote(cfg)
+    try:
+        remote.session  # noqa: B018 - opening it is the point
+    except Exception as err:  # noqa: BLE001 - any failure: the waiting call gets a worker of its own
+        log.warning("could not open a spare session to %s: %s", cfg.hostname,
+                    mask(f"{type(err).__name__}: {err}", cfg.secrets()))
+        remote.close_quietly()
+        return 1
+    log.info("opened a spare session to %s in %.3fs: the calls of this config were all busy", cfg.hostname,
+             time.monotonic() - started)
+    _keep_session(remote, cfg, config_path, key if _known_hosts_state(cfg) == known_hosts else None)
+    return 0
 
 
 def run(command: str, config_path: str, args: list[str], served_by: int | None = None) -> int:

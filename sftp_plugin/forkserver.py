@@ -83,8 +83,17 @@ _INT = struct.Struct("!i")
 # What routes a call to a warm worker (see route_of): the client sends it first.
 _ROUTE = struct.Struct("!IIQ")
 # Server <-> slot messages: a call for the slot (its connection's fd comes with it), the slot is idle,
-# the slot ends and the idle slots of its route go with it.
-CALL, IDLE, RETIRE = b"C", b"I", b"X"
+# the slot ends and the idle slots of its route go with it, and (once per slot, after a call that left
+# its worker warm) that call's request, from which the server starts spare slots of the route.
+CALL, IDLE, RETIRE, TEMPLATE = b"C", b"I", b"X", b"T"
+# A request larger than this (an environment of that size) is not offered: its route gets no spare slots.
+TEMPLATE_LIMIT = 64 * 1024
+# How long a call that found every slot of its route busy waits for one of them or a spare to be idle before
+# it gets a new slot of its own: longer than a login normally takes, well within the client's START_TIMEOUT.
+PARK_LIMIT = START_TIMEOUT / 2
+# Monitor -> worker: a request's length and what to do with it: run it, or open what it would use (Calls.warm).
+_TASK = struct.Struct("!iB")
+_RUN, _WARM = 0, 1
 # Worker -> monitor: the call was taken (before it runs anything), then the exit code and what follows.
 ACCEPTED = b"A"
 _REPLY = struct.Struct("!ii")
@@ -521,6 +530,7 @@ class Ending:
 if TYPE_CHECKING:
     import logging
     import socket
+    from collections.abc import Callable
     from typing import Protocol
 
     from sftp_plugin.errors import WorkerLost
@@ -530,6 +540,10 @@ if TYPE_CHECKING:
 
         def run(self, argv: list[str], monitor: int) -> Ending:
             """Run one call in this (worker) process, whose fds, environment and cwd are the caller's."""
+
+        def warm(self, argv: list[str], monitor: int) -> Ending:
+            """Open, and keep for the next call, what a call of `argv` would use, without running it (a spare
+            worker: its std fds are /dev/null, its environment and cwd those of an earlier call of the route)."""
 
         def still_warm(self) -> bool:
             """Between calls, about once a second: False ends this worker (idle too long, config changed)."""
@@ -605,8 +619,8 @@ def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECO
     os.unlink(path)
     listener.close()
     dispatcher.close()
-    log.info("fork server %d exiting %s (%d calls served, %d of them by a warm worker)",
-             os.getpid(), why, dispatcher.calls, dispatcher.warm_calls)
+    log.info("fork server %d exiting %s (%d calls served, %d of them by a warm worker; %d spare workers)",
+             os.getpid(), why, dispatcher.calls, dispatcher.warm_calls, dispatcher.spares)
 
 
 class _Dispatcher:
@@ -618,6 +632,14 @@ class _Dispatcher:
     hands an idle slot a call by passing the connection's fd (CALL). One
     process only ever decides, so no call is lost between them: a call passed
     to a slot that is ending is closed unread, and its client runs it itself.
+
+    A call that finds every slot of its route busy is parked, and a spare slot
+    starts for it: a worker that logs in for the route (Calls.warm) with the
+    request an earlier call of the route left (TEMPLATE). The call takes
+    whichever slot is idle first, the spare or one that finishes its call; the
+    other stays warm. So a call waits for no login when a busy session frees
+    up sooner, and the slots of a route never outnumber its calls at once: a
+    spare starts only for a parked call that no other spare is starting for.
     """
 
     def __init__(self, listener: socket.socket, lock: int, digest: str, own: dict[str, str], calls: Calls,
@@ -627,8 +649,14 @@ class _Dispatcher:
         self.slots: dict[socket.socket, bytes] = {}  # every live slot's control socket -> its route
         self.idle: dict[bytes, list[socket.socket]] = {}  # route -> idle slots, most recently used last
         self.pending: dict[socket.socket, tuple[bytes, float]] = {}  # accepted, route not read yet
+        self.templates: dict[bytes, bytes] = {}  # route -> the request of a call that left its worker warm
+        self.parked: dict[bytes, list[tuple[socket.socket, float]]] = {}  # route -> calls waiting, oldest first
+        self.warming: set[socket.socket] = set()  # spare slots not idle yet
+        self.retiring: set[socket.socket] = set()  # spare slots whose route retired meanwhile: they end once idle
+        self.spare_calls: dict[socket.socket, int] = {}  # our end of each spare's request -> its liveness pipe
         self.calls = 0
         self.warm_calls = 0
+        self.spares = 0
 
     def run(self, idle_seconds: float) -> None:
         import select
@@ -638,6 +666,7 @@ class _Dispatcher:
         while True:
             now = time.monotonic()
             deadlines = [due - now for _, due in self.pending.values()]
+            deadlines += [since + PARK_LIMIT - now for queue in self.parked.values() for _, since in queue[:1]]
             if not self.slots:  # a live slot (busy, or idle with a session) keeps the server
                 if now - last_call >= idle_seconds and not self.pending:
                     return
@@ -645,7 +674,8 @@ class _Dispatcher:
             timeout = max(min(deadlines), 0.01) if deadlines else None
             # Slots first (select answers in this order): a slot's IDLE heard before a waiting route
             # lets that call have the warm slot.
-            readable = select.select([*self.slots, *self.pending, self.listener], [], [], timeout)[0]
+            readable = select.select([*self.slots, *self.spare_calls, *self.pending, self.listener], [], [],
+                                     timeout)[0]
             for ready in readable:
                 if ready is self.listener:
                     self._accept()
@@ -654,11 +684,18 @@ class _Dispatcher:
                     self._read_route(ready)
                 elif ready in self.slots:
                     self._hear_slot(ready)
+                elif ready in self.spare_calls:
+                    self._hear_spare_call(ready)
             now = time.monotonic()
             for conn, (_, due) in list(self.pending.items()):
                 if due <= now:  # a client that never sent its route: it gets EOF and runs the call itself
                     del self.pending[conn]
                     conn.close()
+            for route, queue in list(self.parked.items()):
+                while queue and queue[0][1] + PARK_LIMIT <= now:  # waited long enough: a slot of its own
+                    self._new_slot(queue.pop(0)[0], route)
+                if not queue:
+                    del self.parked[route]
 
     def _accept(self) -> None:
         import time
@@ -694,22 +731,85 @@ class _Dispatcher:
         self._dispatch(conn, got)
 
     def _dispatch(self, conn: socket.socket, route: bytes) -> None:
-        import socket
-
         idle = self.idle.get(route, [])
         while idle:
-            slot = idle.pop()
-            try:
-                socket.send_fds(slot, [CALL], [conn.fileno()])
-            except OSError:
-                self._forget(slot)  # ended meanwhile: the next one, or a new slot
-                continue
-            self.warm_calls += 1
-            conn.close()
+            if self._give(idle.pop(), conn):
+                return
+        if route in self.templates and route in self.slots.values():  # all busy: wait for one, or a spare
+            self._park(conn, route)
             return
         self._new_slot(conn, route)
 
-    def _new_slot(self, conn: socket.socket, route: bytes) -> None:
+    def _give(self, slot: socket.socket, conn: socket.socket) -> bool:
+        """Hand an idle slot the call on `conn`; False (the slot forgotten, `conn` still ours) if it ended."""
+        import socket
+
+        try:
+            socket.send_fds(slot, [CALL], [conn.fileno()])
+        except OSError:
+            self._forget(slot)  # ended meanwhile
+            return False
+        self.warm_calls += 1
+        conn.close()
+        return True
+
+    def _park(self, conn: socket.socket, route: bytes) -> None:
+        import time
+
+        queue = self.parked.setdefault(route, [])
+        queue.append((conn, time.monotonic()))
+        starting = sum(1 for slot in self.warming if self.slots.get(slot) == route)
+        if starting < len(queue):
+            self._start_spare(route)
+
+    def _start_spare(self, route: bytes) -> None:
+        """A new slot whose worker opens a session for `route` (Calls.warm), with our own end of its request:
+        the route's template, /dev/null for std fds, a liveness pipe we hold open until the slot replies."""
+        import socket
+
+        payload = self.templates[route]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        alive_read, alive_write = os.pipe()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            # Far below the socket's buffer (TEMPLATE_LIMIT): this never waits for the slot to read.
+            ours.sendmsg([_INT.pack(len(payload))],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("4i", null, null, null, alive_read))])
+            ours.sendall(payload)
+        except OSError:
+            self.log.warning("could not start a spare slot", exc_info=True)
+            ours.close()
+            theirs.close()
+            os.close(alive_write)
+            return
+        finally:
+            os.close(null)
+            os.close(alive_read)
+        ours.setblocking(False)
+        self.spare_calls[ours] = alive_write  # before the fork: the slot must hold neither
+        slot = self._new_slot(theirs, route)
+        if slot is None:
+            del self.spare_calls[ours]
+            ours.close()
+            os.close(alive_write)
+            return
+        self.warming.add(slot)
+        self.spares += 1
+
+    def _hear_spare_call(self, ours: socket.socket) -> None:
+        """The slot's replies to a spare's request (started, ended): read until it closes, then let go."""
+        try:
+            data = ours.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            os.close(self.spare_calls.pop(ours))
+            ours.close()
+
+    def _new_slot(self, conn: socket.socket, route: bytes) -> socket.socket | None:
+        """Fork a slot to serve the call on `conn`; its control socket, None if it could not be forked."""
         import socket
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -720,47 +820,75 @@ class _Dispatcher:
             ours.close()
             theirs.close()
             conn.close()
-            return
+            return None
         if pid == 0:
             try:  # whatever happens here (a signal meant for the server), this process never serves
                 # Nothing of the server stays open in a slot: a copy of another slot's control
-                # socket would keep that slot from reading EOF, a copy of the lock keeps it held.
+                # socket would keep that slot from reading EOF, a copy of the lock keeps it held,
+                # a copy of a waiting call's connection or a spare's pipe would hide its end.
                 ours.close()
                 self.listener.close()
                 os.close(self.lock)  # a flock holds while any copy is open: a long call must not keep it
-                for other in [*self.slots, *self.pending]:
+                parked = [waiting for queue in self.parked.values() for waiting, _ in queue]
+                for other in [*self.slots, *self.pending, *self.spare_calls, *parked]:
                     other.close()
+                for fd in self.spare_calls.values():
+                    os.close(fd)
                 _slot(theirs, conn, self.digest, self.own, self.handler)  # never returns
             finally:
                 os._exit(1)
         theirs.close()
         conn.close()
         self.slots[ours] = route
+        return ours
 
     def _hear_slot(self, slot: socket.socket) -> None:
         try:
-            message = slot.recv(16)
+            message = slot.recv(1 + TEMPLATE_LIMIT)
         except OSError:
             message = b""
         route = self.slots[slot]
-        if message == IDLE:
-            self.idle.setdefault(route, []).append(slot)
+        if message[:1] == TEMPLATE:
+            self.templates[route] = message[1:]
+        elif message == IDLE:
+            self.warming.discard(slot)
+            queue = self.parked.get(route)
+            if queue:
+                conn = queue.pop(0)[0]
+                if not self._give(slot, conn):
+                    self._new_slot(conn, route)
+            elif slot in self.retiring:
+                self._forget(slot)
+            else:
+                self.idle.setdefault(route, []).append(slot)
         elif message == RETIRE:
             for other in self.idle.pop(route, []):
                 self._forget(other)
             self._forget(slot)
-        else:  # EOF: the slot ended
+            self.templates.pop(route, None)
+            self.retiring.update(other for other in self.warming if self.slots.get(other) == route)
+        else:  # EOF: the slot ended; a call that waited for it (a spare that failed to log in) gets its own
             self._forget(slot)
+            queue = self.parked.get(route)
+            if queue:
+                self._new_slot(queue.pop(0)[0], route)
 
     def _forget(self, slot: socket.socket) -> None:
         route = self.slots.pop(slot, None)
         if route is not None and slot in self.idle.get(route, []):
             self.idle[route].remove(slot)
+        self.warming.discard(slot)
+        self.retiring.discard(slot)
         slot.close()
 
     def close(self) -> None:
-        for conn in list(self.pending):
+        for conn in [*self.pending, *(waiting for queue in self.parked.values() for waiting, _ in queue)]:
             conn.close()
+        self.parked.clear()
+        for ours, alive_write in self.spare_calls.items():
+            os.close(alive_write)
+            ours.close()
+        self.spare_calls.clear()
         for slot in list(self.slots):
             self._forget(slot)
 
@@ -899,13 +1027,17 @@ def _slot(ctrl: socket.socket, conn: socket.socket, digest: str, own: dict[str, 
     """A slot's monitor: serve `conn`, then each call the server passes while the worker stays; never returns."""
 
     worker: _Worker | None = None
+    offered = False  # our template (TEMPLATE): once per slot is enough for the server
     try:
         _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)  # we wait for our worker ourselves
         for sig in FORWARDED_SIGNALS:  # stopping the server does not stop the calls in flight
             _signal.signal(sig, _signal.SIG_IGN)
         while True:
-            worker, retire = _monitor_call(ctrl, conn, worker, digest, own, calls)
+            worker, retire, template = _monitor_call(ctrl, conn, worker, digest, own, calls)
             conn.close()
+            if template is not None and not offered and len(template) <= TEMPLATE_LIMIT:
+                ctrl.send(TEMPLATE + template)
+                offered = True
             if worker is None:
                 if retire:
                     ctrl.send(RETIRE)
@@ -978,12 +1110,16 @@ def _next_call(ctrl: socket.socket, worker: _Worker) -> socket.socket | None:
 
 
 def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | None, digest: str,  # noqa: PLR0913
-                  own: dict[str, str], calls: Calls) -> tuple[_Worker | None, bool]:
+                  own: dict[str, str], calls: Calls) -> tuple[_Worker | None, bool, bytes | None]:
     """One call: check the caller, receive it, hand it to the worker (a new one if need be), forward
-    signals, report the end. The worker that may serve the next call, and whether the route retires."""
+    signals, report the end. The worker that may serve the next call, whether the route retires, and
+    the request if it was a client's call that left the worker warm (the server's template of the route).
+
+    A request from the server itself (our parent) is a spare's: the worker only warms up for it."""
     import socket
 
     caller_pid = peer_credentials(conn)[0]
+    task = _WARM if caller_pid == os.getppid() else _RUN
     why = refusal(caller_pid, own)
     if why is not None:  # before reading anything of the call: it runs in its own process
         import logging
@@ -992,7 +1128,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
             "refused the call of pid %d, which runs in its own process: %s", caller_pid, why)
         _report_idle(ctrl, worker)
         conn.sendall(REFUSED + _INT.pack(0))
-        return worker, False
+        return worker, False, None
     conn.settimeout(START_TIMEOUT)
     head, fds, _flags, _addr = socket.recv_fds(conn, _INT.size, 4)
     try:
@@ -1003,14 +1139,14 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         if request.magic != MAGIC or request.digest != digest:
             _report_idle(ctrl, worker)
             conn.sendall(REFUSED + _INT.pack(0))
-            return worker, False
+            return worker, False, None
         # A warm worker may have left between its last call and this one (idle, config changed):
         # it then never accepts, and a new worker takes the call. Nothing ran before "accepted".
         for _attempt in range(2):
             if worker is None:
                 worker = _start_worker(calls, [ctrl, conn], fds)
             try:
-                socket.send_fds(worker.sock, [_INT.pack(len(payload))], fds)
+                socket.send_fds(worker.sock, [_TASK.pack(len(payload), task)], fds)
                 worker.sock.sendall(payload)
                 worker.sock.settimeout(START_TIMEOUT)
                 accepted = _recv_exact(worker.sock, 1) == ACCEPTED
@@ -1022,7 +1158,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
             worker = None
         else:
             conn.sendall(REFUSED + _INT.pack(0))
-            return None, False
+            return None, False, None
     finally:
         for fd in fds:
             os.close(fd)
@@ -1042,7 +1178,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         worker = None
     _report_idle(ctrl, worker)
     conn.sendall(ENDED + _INT.pack(status))
-    return worker, bool(flags & _RETIRE)
+    return worker, bool(flags & _RETIRE), payload if worker is not None and task == _RUN else None
 
 
 def _await_reply(conn: socket.socket, worker: _Worker) -> bytes:
@@ -1092,15 +1228,16 @@ def _worker(sock: socket.socket, calls: Calls) -> None:
             while not select.select([sock], [], [], 1.0)[0]:
                 if not calls.still_warm():
                     return
-            head, fds, _flags, _addr = socket.recv_fds(sock, _INT.size, 4)
-            if len(head) != _INT.size or len(fds) != 4:
+            head, fds, _flags, _addr = socket.recv_fds(sock, _TASK.size, 4)
+            if len(head) != _TASK.size or len(fds) != 4:
                 for fd in fds:
                     os.close(fd)
                 return  # EOF: the slot ended
-            request = _decode_request(_recv_exact(sock, _INT.unpack(head)[0]))
+            length, task = _TASK.unpack(head)
+            request = _decode_request(_recv_exact(sock, length))
             sock.sendall(ACCEPTED)
             code = 1  # until the call says otherwise
-            ending = _run_call(fds, request, calls)
+            ending = _run_call(fds, request, calls.warm if task == _WARM else calls.run)
             code = ending.code
             sock.sendall(_REPLY.pack(code, (_STAY if ending.stay else 0) | (_RETIRE if ending.retire_route else 0)))
             if not ending.stay:
@@ -1138,8 +1275,9 @@ def _fresh_std_streams() -> None:
                                 errors=errors, closefd=False))
 
 
-def _run_call(fds: list[int], request: Request, calls: Calls) -> Ending:
-    """Become the process the client would have been, run the command, become nobody's again."""
+def _run_call(fds: list[int], request: Request, task: Callable[[list[str], int], Ending]) -> Ending:
+    """Become the process the client would have been, run the command (`task`: Calls.run, or Calls.warm
+    for a spare), become nobody's again."""
     global _caller_pipe
     ending = Ending(1)
     *std, _caller_pipe = fds
@@ -1162,7 +1300,7 @@ def _run_call(fds: list[int], request: Request, calls: Calls) -> Ending:
         time.tzset()  # log timestamps in the caller's TZ
         os.chdir(request.cwd)
         os.umask(request.umask)
-        ending = calls.run(request.argv, os.getppid())
+        ending = task(request.argv, os.getppid())
     except SystemExit as stop:
         ending = Ending(stop.code if isinstance(stop.code, int) else 1)
     except KeyboardInterrupt:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools.delayproxy import DelayProxy
 from devtools.gpbackup import LocalBackup
 from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_ok, socket_dir_env
-from devtools.sshd import SshServer
+from devtools.sshd import SshServer, known_hosts_line
 from sftp_plugin import forkserver
 from tests.helpers import alive, own_fork_server, sha256, wait_until
 
@@ -60,6 +61,16 @@ class Warm:
 
     def restored(self, key: Path, config: Path | None = None) -> bytes:
         return assert_ok(self.run("restore_data", key, config=config)).stdout
+
+    def storing(self, backup: LocalBackup, name: str, config: Path | None = None) -> subprocess.Popen[bytes]:
+        """A backup_data call that keeps its worker busy until its input ends (communicate)."""
+        return self.plugin.popen("backup_data", config or self.config.path, backup.file(name),
+                                 stdin=subprocess.PIPE, env_extra=socket_dir_env(self.tmpdir))
+
+    def worker_of(self, name: str) -> int | None:
+        """The pid of the worker that started the call storing `name` (the log names it), None before."""
+        found = re.search(rf"\[(\d+)\] INFO backup_data: start \S*/{name}\b", self.config.log_text())
+        return int(found[1]) if found else None
 
     def session_children(self) -> list[int]:
         """The backup host's per-connection sshd processes (children of the listening sshd)."""
@@ -203,6 +214,63 @@ def test_concurrent_calls_open_at_most_one_session_each_and_reuse_them(warm: War
         restored = dict(zip(keys, pool.map(warm.restored, keys)))
     assert all(sha256(restored[key]) == sha256(value) for key, value in keys.items())
     assert warm.logins() - before <= 4 + 1  # one per call running at once (and one spare, as calls overlap)
+
+
+def finish(call: subprocess.Popen[bytes], data: bytes) -> None:
+    _, err = call.communicate(data, timeout=RUN_TIMEOUT)
+    assert call.returncode == 0 and err == b"", err
+
+
+def test_a_call_that_finds_every_session_busy_is_served_by_a_spare_that_stays_warm(warm: Warm,
+                                                                                 backup: LocalBackup) -> None:
+    warm.start_server(backup)
+    warm.store(backup, "gpbackup_0_first", b"f" * 1000)  # the config's first session, kept
+    logins = warm.logins()
+    busy = warm.storing(backup, "gpbackup_0_busy")
+    try:
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
+        data = os.urandom(50_000)
+        key = warm.store(backup, "gpbackup_0_meanwhile", data)  # the only session is busy all along
+    finally:
+        finish(busy, b"b" * 1000)
+    assert "opened a spare session" in warm.config.log_text()
+    assert warm.worker_of("gpbackup_0_meanwhile") != warm.worker_of("gpbackup_0_busy")
+    with ThreadPoolExecutor(2) as pool:  # two sessions now, both warm: two calls at once log in no more
+        list(pool.map(lambda n: warm.store(backup, f"gpbackup_0_pair_{n}", b"p" * 1000), range(2)))
+    assert sha256(warm.restored(key)) == sha256(data)
+    assert warm.restored(backup.file("gpbackup_0_busy")) == b"b" * 1000
+    assert warm.logins() == logins + 1
+
+
+def test_a_call_that_finds_every_session_busy_takes_the_first_to_be_free(warm: Warm, backup: LocalBackup) -> None:
+    # Through a link of 0.4 s round trips a login takes several seconds, and the end of a call two round
+    # trips: the waiting call gets the busy session as soon as its call ends, long before the spare's login.
+    with DelayProxy(0.2) as proxy:
+        port = proxy.forward(("127.0.0.1", warm.server.port))
+        known_hosts = warm.tmpdir / "proxy_known_hosts"
+        known_hosts.write_text(known_hosts_line(warm.server.server_dir, "127.0.0.1", port))
+        path = warm.config.write("slow_link.yaml", port=port, known_hosts_file=str(known_hosts))
+        warm.start_server(backup, path)
+        warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)
+        logins = warm.logins()
+        busy = warm.storing(backup, "gpbackup_0_busy", config=path)
+        waiting: subprocess.Popen[bytes] | None = None
+        try:
+            busy_worker = wait_until(lambda: warm.worker_of("gpbackup_0_busy")) and warm.worker_of("gpbackup_0_busy")
+            assert busy_worker, "the busy call never started"
+            waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
+            time.sleep(0.3)  # it has reached the fork server, which started a spare for it
+            finish(busy, b"b" * 1000)
+            finish(waiting, b"w" * 1000)
+        finally:
+            for call in (busy, waiting):
+                if call is not None and call.poll() is None:
+                    call.kill()
+        assert warm.worker_of("gpbackup_0_waiting") == busy_worker
+        assert "opened a spare session" not in warm.config.log_text()  # still logging in meanwhile
+        assert wait_until(lambda: "opened a spare session" in warm.config.log_text(), timeout=30)
+        assert warm.logins() == logins + 1
+        assert warm.restored(backup.file("gpbackup_0_waiting"), config=path) == b"w" * 1000
 
 
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root to act as another uid")
