@@ -1,0 +1,75 @@
+#!/bin/bash
+# Per-table gpbackup and gprestore of one database on a real cluster (../shared/greenplum-lab), three
+# ways per round: to a local --backup-dir, through the floor plugin (floor_plugin.sh: cat to local disk,
+# what any plugin costs), and through ours. Prints each time and its ratio to the local one; every
+# restored database is compared with the source, table by table (rows and md5), or the round fails.
+#
+#   . /opt/gplab/env.sh   # as the cluster user
+#   bash bench/lab/rounds.sh <our plugin config.yaml> <database> [rounds, default 3]
+#
+# The floor plugin and its config are written to $WORK (default: a directory beside our config);
+# the floor's and the local backups are removed after each round, ours with delete_backup.
+set -euo pipefail
+CFG=$(readlink -f "${1:?usage: rounds.sh <plugin config> <database> [rounds]}")
+DB=${2:?usage: rounds.sh <plugin config> <database> [rounds]}
+ROUNDS=${3:-3}
+WORK=${WORK:-$(dirname "$CFG")/lab-rounds}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PLUGIN=$(awk '/^executablepath:/ {print $2}' "$CFG")
+mkdir -p "$WORK/local"
+install -m 755 "$HERE/floor_plugin.sh" "$WORK/floor_plugin.sh"
+printf 'executablepath: %s\noptions:\n  note: the floor plugin takes no options\n' "$WORK/floor_plugin.sh" > "$WORK/floor.yaml"
+LOG=$WORK/last.log
+
+# seconds <command...>: run it, its output to $LOG; print the wall time in seconds.
+seconds() {
+    local start end
+    start=$(date +%s%N)
+    "$@" > "$LOG" 2>&1 || { echo "FAILED: $* (tail of $LOG below)" >&2; tail -5 "$LOG" >&2; exit 1; }
+    end=$(date +%s%N)
+    awk -v ns=$((end - start)) 'BEGIN { printf "%.2f", ns / 1e9 }'
+}
+timestamp() { grep -o 'Backup Timestamp = [0-9]*' "$LOG" | grep -o '[0-9]*$'; }
+
+# fingerprint <database>: every user table's name, row count and md5 of its rows, one line each.
+fingerprint() {
+    local tables sql="" t
+    tables=$(psql -At -d "$1" -c "select quote_ident(schemaname) || '.' || quote_ident(tablename) from pg_tables
+                                  where schemaname not in ('pg_catalog', 'information_schema', 'gp_toolkit')
+                                  order by 1")
+    for t in $tables; do
+        sql+="${sql:+ union all }select '$t', count(*), md5(coalesce(string_agg(r::text, ',' order by r::text), '')) from $t r"
+    done
+    [ -n "$sql" ] && psql -At -d "$1" -c "$sql order by 1"
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
+
+source_print=$(fingerprint "$DB")
+echo "database $DB: $(echo "$source_print" | wc -l) tables; plugin $PLUGIN; $ROUNDS rounds"
+for round in $(seq "$ROUNDS"); do
+    b_local=$(seconds gpbackup --dbname "$DB" --backup-dir "$WORK/local"); ts_local=$(timestamp)
+    # Alternate which plugin goes first: the second finds the caches the first warmed.
+    order=(floor ours); [ $((round % 2)) = 0 ] && order=(ours floor)
+    declare -A b r ts
+    for who in "${order[@]}"; do
+        config=$CFG; [ "$who" = floor ] && config=$WORK/floor.yaml
+        b[$who]=$(seconds gpbackup --dbname "$DB" --plugin-config "$config"); ts[$who]=$(timestamp)
+    done
+    for who in local "${order[@]}"; do
+        PGOPTIONS="-c client_min_messages=warning" dropdb --if-exists "${DB}_lab_$who"
+    done
+    r_local=$(seconds gprestore --timestamp "$ts_local" --backup-dir "$WORK/local" --redirect-db "${DB}_lab_local" --create-db)
+    for who in "${order[@]}"; do
+        config=$CFG; [ "$who" = floor ] && config=$WORK/floor.yaml
+        r[$who]=$(seconds gprestore --timestamp "${ts[$who]}" --plugin-config "$config" --redirect-db "${DB}_lab_$who" --create-db)
+    done
+    for who in local "${order[@]}"; do
+        [ "$(fingerprint "${DB}_lab_$who")" = "$source_print" ] || { echo "round $round: ${DB}_lab_$who differs from $DB" >&2; exit 1; }
+    done
+    echo "round $round: gpbackup local ${b_local}s, floor ${b[floor]}s ($(ratio "${b[floor]}" "$b_local")), ours ${b[ours]}s ($(ratio "${b[ours]}" "$b_local"))" \
+         "| gprestore local ${r_local}s, floor ${r[floor]}s ($(ratio "${r[floor]}" "$r_local")), ours ${r[ours]}s ($(ratio "${r[ours]}" "$r_local"))" \
+         "| restored tables identical"
+    rm -rf "$WORK/local"/* "$WORK/floor-store"
+    "$PLUGIN" delete_backup "$CFG" "${ts[ours]}"
+done
