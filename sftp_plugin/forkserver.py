@@ -795,6 +795,8 @@ class _Dispatcher:
             return
         self.warming.add(slot)
         self.spares += 1
+        busy = sum(1 for other, its in self.slots.items() if its == route and other is not slot)
+        self.log.info("a call waits: every worker of its config is busy (%d); a spare worker logs in for it", busy)
 
     def _hear_spare_call(self, ours: socket.socket) -> None:
         """The slot's replies to a spare's request (started, ended): read until it closes, then let go."""

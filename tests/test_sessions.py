@@ -233,6 +233,7 @@ def test_a_call_that_finds_every_session_busy_is_served_by_a_spare_that_stays_wa
         key = warm.store(backup, "gpbackup_0_meanwhile", data)  # the only session is busy all along
     finally:
         finish(busy, b"b" * 1000)
+    assert "every worker of its config is busy (1); a spare worker logs in for it" in warm.config.log_text()
     assert "opened a spare session" in warm.config.log_text()
     assert warm.worker_of("gpbackup_0_meanwhile") != warm.worker_of("gpbackup_0_busy")
     with ThreadPoolExecutor(2) as pool:  # two sessions now, both warm: two calls at once log in no more
@@ -259,7 +260,7 @@ def test_a_call_that_finds_every_session_busy_takes_the_first_to_be_free(warm: W
             busy_worker = wait_until(lambda: warm.worker_of("gpbackup_0_busy")) and warm.worker_of("gpbackup_0_busy")
             assert busy_worker, "the busy call never started"
             waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
-            time.sleep(0.3)  # it has reached the fork server, which started a spare for it
+            assert wait_until(lambda: "a spare worker logs in for it" in warm.config.log_text()), "it never waited"
             finish(busy, b"b" * 1000)
             finish(waiting, b"w" * 1000)
         finally:
