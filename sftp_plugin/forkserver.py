@@ -693,6 +693,7 @@ class _Dispatcher:
                     conn.close()
             for route, queue in list(self.parked.items()):
                 while queue and queue[0][1] + PARK_LIMIT <= now:  # waited long enough: a slot of its own
+                    self.log.info("a call waited %g s for a worker of its config: it gets one of its own", PARK_LIMIT)
                     self._new_slot(queue.pop(0)[0], route)
                 if not queue:
                     del self.parked[route]
@@ -873,6 +874,7 @@ class _Dispatcher:
             self._forget(slot)
             queue = self.parked.get(route)
             if queue:
+                self.log.info("a waiting call gets a worker of its own: another worker of its config ended")
                 self._new_slot(queue.pop(0)[0], route)
 
     def _forget(self, slot: socket.socket) -> None:

@@ -274,6 +274,27 @@ def test_a_call_that_finds_every_session_busy_takes_the_first_to_be_free(warm: W
         assert warm.restored(backup.file("gpbackup_0_waiting"), config=path) == b"w" * 1000
 
 
+def test_a_call_whose_spare_cannot_log_in_runs_on_a_worker_of_its_own(warm: Warm, backup: LocalBackup) -> None:
+    warm.start_server(backup)
+    warm.store(backup, "gpbackup_0_first", b"f" * 1000)
+    busy = warm.storing(backup, "gpbackup_0_busy")
+    try:
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
+        warm.server.authorized_keys.write_text("")  # sshd reads it at each login: the kept session stays
+        waiting = warm.run("backup_data", backup.file("gpbackup_0_waiting"), stdin=b"w" * 1000)
+    finally:
+        finish(busy, b"b" * 1000)
+    log = warm.config.log_text()
+    assert "could not open a spare session" in log
+    assert "another worker of its config ended" in log and "it gets one of its own" not in log
+    # Not left waiting for the busy session: it ran on its own worker, which reported the failure itself.
+    assert waiting.returncode != 0
+    (line,) = waiting.stderr.decode().splitlines()
+    assert "backup_data" in line and "auth" in line.lower(), line
+    assert warm.worker_of("gpbackup_0_waiting") not in (None, warm.worker_of("gpbackup_0_busy"))
+    assert not backup.remote(warm.config.remote_dir, "gpbackup_0_waiting").exists()
+
+
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root to act as another uid")
 def test_another_uid_cannot_reach_a_session(warm: Warm, backup: LocalBackup) -> None:
     warm.start_server(backup)
