@@ -306,9 +306,9 @@ def open_spare_session(argv: list[str], served_by: int) -> int:
     try:
         cfg = load_config(config_path)
         setup_logging(cfg.log_dir, cfg.log_level, "spare_session", cfg.secrets())
+        key = _session_key(cfg, served_by)
     except (PluginError, OSError):
         return 1
-    key = _session_key(cfg, served_by)
     if key is None:
         return 0
     from sftp_plugin.store import Remote
