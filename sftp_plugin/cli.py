@@ -272,9 +272,10 @@ def _known_hosts_state(cfg: PluginConfig) -> tuple[int, int, int] | None:
     return info.st_ino, info.st_size, info.st_mtime_ns
 
 
-def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str, key: str | None) -> None:
+def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str, key: str,
+                  known_hosts: tuple[int, int, int] | None) -> None:
     """Keep the call's session for the next call, keyed as that call will compute it: `key`, the one
-    computed before the call, unless the call changed known_hosts_file (None)."""
+    computed before the call, unless the call changed known_hosts_file (`known_hosts`: its state then)."""
     from sftp_plugin import sessions
     from sftp_plugin.config import load_config
     from sftp_plugin.connection import session_key
@@ -286,7 +287,9 @@ def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str, key: str 
     # A call may add the host's key to known_hosts (strict_host_key_checking: accept-new): then the next
     # call's key differs from the one computed before this call. (Anything else changed meanwhile only
     # costs the next call a reconnect: its key will not match.)
-    sessions.keep(key or session_key(cfg), session, cfg.session_idle, lambda: session_key(load_config(path)))
+    if _known_hosts_state(cfg) != known_hosts:
+        key = session_key(cfg)
+    sessions.keep(key, session, cfg.session_idle, lambda: session_key(load_config(path)))
 
 
 def open_spare_session(argv: list[str], served_by: int) -> int:
@@ -306,6 +309,7 @@ def open_spare_session(argv: list[str], served_by: int) -> int:
     try:
         cfg = load_config(config_path)
         setup_logging(cfg.log_dir, cfg.log_level, "spare_session", cfg.secrets())
+        known_hosts = _known_hosts_state(cfg)  # before the key, which reads the file
         key = _session_key(cfg, served_by)
     except (PluginError, OSError):
         return 1
@@ -315,7 +319,6 @@ def open_spare_session(argv: list[str], served_by: int) -> int:
 
     log = logging.getLogger("gpbackup_sftp_plugin")
     started = time.monotonic()
-    known_hosts = _known_hosts_state(cfg)
     remote = Remote(cfg)
     try:
         remote.session  # noqa: B018 - opening it is the point
@@ -326,7 +329,7 @@ def open_spare_session(argv: list[str], served_by: int) -> int:
         return 1
     log.info("opened a spare session to %s in %.3fs: the calls of this config were all busy", cfg.hostname,
              time.monotonic() - started)
-    _keep_session(remote, cfg, config_path, key if _known_hosts_state(cfg) == known_hosts else None)
+    _keep_session(remote, cfg, config_path, key, known_hosts)
     return 0
 
 
@@ -365,7 +368,7 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         with interrupt_aborts(remote.abort):
             result = getattr(commands, command)(remote, args)
             if warm and not ends_backup(command, args):
-                _keep_session(remote, cfg, config_path, warm if _known_hosts_state(cfg) == known_hosts else None)
+                _keep_session(remote, cfg, config_path, warm, known_hosts)
             else:
                 remote.close()
     except ReaderGone as err:

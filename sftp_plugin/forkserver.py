@@ -280,12 +280,9 @@ def delegate(argv: list[str], route: bytes = b"") -> int | None:
         alive_read, alive_write = os.pipe()
         try:
             # A closed std fd cannot be passed on: EBADF, and the call runs here.
-            fds = [0, 1, 2, alive_read]
-            conn.sendmsg([_INT.pack(len(payload))],
-                         [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+            _send_request(conn, payload, [0, 1, 2, alive_read])
         finally:
             os.close(alive_read)
-        conn.sendall(payload)
         reply = _recv_exact(conn, 1 + _INT.size)
     except OSError:
         return None
@@ -386,6 +383,24 @@ def _forward(conn: socket.socket, signum: int) -> None:
         conn.sendall(bytes([signum]))
     except OSError:
         pass  # the monitor is gone; its worker went with it
+
+
+def _send_request(conn: socket.socket, payload: bytes, fds: list[int]) -> None:
+    """A request as a monitor reads it: its length with the call's stdin, stdout, stderr and liveness
+    pipe (SCM_RIGHTS), then the request itself (_encode_request)."""
+    conn.sendmsg([_INT.pack(len(payload))],
+                 [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+    conn.sendall(payload)
+
+
+def _recv_ready(conn: socket.socket, size: int) -> bytes | None:
+    """Up to `size` bytes of a non-blocking socket: None if none has come yet, b"" at its end (or an error)."""
+    try:
+        return conn.recv(size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def _encode_request(argv: list[str]) -> bytes:
@@ -712,12 +727,9 @@ class _Dispatcher:
 
     def _read_route(self, conn: socket.socket) -> None:
         got, due = self.pending[conn]
-        try:
-            data = conn.recv(_ROUTE.size - len(got))
-        except BlockingIOError:
+        data = _recv_ready(conn, _ROUTE.size - len(got))
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             del self.pending[conn]
             conn.close()
@@ -774,9 +786,7 @@ class _Dispatcher:
         null = os.open(os.devnull, os.O_RDWR)
         try:
             # Far below the socket's buffer (TEMPLATE_LIMIT): this never waits for the slot to read.
-            ours.sendmsg([_INT.pack(len(payload))],
-                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("4i", null, null, null, alive_read))])
-            ours.sendall(payload)
+            _send_request(ours, payload, [null, null, null, alive_read])
         except OSError:
             self.log.warning("could not start a spare slot", exc_info=True)
             ours.close()
@@ -799,15 +809,12 @@ class _Dispatcher:
         busy = sum(1 for other, its in self.slots.items() if its == route and other is not slot)
         self.log.info("a call waits: every worker of its config is busy (%d); a spare worker logs in for it", busy)
 
+    def _parked_calls(self) -> list[socket.socket]:
+        return [conn for queue in self.parked.values() for conn, _ in queue]
+
     def _hear_spare_call(self, ours: socket.socket) -> None:
         """The slot's replies to a spare's request (started, ended): read until it closes, then let go."""
-        try:
-            data = ours.recv(64)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if _recv_ready(ours, 64) == b"":
             os.close(self.spare_calls.pop(ours))
             ours.close()
 
@@ -832,8 +839,7 @@ class _Dispatcher:
                 ours.close()
                 self.listener.close()
                 os.close(self.lock)  # a flock holds while any copy is open: a long call must not keep it
-                parked = [waiting for queue in self.parked.values() for waiting, _ in queue]
-                for other in [*self.slots, *self.pending, *self.spare_calls, *parked]:
+                for other in [*self.slots, *self.pending, *self.spare_calls, *self._parked_calls()]:
                     other.close()
                 for fd in self.spare_calls.values():
                     os.close(fd)
@@ -886,7 +892,7 @@ class _Dispatcher:
         slot.close()
 
     def close(self) -> None:
-        for conn in [*self.pending, *(waiting for queue in self.parked.values() for waiting, _ in queue)]:
+        for conn in [*self.pending, *self._parked_calls()]:
             conn.close()
         self.parked.clear()
         for ours, alive_write in self.spare_calls.items():

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from devtools.harness import PLUGIN_EXE, Plugin, SiteConfig, plugin_env
+from devtools.harness import PLUGIN_EXE, RUN_TIMEOUT, Plugin, SiteConfig, plugin_env
 from devtools.sshd import SshServer
 
 # Longest wait for something a test waits on (a server's socket, a process ending,
@@ -31,6 +31,12 @@ WAIT_TIMEOUT = 20.0
 # The TMPDIR of this session's plugin calls, where their fork server keeps its
 # socket: conftest sets it, and stops exactly that server at the end.
 SESSION_TMPDIR: str | None = None
+
+
+def finish(call: subprocess.Popen[bytes], data: bytes) -> None:
+    """Feed a started call the rest of its input; it must succeed with nothing on stderr."""
+    _, err = call.communicate(data, timeout=RUN_TIMEOUT)
+    assert call.returncode == 0 and err == b"", err
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = WAIT_TIMEOUT) -> bool:

@@ -22,7 +22,7 @@ import pytest
 from devtools.gpbackup import LocalBackup
 from devtools.harness import PLUGIN_EXE, Plugin, SiteConfig, assert_failed, assert_ok, socket_dir_env
 from sftp_plugin import __version__, cli
-from tests.helpers import own_fork_server, sha256, wait_until
+from tests.helpers import finish, own_fork_server, sha256, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 ELF_MAGIC = b"\x7fELF"
@@ -93,11 +93,6 @@ class Calls:
 def calls(plugin: Plugin, fresh_config: SiteConfig) -> Iterator[Calls]:
     with own_fork_server(fresh_config, "gpsftp-lc.") as tmpdir:
         yield Calls(plugin, fresh_config, tmpdir)
-
-
-def finish(process: subprocess.Popen[bytes], data: bytes) -> None:
-    _, err = process.communicate(data, timeout=60)
-    assert process.returncode == 0 and err == b"", err
 
 
 @needs_compiled_client

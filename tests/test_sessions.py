@@ -25,7 +25,7 @@ from devtools.gpbackup import LocalBackup
 from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_ok, socket_dir_env
 from devtools.sshd import SshServer, known_hosts_line
 from sftp_plugin import forkserver
-from tests.helpers import alive, own_fork_server, sha256, wait_until
+from tests.helpers import alive, finish, own_fork_server, sha256, wait_until
 
 NOBODY = 65534
 
@@ -216,11 +216,6 @@ def test_concurrent_calls_open_at_most_one_session_each_and_reuse_them(warm: War
     assert warm.logins() - before <= 4 + 1  # one per call running at once (and one spare, as calls overlap)
 
 
-def finish(call: subprocess.Popen[bytes], data: bytes) -> None:
-    _, err = call.communicate(data, timeout=RUN_TIMEOUT)
-    assert call.returncode == 0 and err == b"", err
-
-
 def test_a_call_that_finds_every_session_busy_is_served_by_a_spare_that_stays_warm(warm: Warm,
                                                                                  backup: LocalBackup) -> None:
     warm.start_server(backup)
@@ -257,8 +252,8 @@ def test_a_call_that_finds_every_session_busy_takes_the_first_to_be_free(warm: W
         busy = warm.storing(backup, "gpbackup_0_busy", config=path)
         waiting: subprocess.Popen[bytes] | None = None
         try:
-            busy_worker = wait_until(lambda: warm.worker_of("gpbackup_0_busy")) and warm.worker_of("gpbackup_0_busy")
-            assert busy_worker, "the busy call never started"
+            assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
+            busy_worker = warm.worker_of("gpbackup_0_busy")
             waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
             assert wait_until(lambda: "a spare worker logs in for it" in warm.config.log_text()), "it never waited"
             finish(busy, b"b" * 1000)
