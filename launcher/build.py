@@ -61,6 +61,7 @@ def config_header() -> str:
         "METADATA_SUFFIXES": c_strings(forkserver._METADATA_SUFFIXES),
         "MAGIC": c_string(forkserver.MAGIC.decode()),
         "STARTED": repr(forkserver.STARTED.decode()),
+        "QUEUED": repr(forkserver.QUEUED.decode()),
         "ENDED": repr(forkserver.ENDED.decode()),
         "START_TIMEOUT_SECONDS": str(int(forkserver.START_TIMEOUT)),
         "MAX_SOCKET_PATH": str(forkserver.MAX_SOCKET_PATH),

@@ -547,15 +547,21 @@ int main(int argc, char **argv) {
     while (sent < 0 && errno == EINTR);
     close(alive[0]);
     unsigned char reply[5];
-    if (sent != (ssize_t)sizeof length || send_all(conn, payload.data, payload.len) < 0 ||
-        recv_exact(conn, reply, sizeof reply) < 0 || reply[0] != (unsigned char)STARTED) {
+    struct timeval none = {0};
+    int replied = sent == (ssize_t)sizeof length && send_all(conn, payload.data, payload.len) == 0 &&
+                  recv_exact(conn, reply, sizeof reply) == 0;
+    while (replied && reply[0] == (unsigned char)QUEUED) {
+        /* The server keeps the call until a worker of its route is free: however long that takes. */
+        setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+        replied = recv_exact(conn, reply, sizeof reply) == 0;
+    }
+    if (!replied || reply[0] != (unsigned char)STARTED) {
         close(conn);  /* refused or gone before the worker started: nothing ran */
         close(alive[1]);
         run_python(1);
     }
     free(payload.data);
     /* From here on the command is running: whatever happens, it is never run twice. */
-    struct timeval none = {0};
     setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
     setsockopt(conn, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
     g_conn = conn;

@@ -162,13 +162,13 @@ class _WorkerCalls:
 
         code = main(argv, served_by=monitor)
         return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(),
-                                 retire_route=ends_backup(argv[0], argv[2:]))
+                                 retire_route=ends_backup(argv[0], argv[2:]), slots=sessions.connection_cap())
 
     def warm(self, argv: list[str], monitor: int) -> forkserver.Ending:
         from sftp_plugin import forkserver, sessions
 
         code = open_spare_session(argv, served_by=monitor)
-        return forkserver.Ending(code, stay=code == 0 and sessions.is_kept())
+        return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(), slots=sessions.connection_cap())
 
     def still_warm(self) -> bool:
         from sftp_plugin import sessions
@@ -289,7 +289,7 @@ def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str, key: str,
     # costs the next call a reconnect: its key will not match.)
     if _known_hosts_state(cfg) != known_hosts:
         key = session_key(cfg)
-    sessions.keep(key, session, cfg.session_idle, lambda: session_key(load_config(path)))
+    sessions.keep(key, session, cfg.session_idle, lambda: session_key(load_config(path)), cfg.max_connections)
 
 
 def open_spare_session(argv: list[str], served_by: int) -> int:

@@ -92,6 +92,9 @@ class PluginConfig:
     fork_server: bool = True
     # Seconds a fork-server worker keeps its SSH session for the next call; 0: none is kept.
     session_idle: int = 60
+    # The most SSH sessions the fork server keeps to the backup host for this config on this host at once
+    # (calls beyond wait for one to be free); 0: as many as calls run at once.
+    max_connections: int = 0
     fast_path: bool = True
     # At rest (container.py): "none" stores files as they come, "zstd" compresses them in chunks.
     compression: str = "none"
@@ -286,6 +289,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "fork_server": parse_bool,
     # Up to an hour: a session kept longer than any pause within a backup only holds a login open.
     "session_idle": _whole_number(0, 3600),
+    "max_connections": _whole_number(0),
     "fast_path": parse_bool,
     "compression": _compression,
     # zstd's levels; above 19 ("ultra") a level needs far more memory per chunk.

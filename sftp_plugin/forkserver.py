@@ -22,7 +22,9 @@ A worker may stay for the next call (warm): when the code it runs says so
 (`Ending.stay`: the call succeeded, and in the plugin it keeps an SSH session,
 sessions.py), the slot tells the server it is idle, and the next call with
 the same route (the caller's choice: for the plugin, its config file) goes to
-it instead of a new slot. So a host runs as many slots as calls run at once.
+it instead of a new slot. So a host runs as many slots as calls run at once,
+or fewer where the code caps a route (`Ending.slots`): then a call beyond
+waits for a slot of its route, however long (QUEUED).
 A worker ends when `Calls.still_warm` says so, when its call failed or was
 signalled, or when the server goes; the server ends the idle slots of a
 route when a call's end asks it to (`Ending.retire_route`).
@@ -79,10 +81,14 @@ MAGIC = b"GSFP2"
 # Monitor -> client replies: the worker started (pid follows), the worker
 # ended (raw wait status follows), the request was refused (run it yourself).
 STARTED, ENDED, REFUSED = b"P", b"S", b"R"
+# Server -> client, before STARTED: the call waits for a slot of its route to be free (its route has as
+# many as it may: Ending.slots), however long that takes; the client stops timing the start (0 follows).
+QUEUED = b"Q"
 _INT = struct.Struct("!i")
 # What routes a call to a warm worker (see route_of): the client sends it first.
 _ROUTE = struct.Struct("!IIQ")
-# Server <-> slot messages: a call for the slot (its connection's fd comes with it), the slot is idle,
+# Server <-> slot messages: a call for the slot (its connection's fd comes with it), the slot is idle
+# (with the most slots its route may have, when its worker said: Ending.slots),
 # the slot ends and the idle slots of its route go with it, and (once per slot, after a call that left
 # its worker warm) that call's request, from which the server starts spare slots of the route.
 CALL, IDLE, RETIRE, TEMPLATE = b"C", b"I", b"X", b"T"
@@ -94,9 +100,10 @@ PARK_LIMIT = START_TIMEOUT / 2
 # Monitor -> worker: a request's length and what to do with it: run it, or open what it would use (Calls.warm).
 _TASK = struct.Struct("!iB")
 _RUN, _WARM = 0, 1
-# Worker -> monitor: the call was taken (before it runs anything), then the exit code and what follows.
+# Worker -> monitor: the call was taken (before it runs anything), then _REPLY.
 ACCEPTED = b"A"
-_REPLY = struct.Struct("!ii")
+# Worker -> monitor: exit code, flags, the most slots the route may have (Ending.slots).
+_REPLY = struct.Struct("!iii")
 _STAY, _RETIRE = 1, 2
 # struct ucred, as SO_PEERCRED returns it: pid, uid, gid.
 _PEERCRED = struct.Struct("3i")
@@ -284,6 +291,9 @@ def delegate(argv: list[str], route: bytes = b"") -> int | None:
         finally:
             os.close(alive_read)
         reply = _recv_exact(conn, 1 + _INT.size)
+        while reply[:1] == QUEUED:  # the server keeps the call until a worker of its route is free
+            conn.settimeout(None)
+            reply = _recv_exact(conn, 1 + _INT.size)
     except OSError:
         return None
     if reply[:1] != STARTED:
@@ -531,15 +541,18 @@ def _take_lock(path: str) -> int | None:
 class Ending:
     """How a call ended, as the code the server runs reports it (a plain class: the client imports nothing heavy)."""
 
-    __slots__ = ("code", "retire_route", "stay")
+    __slots__ = ("code", "retire_route", "slots", "stay")
 
-    def __init__(self, code: int, stay: bool = False, retire_route: bool = False) -> None:
+    def __init__(self, code: int, stay: bool = False, retire_route: bool = False, slots: int = 0) -> None:
         self.code = code  # the exit code
         # The worker keeps what it holds (a warm SSH session) and may serve the next call of the
         # same route: only after a call that succeeded and was not signalled.
         self.stay = stay
         # The end of a backup on this host: the idle workers of this route go too.
         self.retire_route = retire_route
+        # The most slots (each with what its worker keeps) the route may have at once, 0 for no cap:
+        # beyond it, a call waits for one of them to be idle (QUEUED). Heeded when the worker stays.
+        self.slots = slots
 
 
 if TYPE_CHECKING:
@@ -655,6 +668,10 @@ class _Dispatcher:
     other stays warm. So a call waits for no login when a busy session frees
     up sooner, and the slots of a route never outnumber its calls at once: a
     spare starts only for a parked call that no other spare is starting for.
+
+    A route may also be capped (Ending.slots, as its idle slots last reported
+    it): once it has that many slots, a call beyond waits, told QUEUED so that
+    its client stops timing the start, until one of them is idle or ends.
     """
 
     def __init__(self, listener: socket.socket, lock: int, digest: str, own: dict[str, str], calls: Calls,
@@ -666,6 +683,8 @@ class _Dispatcher:
         self.pending: dict[socket.socket, tuple[bytes, float]] = {}  # accepted, route not read yet
         self.templates: dict[bytes, bytes] = {}  # route -> the request of a call that left its worker warm
         self.parked: dict[bytes, list[tuple[socket.socket, float]]] = {}  # route -> calls waiting, oldest first
+        self.caps: dict[bytes, int] = {}  # route -> the most slots it may have (absent: no cap)
+        self.queued: set[socket.socket] = set()  # parked calls told QUEUED
         self.warming: set[socket.socket] = set()  # spare slots not idle yet
         self.retiring: set[socket.socket] = set()  # spare slots whose route retired meanwhile: they end once idle
         self.spare_calls: dict[socket.socket, int] = {}  # our end of each spare's request -> its liveness pipe
@@ -681,7 +700,8 @@ class _Dispatcher:
         while True:
             now = time.monotonic()
             deadlines = [due - now for _, due in self.pending.values()]
-            deadlines += [since + PARK_LIMIT - now for queue in self.parked.values() for _, since in queue[:1]]
+            deadlines += [since + PARK_LIMIT - now for route, queue in self.parked.items() for _, since in queue[:1]
+                          if not self._at_cap(route)]  # a capped route's calls wait for its slots' news
             if not self.slots:  # a live slot (busy, or idle with a session) keeps the server
                 if now - last_call >= idle_seconds and not self.pending:
                     return
@@ -708,8 +728,15 @@ class _Dispatcher:
                     conn.close()
             for route, queue in list(self.parked.items()):
                 while queue and queue[0][1] + PARK_LIMIT <= now:  # waited long enough: a slot of its own
-                    self.log.info("a call waited %g s for a worker of its config: it gets one of its own", PARK_LIMIT)
-                    self._new_slot(queue.pop(0)[0], route)
+                    if self._at_cap(route):  # unless its route has all it may have: it waits on, unhurried
+                        for conn, _ in queue:
+                            self._tell_queued(conn)
+                        break
+                    conn = self._unpark(route)
+                    if conn is not None:
+                        self.log.info("a call waited %g s for a worker of its config: it gets one of its own",
+                                      PARK_LIMIT)
+                        self._new_slot(conn, route)
                 if not queue:
                     del self.parked[route]
 
@@ -748,10 +775,43 @@ class _Dispatcher:
         while idle:
             if self._give(idle.pop(), conn):
                 return
-        if route in self.templates and route in self.slots.values():  # all busy: wait for one, or a spare
+        # All busy: wait for one (or a spare), or, where the route has all the slots it may, only for one.
+        if route in self.slots.values() and (route in self.templates or self._at_cap(route)):
             self._park(conn, route)
             return
         self._new_slot(conn, route)
+
+    def _at_cap(self, route: bytes) -> bool:
+        cap = self.caps.get(route)
+        return cap is not None and sum(1 for its in self.slots.values() if its == route) >= cap
+
+    def _tell_queued(self, conn: socket.socket) -> None:
+        """Tell a parked call's client, once, that it waits for as long as it takes (QUEUED)."""
+        if conn in self.queued:
+            return
+        self.queued.add(conn)
+        try:
+            conn.sendall(QUEUED + _INT.pack(0))
+        except OSError:
+            pass  # the client is gone: the slot that takes the call sees so, and nothing runs
+
+    def _unpark(self, route: bytes) -> socket.socket | None:
+        """The route's longest-waiting call whose client is still there; None if none is.
+
+        A client gone while it waited (killed with gpbackup) is dropped here: handed to a slot, its
+        call would end that slot (refused, to nobody) and the session its worker kept."""
+        import select
+
+        queue = self.parked.get(route, [])
+        while queue:
+            conn = queue.pop(0)[0]
+            self.queued.discard(conn)
+            poll = select.poll()
+            poll.register(conn, select.POLLRDHUP)
+            if not poll.poll(0):
+                return conn
+            conn.close()
+        return None
 
     def _give(self, slot: socket.socket, conn: socket.socket) -> bool:
         """Hand an idle slot the call on `conn`; False (the slot forgotten, `conn` still ours) if it ended."""
@@ -771,8 +831,14 @@ class _Dispatcher:
 
         queue = self.parked.setdefault(route, [])
         queue.append((conn, time.monotonic()))
+        if self._at_cap(route):
+            if len(queue) == 1:  # once per wait, not per call: a storm parks hundreds
+                self.log.info("calls wait: every worker of their config is busy, and it may have no more (%d)",
+                              self.caps[route])
+            self._tell_queued(conn)
+            return
         starting = sum(1 for slot in self.warming if self.slots.get(slot) == route)
-        if starting < len(queue):
+        if starting < len(queue) and route in self.templates:
             self._start_spare(route)
 
     def _start_spare(self, route: bytes) -> None:
@@ -859,11 +925,16 @@ class _Dispatcher:
         route = self.slots[slot]
         if message[:1] == TEMPLATE:
             self.templates[route] = message[1:]
-        elif message == IDLE:
+        elif message[:1] == IDLE:
+            if len(message) == 1 + _INT.size:  # the cap its worker's call reported (0: none)
+                cap = _INT.unpack(message[1:])[0]
+                if cap > 0:
+                    self.caps[route] = cap
+                else:
+                    self.caps.pop(route, None)
             self.warming.discard(slot)
-            queue = self.parked.get(route)
-            if queue:
-                conn = queue.pop(0)[0]
+            conn = self._unpark(route)
+            if conn is not None:
                 if not self._give(slot, conn):
                     self._new_slot(conn, route)
             elif slot in self.retiring:
@@ -876,12 +947,19 @@ class _Dispatcher:
             self._forget(slot)
             self.templates.pop(route, None)
             self.retiring.update(other for other in self.warming if self.slots.get(other) == route)
-        else:  # EOF: the slot ended; a call that waited for it (a spare that failed to log in) gets its own
+            self._replace_ended(route)
+        else:  # EOF: the slot ended
             self._forget(slot)
-            queue = self.parked.get(route)
-            if queue:
+            self._replace_ended(route)
+
+    def _replace_ended(self, route: bytes) -> None:
+        """A slot of `route` ended: a call that waited for it (a spare that failed to log in, a capped
+        route's busy slot whose call retired the route) gets a slot of its own."""
+        if self.parked.get(route) and not self._at_cap(route):
+            conn = self._unpark(route)
+            if conn is not None:
                 self.log.info("a waiting call gets a worker of its own: another worker of its config ended")
-                self._new_slot(queue.pop(0)[0], route)
+                self._new_slot(conn, route)
 
     def _forget(self, slot: socket.socket) -> None:
         route = self.slots.pop(slot, None)
@@ -895,6 +973,7 @@ class _Dispatcher:
         for conn in [*self.pending, *self._parked_calls()]:
             conn.close()
         self.parked.clear()
+        self.queued.clear()
         for ours, alive_write in self.spare_calls.items():
             os.close(alive_write)
             ours.close()
@@ -1176,8 +1255,9 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
     worker.sock.settimeout(None)
     conn.sendall(STARTED + _INT.pack(worker.pid))
     reply = _await_reply(conn, worker)
+    slots = None
     if len(reply) == _REPLY.size:
-        code, flags = _REPLY.unpack(reply)
+        code, flags, slots = _REPLY.unpack(reply)
         status = (code & 0xFF) << 8  # as waitpid reports an exit with that code
         if not flags & _STAY:
             status = worker.reap()  # it exits by itself, with the same code
@@ -1186,7 +1266,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         flags = 0
         status = worker.reap()
         worker = None
-    _report_idle(ctrl, worker)
+    _report_idle(ctrl, worker, slots)
     conn.sendall(ENDED + _INT.pack(status))
     return worker, bool(flags & _RETIRE), payload if worker is not None and task == _RUN else None
 
@@ -1213,14 +1293,15 @@ def _await_reply(conn: socket.socket, worker: _Worker) -> bytes:
             watched = [worker.sock]  # the client is gone: only the worker's end is left to hear
 
 
-def _report_idle(ctrl: socket.socket, worker: _Worker | None) -> None:
+def _report_idle(ctrl: socket.socket, worker: _Worker | None, slots: int | None = None) -> None:
     """A slot whose worker stays is idle: said before the client hears its call's end, since the
     caller's next call, started the moment this one ends, must find this slot idle rather than open a
     new one (and a new SSH session). A server already gone hears nothing: the slot ends after the
-    call (its next read of `ctrl` is EOF), and the call's end is still the client's to hear."""
+    call (its next read of `ctrl` is EOF), and the call's end is still the client's to hear. `slots`:
+    the cap on the route's slots the call's worker reported (None: no call ran, nothing new)."""
     if worker is not None:
         try:
-            ctrl.send(IDLE)
+            ctrl.send(IDLE if slots is None else IDLE + _INT.pack(slots))
         except OSError:
             pass
 
@@ -1249,7 +1330,8 @@ def _worker(sock: socket.socket, calls: Calls) -> None:
             code = 1  # until the call says otherwise
             ending = _run_call(fds, request, calls.warm if task == _WARM else calls.run)
             code = ending.code
-            sock.sendall(_REPLY.pack(code, (_STAY if ending.stay else 0) | (_RETIRE if ending.retire_route else 0)))
+            flags = (_STAY if ending.stay else 0) | (_RETIRE if ending.retire_route else 0)
+            sock.sendall(_REPLY.pack(code, flags, ending.slots))
             if not ending.stay:
                 return
     except Exception:  # a bug of ours: the monitor reads EOF and reports our wait status; the log says why

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class _Kept:
-    def __init__(self, key: str, session: Session, idle_seconds: float, recheck: Callable[[], str]) -> None:
-        self.key, self.session, self.idle_seconds, self.recheck = key, session, idle_seconds, recheck
+    def __init__(self, key: str, session: Session, idle_seconds: float, recheck: Callable[[], str],
+                 cap: int) -> None:
+        self.key, self.session, self.idle_seconds, self.recheck, self.cap = key, session, idle_seconds, recheck, cap
         self.since = time.monotonic()
 
 
@@ -49,19 +50,26 @@ def take(key: str) -> Session | None:
     return None
 
 
-def keep(key: str, session: Session, idle_seconds: float, recheck: Callable[[], str]) -> None:
+def keep(key: str, session: Session, idle_seconds: float, recheck: Callable[[], str], cap: int = 0) -> None:
     """Keep `session` for the next call with `key`, for at most `idle_seconds` without one.
 
     ``recheck`` computes the key anew from the config on disk; raising, or a
-    different key, means the session no longer fits and is closed.
+    different key, means the session no longer fits and is closed. ``cap``: how
+    many sessions like it may be kept at once (its config's max_connections, 0
+    for no cap), for whoever hands out the calls (connection_cap).
     """
     global _kept
     close()
-    _kept = _Kept(key, session, idle_seconds, recheck)
+    _kept = _Kept(key, session, idle_seconds, recheck, cap)
 
 
 def is_kept() -> bool:
     return _kept is not None
+
+
+def connection_cap() -> int:
+    """The kept session's `cap` (0: none kept, or no cap)."""
+    return _kept.cap if _kept is not None else 0
 
 
 def still_warm() -> bool:

@@ -217,6 +217,13 @@ def test_at_rest_options_are_parsed_and_checked() -> None:
     assert "'decryption_key_files'" in problems(decryption_key_files="/a,,/b")
 
 
+def test_max_connections_defaults_to_no_cap_and_takes_a_whole_number() -> None:
+    assert parse().max_connections == 0
+    assert parse(max_connections="16").max_connections == 16
+    assert "'max_connections': must be >= 0" in problems(max_connections="-1")
+    assert "'max_connections'" in problems(max_connections="4.5")
+
+
 def test_secrets_lists_password_and_passphrase() -> None:
     cfg = parse(password="pw-value", identity_passphrase="pass-value")
     assert set(cfg.secrets()) == {"pw-value", "pass-value"}

@@ -290,6 +290,89 @@ def test_a_call_whose_spare_cannot_log_in_runs_on_a_worker_of_its_own(warm: Warm
     assert not backup.remote(warm.config.remote_dir, "gpbackup_0_waiting").exists()
 
 
+def test_max_connections_makes_a_call_wait_for_a_busy_session_past_the_client_start_timeout(
+        warm: Warm, backup: LocalBackup) -> None:
+    path = warm.config.write("capped.yaml", max_connections=1)
+    warm.start_server(backup, path)
+    warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)  # the one session it may have, kept
+    logins = warm.logins()
+    busy = warm.storing(backup, "gpbackup_0_busy", config=path)
+    waiting: subprocess.Popen[bytes] | None = None
+    try:
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
+        waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
+        assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
+        # Longer than a client waits for its call to start: told to wait on, it neither gives up (and
+        # logs in itself) nor gets a worker (and a login) of its own after PARK_LIMIT.
+        time.sleep(forkserver.START_TIMEOUT + 1)
+        assert waiting.poll() is None and warm.worker_of("gpbackup_0_waiting") is None
+        finish(busy, b"b" * 1000)
+        finish(waiting, b"w" * 1000)
+    finally:
+        for call in (busy, waiting):
+            if call is not None and call.poll() is None:
+                call.kill()
+    assert warm.worker_of("gpbackup_0_waiting") == warm.worker_of("gpbackup_0_busy")
+    assert "spare worker" not in warm.config.log_text()
+    assert warm.logins() == logins
+    assert warm.restored(backup.file("gpbackup_0_waiting"), config=path) == b"w" * 1000
+
+
+def test_a_call_that_waited_for_a_capped_session_whose_call_ended_the_backup_gets_a_worker_at_once(
+        warm: Warm, backup: LocalBackup) -> None:
+    # gprestore ends a restore with one cleanup per segment, at once: the first retires the route's only
+    # session, and the other must not wait PARK_LIMIT for a session that will never be idle.
+    with DelayProxy(0.2) as proxy:  # the coordinator cleanup's round trips keep its session busy for seconds
+        port = proxy.forward(("127.0.0.1", warm.server.port))
+        known_hosts = warm.tmpdir / "proxy_known_hosts"
+        known_hosts.write_text(known_hosts_line(warm.server.server_dir, "127.0.0.1", port))
+        path = warm.config.write("slow_capped.yaml", port=port, known_hosts_file=str(known_hosts), max_connections=1)
+        warm.start_server(backup, path)
+        warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)
+        cleanup = warm.plugin.popen("cleanup_plugin_for_backup", path, backup.path, "coordinator", "-1",
+                                    env_extra=socket_dir_env(warm.tmpdir))
+        waiting: subprocess.Popen[bytes] | None = None
+        try:
+            assert wait_until(lambda: "cleanup_plugin_for_backup: start" in warm.config.log_text())
+            waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
+            assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
+            assert cleanup.poll() is None, "the cleanup ended before the call waited for its session"
+            _, err = cleanup.communicate(timeout=RUN_TIMEOUT)
+            assert cleanup.returncode == 0 and err == b"", err
+            finish(waiting, b"w" * 1000)
+        finally:
+            for call in (cleanup, waiting):
+                if call is not None and call.poll() is None:
+                    call.kill()
+        log = warm.config.log_text()
+        assert "another worker of its config ended" in log and f"waited {forkserver.PARK_LIMIT:g} s" not in log
+        assert warm.restored(backup.file("gpbackup_0_waiting"), config=path) == b"w" * 1000
+
+
+def test_a_call_that_waited_for_a_capped_session_whose_client_died_is_dropped_and_the_session_stays(
+        warm: Warm, backup: LocalBackup) -> None:
+    path = warm.config.write("capped.yaml", max_connections=1)
+    warm.start_server(backup, path)
+    warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)
+    logins = warm.logins()
+    busy = warm.storing(backup, "gpbackup_0_busy", config=path)
+    try:
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
+        gone = warm.storing(backup, "gpbackup_0_gone", config=path)
+        assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
+        gone.kill()  # gpbackup killed while its call waited
+        gone.wait()
+        finish(busy, b"b" * 1000)
+    finally:
+        if busy.poll() is None:
+            busy.kill()
+    key = warm.store(backup, "gpbackup_0_after", b"a" * 1000, config=path)
+    assert warm.worker_of("gpbackup_0_gone") is None
+    assert warm.worker_of("gpbackup_0_after") == warm.worker_of("gpbackup_0_busy")  # the kept session served it
+    assert warm.logins() == logins
+    assert warm.restored(key, config=path) == b"a" * 1000
+
+
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root to act as another uid")
 def test_another_uid_cannot_reach_a_session(warm: Warm, backup: LocalBackup) -> None:
     warm.start_server(backup)
