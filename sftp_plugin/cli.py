@@ -147,11 +147,12 @@ ENTRY_POINT = ("sftp_plugin.cli", "serve_calls")
 ENDING_SCOPES = ("coordinator", "segment_host")
 
 
-def serve_calls(socket_path: str, log_dir: str) -> None:
-    """The fork server's process: serve calls, each in a worker that runs `main` (forkserver.serve)."""
+def serve_calls(socket_path: str, log_dir: str, caps: list[str] | None = None) -> None:
+    """The fork server's process: serve calls, each in a worker that runs `main` (forkserver.serve);
+    `caps`: the max_connections of the config whose call started it (forkserver.start_server)."""
     from sftp_plugin import forkserver
 
-    forkserver.serve(socket_path, log_dir, calls=_WorkerCalls())
+    forkserver.serve(socket_path, log_dir, calls=_WorkerCalls(), caps=forkserver.parse_caps(caps or []))
 
 
 class _WorkerCalls:
@@ -394,8 +395,11 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
     if served_by is None and cfg.fork_server:
         from sftp_plugin import forkserver
 
+        # Its cap is known from the start: the calls that follow this one (gpbackup's setup) all at once
+        # must not each log in before one of them has ended and told the server.
+        caps = {forkserver.route_of(route(config_path)): cfg.max_connections} if cfg.max_connections else {}
         try:
-            forkserver.start_server(cfg.log_dir, ENTRY_POINT)
+            forkserver.start_server(cfg.log_dir, ENTRY_POINT, caps)
         except OSError:  # only later calls lose: they run in their own process, as this one did
             log.warning("could not start the fork server", exc_info=True)
     return 0

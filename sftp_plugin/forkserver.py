@@ -473,12 +473,16 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
 # ------------------------------------------------------------------ server
 
 
-def start_server(log_dir: str, entry: tuple[str, str]) -> None:
+def start_server(log_dir: str, entry: tuple[str, str], caps: dict[bytes, int] | None = None) -> None:
     """Start a detached fork server for later calls, unless one can't be placed safely.
 
     ``entry`` names the module and function the server process runs, with the
-    socket path and ``log_dir`` as arguments; it is expected to call `serve`
-    with what each call runs (this module knows nothing of the commands).
+    socket path and ``log_dir`` as arguments, then ``caps`` (route_of(route) ->
+    the most slots it may have, as Ending.slots will report it) as text
+    arguments; it is expected to call `serve` with what each call runs and
+    `parse_caps` of those (this module knows nothing of the commands). A cap
+    known from the start holds for the calls that come at once before any of
+    them has ended: the data calls that follow gpbackup's setup.
 
     Called after a successful call that ran in-process. The server inherits
     nothing of ours: no fds (gpbackup waits for EOF on our stdout), a new
@@ -500,14 +504,15 @@ def start_server(log_dir: str, entry: tuple[str, str]) -> None:
     module, function = entry
     bootstrap = (
         f"import sys; sys.path.insert(0, {package_parent!r}); from {module} import {function}; "
-        f"{function}(sys.argv[1], sys.argv[2])"
+        f"{function}(sys.argv[1], sys.argv[2], sys.argv[3:])"
     )
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     for name in ("LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE"):
         if name in os.environ:
             env[name] = os.environ[name]
+    hints = [f"{route.hex()}={cap}" for route, cap in (caps or {}).items()]
     subprocess.Popen(
-        [sys.executable, "-I", "-c", bootstrap, path, os.path.expanduser(log_dir)],
+        [sys.executable, "-I", "-c", bootstrap, path, os.path.expanduser(log_dir), *hints],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -516,6 +521,18 @@ def start_server(log_dir: str, entry: tuple[str, str]) -> None:
         start_new_session=True,
         close_fds=True,
     )
+
+
+def parse_caps(hints: list[str]) -> dict[bytes, int]:
+    """The caps start_server passed (``<route_of hex>=<slots>``); what does not parse is left out."""
+    caps = {}
+    for hint in hints:
+        route, _, cap = hint.partition("=")
+        try:
+            caps[bytes.fromhex(route)] = int(cap)
+        except ValueError:
+            continue
+    return {route: cap for route, cap in caps.items() if len(route) == _ROUTE.size and cap > 0}
 
 
 def _take_lock(path: str) -> int | None:
@@ -586,7 +603,8 @@ def route_of(route: bytes) -> bytes:
     return _ROUTE.pack(zlib.crc32(route), zlib.adler32(route), len(route))
 
 
-def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECONDS) -> None:
+def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECONDS,
+          caps: dict[bytes, int] | None = None) -> None:
     """The server: preload, then accept calls until `idle_seconds` pass without one and no worker is left."""
     import importlib
     import logging
@@ -636,6 +654,7 @@ def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECO
             log.info("removed what fork servers of other code left: %s", ", ".join(removed))
     log.info("fork server %d serving %s", os.getpid(), path)
     dispatcher = _Dispatcher(listener, lock, digest, own, calls, log)
+    dispatcher.caps.update(caps or {})
     why = f"after {idle_seconds:g} s idle"
     try:
         dispatcher.run(idle_seconds)

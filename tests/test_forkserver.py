@@ -614,3 +614,11 @@ def test_a_call_still_running_does_not_keep_a_stopped_servers_place(served: Serv
     end_input(upload.caller)
     _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)
     assert_ok(subprocess.CompletedProcess(upload.caller.args, upload.caller.returncode, b"", err))
+
+
+def test_caps_passed_to_a_new_server_are_read_back_and_bad_ones_left_out() -> None:
+    route = forkserver.route_of(b"/etc/plugin.yaml\0options: {}")
+    hints = [f"{route.hex()}=4", "zz=3", f"{route.hex()[:-2]}=2", f"{b'x'.hex() * 16}=oops"]
+    assert forkserver.parse_caps(hints) == {route: 4}
+    assert forkserver.parse_caps([f"{route.hex()}=0"]) == {}
+

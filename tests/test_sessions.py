@@ -318,6 +318,29 @@ def test_max_connections_makes_a_call_wait_for_a_busy_session_past_the_client_st
     assert warm.restored(backup.file("gpbackup_0_waiting"), config=path) == b"w" * 1000
 
 
+def test_max_connections_holds_from_the_fork_servers_start_for_the_config_that_started_it(
+        warm: Warm, backup: LocalBackup) -> None:
+    # A nightly backup finds no fork server: its first call (a setup, no session kept) starts one, and
+    # the data calls come at once, before any call of the config has ended in a worker.
+    path = warm.config.write("capped.yaml", max_connections=1)
+    warm.start_server(backup, path)
+    logins = warm.logins()
+    busy = warm.storing(backup, "gpbackup_0_busy", config=path)
+    waiting: subprocess.Popen[bytes] | None = None
+    try:
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
+        waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
+        assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
+        finish(busy, b"b" * 1000)
+        finish(waiting, b"w" * 1000)
+    finally:
+        for call in (busy, waiting):
+            if call is not None and call.poll() is None:
+                call.kill()
+    assert warm.worker_of("gpbackup_0_waiting") == warm.worker_of("gpbackup_0_busy")
+    assert warm.logins() == logins + 1
+
+
 def test_a_call_that_waited_for_a_capped_session_whose_call_ended_the_backup_gets_a_worker_at_once(
         warm: Warm, backup: LocalBackup) -> None:
     # gprestore ends a restore with one cleanup per segment, at once: the first retires the route's only
