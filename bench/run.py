@@ -12,7 +12,9 @@ in one run, alternating plugin and OpenSSH within every round, measures:
   every time);
 * a per-table storm: 1,000 small ``backup_data`` calls 16 at a time, then their
   ``restore_data``, vs ``sftp`` putting and getting the same files one process
-  each, 16 at a time; and the logins the backup host logged meanwhile;
+  each, 16 at a time; and the logins the backup host logged meanwhile; then its
+  backups again with ``max_connections: 4`` (after one call, as gpbackup's setup):
+  the wall time and the logins (at most 4);
 * concurrency: several ``backup_data`` streams at once vs as many ``sftp`` puts;
 * high latency: stream up/down again over a veth pair with ``tc netem`` delay
   into a network namespace (bench/latency.py); where that is impossible (no
@@ -108,6 +110,9 @@ DEFAULT_STORM_CALLS = 1000
 DEFAULT_STORM_WIDTH = 16
 STORM_MIN_KIB, STORM_MAX_KIB = 1, 64
 STORM_SEED = 13
+# The capped storm's max_connections: a quarter of the width, as an admin would cap a host whose calls at
+# once could pass the backup host's MaxStartups (10 by default); the storm's backups then wait for sessions.
+STORM_CAP = 4
 # The at-rest subset row reads 1% of a stream this large (the issue's 1 GiB).
 DEFAULT_SUBSET_SIZE_MIB = 1024
 # plugin_api_version takes tens of milliseconds; 20 runs give a stable median in about a second.
@@ -230,6 +235,9 @@ class Bench:
                                            fork_server="no")
         # A login per call, still through the fork server: the per-call cost without warm sessions.
         self.cold = self.make_target("cold", "127.0.0.1", server.port, server.known_hosts, session_idle=0)
+        self.capped = self.make_target("capped", "127.0.0.1", server.port, server.known_hosts,
+                                       max_connections=STORM_CAP)
+        self.storm_openssh_up: float | None = None  # OpenSSH's puts of the storm, for the capped storm's ratio
 
     def make_target(self, label: str, host: str, port: int, known_hosts: Path, **options: object) -> Target:
         """Where to measure: the plugin's config for host:port (plugin-<label>.yaml) and OpenSSH's directory."""
@@ -274,6 +282,7 @@ class Bench:
         rows = [up, down]
         rows.extend(self.guard_rows(["per-call warm", "per-call cold"], self.per_call))
         rows.extend(self.guard_rows(["storm backup_data", "storm restore_data", "storm logins"], self.storm))
+        rows.extend(self.guard_rows(["storm capped backup_data", "storm capped logins"], self.capped_storm))
         rows.append(self.guard("concurrency", self.concurrency))
         rows.extend(self.high_latency())
         rows.append(self.guard("plugin_api_version", self.api_version))
@@ -298,6 +307,8 @@ class Bench:
             "storm backup_data": storm,
             "storm restore_data": storm,
             "storm logins": f"during the plugin's {2 * args.storm_calls} storm calls",
+            "storm capped backup_data": f"{storm}, max_connections {STORM_CAP}",
+            "storm capped logins": f"during the {args.storm_calls} capped calls and the setup before them",
             "at-rest up plain": f"{args.size_mib} MiB of table rows",
             "at-rest up zstd": f"{args.size_mib} MiB of table rows",
             "at-rest up zstd+AES-GCM": f"{args.size_mib} MiB of table rows",
@@ -486,6 +497,7 @@ class Bench:
         for outcome in outcomes:
             outcome.check("sftp get", allow_stderr=True)
         progress(f"storm: OpenSSH up {openssh_up:.1f} s, down {openssh_down:.1f} s")
+        self.storm_openssh_up = openssh_up
         for path, dest in zip(files, dests):
             self.stored_path(self.loopback, path.name).unlink()
             dest.unlink()
@@ -498,6 +510,41 @@ class Bench:
             Row("storm logins", "logins", logins, 2 * len(files), None, f"plugin <= {width}",
                 "PASS" if logins <= width else "FAIL",
                 note="SSH logins the backup host logged (OpenSSH: one per file)"),
+        ]
+
+    def capped_storm(self) -> list[Row]:
+        """The storm's backups again with max_connections: the calls beyond the cap wait for a busy session
+        instead of logging in. One call first, as gpbackup's setup, from which the fork server learns the cap
+        (a server started by another config's call knows only that config's)."""
+        args = self.args
+        rng = random.Random(STORM_SEED)
+        directory = self.data / "storm_capped"
+        directory.mkdir(exist_ok=True)
+        files = []
+        for i in range(args.storm_calls):
+            path = directory / f"gpbackup_0_{self.backup.timestamp}_capped_{i + 1:05d}"
+            path.write_bytes(os.urandom(rng.randint(STORM_MIN_KIB, STORM_MAX_KIB) * KIB))
+            files.append(path)
+        logins_before = self.logins()
+        self.runner.plugin_child(self.capped, "backup_data", self.key("capped_setup"),
+                                 stdin_path=files[0]).finish().check("plugin backup_data capped_setup")
+        up, outcomes = run_pool(lambda path: self.runner.plugin_child(
+            self.capped, "backup_data", self.key(path.name), stdin_path=path), files, args.storm_width)
+        for path, outcome in zip(files, outcomes):
+            outcome.check(f"plugin backup_data {path.name}")
+            check_size(self.stored_path(self.capped, path.name), path.stat().st_size, "plugin backup_data")
+        logins = self.logins() - logins_before
+        progress(f"capped storm: plugin up {up:.1f} s, {logins} logins")
+        for path in [*files, directory / "capped_setup"]:
+            self.stored_path(self.capped, path.name).unlink()
+        openssh = self.storm_openssh_up
+        note = f"{len(files)} files, {args.storm_width} at a time, at most {STORM_CAP} sessions"
+        return [
+            Row("storm capped backup_data", "s", up, openssh, openssh / up if openssh else None,
+                f"ratio >= {STORM_RATIO_TARGET:g}",
+                "PASS" if openssh and openssh / up >= STORM_RATIO_TARGET else "FAIL", note=note),
+            Row("storm capped logins", "logins", logins, None, None, f"plugin <= {STORM_CAP}",
+                "PASS" if logins <= STORM_CAP else "FAIL", note="SSH logins the backup host logged"),
         ]
 
     def at_rest(self) -> list[Row]:
