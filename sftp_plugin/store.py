@@ -38,10 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".gpbackup_sftp_plugin_probe"
-# A stored file up to this size is read whole with its checksum file (transfer.read_head: two round trips up
-# to 128 KiB, four above): a per-table restore, where round trips are most of the time (a file of 128 KiB to
-# 1 MiB took ten when only 128 KiB were read so). One block (blocks.BLOCK_SIZE): such a file is checked against
-# its checksum file alone. Of a longer file these first bytes are delivered from memory, not read again.
+# A stored file up to this size is read whole with its checksum file (transfer.read_head: two round trips): a
+# per-table restore, where round trips are most of the time (a file of 128 KiB to 1 MiB took ten when only
+# 128 KiB were read so). One block (blocks.BLOCK_SIZE): such a file is checked against its checksum file
+# alone. Of a longer file these first bytes, and its last, come in the same two round trips and are
+# delivered from memory, not read again.
 WHOLE_READ_LIMIT = blocks.BLOCK_SIZE
 # More than a checksum file (sha256sum's one line) can hold: a longer one is not one of ours.
 SIDECAR_LIMIT = 4096

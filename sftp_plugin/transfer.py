@@ -74,8 +74,8 @@ PIPELINE_DEPTH = WRITE_IN_FLIGHT_BYTES // REQUEST_SIZE
 # the server can always send and our requests never wait on the window.
 READ_AHEAD_BYTES = WINDOW_SIZE
 LIMITS_EXTENSION = "limits@openssh.com"
-# What read_head asks for at once, before it knows a file's size: four REQUEST_SIZE reads, the whole of
-# a small file (a per-table restore's usual one) and few requests answered with EOF where it is smaller.
+# What a subset restore reads of a file's start (read_head's `limit`): four REQUEST_SIZE reads, a
+# container's header and index start, not the MiB a whole restore reads at once.
 HEAD_FIRST_READ = 4 * REQUEST_SIZE
 # How much we read from a local source at once: few Python calls per MiB.
 LOCAL_CHUNK = 1024 * 1024
@@ -302,10 +302,15 @@ def open_together(sftp: paramiko.SFTPClient, paths: Sequence[str], flags: int = 
     (the first, in the order of ``paths``), with whatever did open closed again.
     """
     pipe = Pipeline(sftp)
-    mode = "rb" if flags == SFTP_FLAG_READ else "wb"
-    found: list[paramiko.SFTPFile | OSError | None] = []
     with pipe.batch():
         sent = [(path, pipe.send_open(path, flags, attrs)) for path in paths]
+    return _take_opened(pipe, sent, "rb" if flags == SFTP_FLAG_READ else "wb", optional)
+
+
+def _take_opened(pipe: Pipeline, sent: Sequence[tuple[str, int]], mode: str, optional: Sequence[str] = ()
+                 ) -> list[paramiko.SFTPFile | None]:
+    """The files the OPENs `sent` ((path, request number), in order) opened; as `open_together` reports them."""
+    found: list[paramiko.SFTPFile | OSError | None] = []
     for path, num in sent:
         try:
             found.append(pipe.opened(num, mode))
@@ -657,62 +662,66 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
     longer (even where they overlap the first), and, in the same round trips, the first ``companion_limit``
     bytes of ``companion`` (a file kept beside it, such as its checksum).
 
-    Two round trips for a file up to HEAD_FIRST_READ: both OPENs; then FSTAT, the READs and both CLOSEs. A
-    longer one takes two more, for the rest of what is wanted (`read_spans`): asking for all of ``limit`` at
-    first would cost every small file that many READs answered with EOF. The READs ask for at most
-    REQUEST_SIZE each, what every server serves whole; a server that returned less than asked anyway is
-    read again the plain way. A missing ``path`` raises FileNotFoundError, as ``open`` does.
+    Two round trips, whatever the size: both OPENs and a STAT of ``path``; then, knowing the size, the
+    READs of exactly what is wanted, an FSTAT that confirms the size through the handle, and both CLOSEs.
+    Before, the READs were sent without the size (asking for all of ``limit`` would cost a small file
+    that many READs answered with EOF), and a longer file took two more round trips for the rest. The
+    READs ask for at most REQUEST_SIZE each, what every server serves whole; a server that returned less
+    than asked anyway, or a file that changed size between STAT and FSTAT, is read again the plain way. A
+    missing ``path`` raises FileNotFoundError, as ``open`` does.
     """
-    if companion is None:
-        target, other = open_together(sftp, [path])[0], None
-    else:
-        target, other = open_together(sftp, [path, companion], optional=[companion])
-    assert target is not None
-    first = min(limit, HEAD_FIRST_READ)
     pipe = Pipeline(sftp)
     with pipe.batch():
-        stat = pipe.send_fstat(target)
-        reads = [pipe.send_read(target, at, min(REQUEST_SIZE, first - at)) for at in range(0, first, REQUEST_SIZE)]
+        sent = [(name, pipe.send_open(name)) for name in [path, *([companion] if companion else [])]]
+        stat = pipe.send_stat(path)
+    try:
+        opened = _take_opened(pipe, sent, "rb", optional=[companion] if companion else [])
+    finally:
+        try:  # its reply is read whatever the OPENs found; a missing file's error is theirs
+            size = pipe.attributes(stat).st_size or 0
+        except OSError:
+            size = 0
+    target, other = opened[0], opened[1] if companion else None
+    assert target is not None
+    wanted = min(size, limit)
+    spans = [(0, wanted)]
+    if tail and size > limit:  # a longer file: its last bytes, even where they overlap the first
+        spans.append((size - tail, size))
+    with pipe.batch():
+        fstat = pipe.send_fstat(target)
+        reads = [[pipe.send_read(target, at, min(REQUEST_SIZE, end - at)) for at in range(start, end, REQUEST_SIZE)]
+                 for start, end in spans]
         close = pipe.send_close(target)
         if other is not None:
             other_stat, other_read, other_close = (
                 pipe.send_fstat(other), pipe.send_read(other, 0, companion_limit), pipe.send_close(other))
-    companion_data = None
-    size = pipe.attributes(stat).st_size or 0
-    data = b"".join([pipe.data(num) for num in reads])
+    confirmed = pipe.attributes(fstat).st_size or 0
+    found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
     pipe.wait(close)
+    companion_data = None
     if other is not None:
         other_size = pipe.attributes(other_stat).st_size or 0
         companion_data = pipe.data(other_read)
         pipe.wait(other_close)
         if len(companion_data) != min(other_size, companion_limit):
             companion_data = _read_plainly(sftp, companion, [(0, companion_limit)])[0]
-    if len(data) != min(size, first):
-        data = _read_plainly(sftp, path, [(0, first)])[0]
-    wanted = min(size, limit)
-    spans = [(first, wanted)] if first < wanted else []  # the rest of what is wanted
-    if tail and size > limit:  # a longer file: its last bytes, even where they overlap the first
-        spans.append((size - tail, size))
-    found = read_spans(sftp, path, spans) if spans else []
-    if first < wanted:
-        data += found.pop(0)
-    return FileHead(size, data, companion_data, found[0] if found else b"")
-
-
-def read_spans(sftp: paramiko.SFTPClient, path: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
-    """The bytes of each span [start, end) of a remote file: OPEN, then every READ and the CLOSE together,
-    two round trips. A server that returned less than asked (SFTP allows it) is read again the plain way."""
-    with sftp.open(path, "rb") as remote:
-        pipe = Pipeline(sftp)
-        with pipe.batch():
-            reads = [[pipe.send_read(remote, at, min(REQUEST_SIZE, end - at)) for at in range(start, end, REQUEST_SIZE)]
-                     for start, end in spans]
-            close = pipe.send_close(remote)
-        found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
-        pipe.wait(close)
+    if confirmed != size:  # replaced or grown between the two round trips: what the handle saw, the plain way
+        return _head_plainly(sftp, path, limit, tail, companion_data)
     if any(len(data) != end - start for data, (start, end) in zip(found, spans)):
         found = _read_plainly(sftp, path, spans)
-    return found
+    return FileHead(size, found[0], companion_data, found[1] if len(found) > 1 else b"")
+
+
+def _head_plainly(sftp: paramiko.SFTPClient, path: str, limit: int, tail: int, companion: bytes | None) -> FileHead:
+    """read_head's answer read the plain way, through one handle: for a file that changed meanwhile."""
+    with sftp.open(path, "rb") as handle:
+        size = handle.stat().st_size or 0
+        data = handle.read(min(size, limit))
+        last = b""
+        if tail and size > limit:
+            handle.seek(size - tail)
+            last = handle.read(tail)
+    return FileHead(size, data, companion, last)
 
 
 def read_ends(sftp: paramiko.SFTPClient, path: str, head: int, tail: int) -> tuple[int, bytes, bytes]:

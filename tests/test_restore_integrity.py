@@ -113,9 +113,14 @@ class LoggedServer:
         plugin.ok("backup_data", cfg, backup.file(name), stdin=data)
         return cfg, backup.file(name), backup.remote(self.server.remote_dir, name)
 
+    def opens_of(self, path: Path, since: int) -> int:
+        """How many times ``path`` was opened for reading after the log held ``since`` bytes."""
+        logged = self.log.read_bytes()[since:].decode()  # bytes: sftp-server ends its lines with \r\n
+        return len(re.findall(rf'open "{re.escape(str(path))}" flags READ', logged))
+
     def reads_of(self, path: Path, since: int) -> list[int]:
         """The bytes read through each handle of ``path`` closed after the log held ``since`` bytes."""
-        logged = self.log.read_text()[since:]
+        logged = self.log.read_bytes()[since:].decode()  # bytes: sftp-server ends its lines with \r\n
         return [int(n) for n in re.findall(rf'close "{re.escape(str(path))}" bytes read (\d+)', logged)]
 
 
@@ -145,6 +150,20 @@ def test_a_restore_reads_each_stored_byte_once(plugin: Plugin, sftp_logged: Logg
     closes = sftp_logged.reads_of(path, since)
     assert closes, "sftp-server logged no CLOSE of the stored file"
     assert sum(closes) == size + (container.TRAILER_SIZE if size > WHOLE else 0)
+
+
+@pytest.mark.parametrize(("size", "opens"), [(1000, 1), (300 * 1024, 1), (BLOCK, 1), (2 * BLOCK + 10, 2)])
+def test_a_restore_opens_a_file_up_to_one_block_once_and_a_longer_one_twice(
+        plugin: Plugin, sftp_logged: LoggedServer, backup: LocalBackup, tmp_path: Path, size: int, opens: int) -> None:
+    # Its size (STAT), start, end and checksum in two round trips, one OPEN; a longer file's rest, verified
+    # block by block, through one more.
+    data = os.urandom(size)
+    cfg, key, path = sftp_logged.store(plugin, backup, tmp_path, data)
+    since = sftp_logged.log.stat().st_size
+
+    assert plugin.ok("restore_data", cfg, key).stdout == data
+
+    assert sftp_logged.opens_of(path, since) == opens
 
 
 def test_a_subset_restore_reads_the_blocks_of_its_ranges_not_the_files_first_mib(

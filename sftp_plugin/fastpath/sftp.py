@@ -31,6 +31,7 @@ from paramiko.sftp import (
     CMD_HANDLE,
     CMD_OPEN,
     CMD_READ,
+    CMD_STAT,
     CMD_STATUS,
     CMD_WRITE,
     SFTP_FLAG_READ,
@@ -163,6 +164,10 @@ class Pipeline:
     def send_fstat(self, file: paramiko.SFTPFile) -> int:
         return self.send(CMD_FSTAT, file.handle)
 
+    def send_stat(self, path: str) -> int:
+        """STAT (following links, as OPEN does), as SFTPClient.stat frames it; its reply is taken by `attributes`."""
+        return self.send(CMD_STAT, self.sftp._adjust_cwd(path))
+
     def send_read(self, file: paramiko.SFTPFile, offset: int, length: int) -> int:
         return self.send(CMD_READ, file.handle, int64(offset), length)
 
@@ -174,10 +179,10 @@ class Pipeline:
         return num
 
     def attributes(self, num: int) -> paramiko.SFTPAttributes:
-        """The reply to a send_fstat."""
+        """The reply to a send_fstat or send_stat."""
         kind, msg = self.wait(num)
         if kind != CMD_ATTRS:
-            raise paramiko.SFTPError(f"expected attributes in reply to FSTAT, got message type {kind}")
+            raise paramiko.SFTPError(f"expected attributes in reply to (F)STAT, got message type {kind}")
         return paramiko.SFTPAttributes._from_msg(msg)
 
     def data(self, num: int) -> bytes:
