@@ -666,8 +666,9 @@ def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECO
     os.unlink(path)
     listener.close()
     dispatcher.close()
-    log.info("fork server %d exiting %s (%d calls served, %d of them by a warm worker; %d spare workers)",
-             os.getpid(), why, dispatcher.calls, dispatcher.warm_calls, dispatcher.spares)
+    log.info("fork server %d exiting %s (%d calls served, %d of them by a warm worker; %d spare workers; "
+             "%d calls waited at their config's max_connections)",
+             os.getpid(), why, dispatcher.calls, dispatcher.warm_calls, dispatcher.spares, dispatcher.capped_waits)
 
 
 class _Dispatcher:
@@ -704,6 +705,7 @@ class _Dispatcher:
         self.parked: dict[bytes, list[tuple[socket.socket, float]]] = {}  # route -> calls waiting, oldest first
         self.caps: dict[bytes, int] = {}  # route -> the most slots it may have (absent: no cap)
         self.queued: set[socket.socket] = set()  # parked calls told QUEUED
+        self.capped_waits = 0  # calls that waited at their route's cap
         self.warming: set[socket.socket] = set()  # spare slots not idle yet
         self.retiring: set[socket.socket] = set()  # spare slots whose route retired meanwhile: they end once idle
         self.spare_calls: dict[socket.socket, int] = {}  # our end of each spare's request -> its liveness pipe
@@ -851,9 +853,10 @@ class _Dispatcher:
         queue = self.parked.setdefault(route, [])
         queue.append((conn, time.monotonic()))
         if self._at_cap(route):
-            if len(queue) == 1:  # once per wait, not per call: a storm parks hundreds
+            if not self.capped_waits:  # once: a capped storm parks most of its calls (the exit line counts them)
                 self.log.info("calls wait: every worker of their config is busy, and it may have no more (%d)",
                               self.caps[route])
+            self.capped_waits += 1
             self._tell_queued(conn)
             return
         starting = sum(1 for slot in self.warming if self.slots.get(slot) == route)
