@@ -161,6 +161,7 @@ class _WorkerCalls:
     def run(self, argv: list[str], monitor: int) -> forkserver.Ending:
         from sftp_plugin import forkserver, sessions
 
+        sessions.set_connection_cap(None)
         code = main(argv, served_by=monitor)
         return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(),
                                  retire_route=ends_backup(argv[0], argv[2:]), slots=sessions.connection_cap())
@@ -168,6 +169,7 @@ class _WorkerCalls:
     def warm(self, argv: list[str], monitor: int) -> forkserver.Ending:
         from sftp_plugin import forkserver, sessions
 
+        sessions.set_connection_cap(None)
         code = open_spare_session(argv, served_by=monitor)
         return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(), slots=sessions.connection_cap())
 
@@ -290,7 +292,15 @@ def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str, key: str,
     # costs the next call a reconnect: its key will not match.)
     if _known_hosts_state(cfg) != known_hosts:
         key = session_key(cfg)
-    sessions.keep(key, session, cfg.session_idle, lambda: session_key(load_config(path)), cfg.max_connections)
+    sessions.keep(key, session, cfg.session_idle, lambda: session_key(load_config(path)))
+
+
+def _note_connection_cap(cfg: PluginConfig) -> None:
+    """Tell the fork server, through the call's end (forkserver.Ending.slots), how many sessions the
+    config allows: every call of it does, with or without a session of its own."""
+    from sftp_plugin import sessions
+
+    sessions.set_connection_cap(cfg.max_connections)
 
 
 def open_spare_session(argv: list[str], served_by: int) -> int:
@@ -309,6 +319,7 @@ def open_spare_session(argv: list[str], served_by: int) -> int:
     config_path = argv[1]
     try:
         cfg = load_config(config_path)
+        _note_connection_cap(cfg)
         setup_logging(cfg.log_dir, cfg.log_level, "spare_session", cfg.secrets())
         known_hosts = _known_hosts_state(cfg)  # before the key, which reads the file
         key = _session_key(cfg, served_by)
@@ -346,6 +357,7 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         cfg = load_config(config_path)
     except PluginError as err:
         return fail(command, str(err), err.exit_code)
+    _note_connection_cap(cfg)
     try:
         log_path = setup_logging(cfg.log_dir, cfg.log_level, command, cfg.secrets())
     except OSError as err:

@@ -92,6 +92,8 @@ _ROUTE = struct.Struct("!IIQ")
 # the slot ends and the idle slots of its route go with it, and (once per slot, after a call that left
 # its worker warm) that call's request, from which the server starts spare slots of the route.
 CALL, IDLE, RETIRE, TEMPLATE = b"C", b"I", b"X", b"T"
+# Slot -> server, before it ends after a call that did not stay: the cap that call's worker reported.
+CAP = b"L"
 # A request larger than this (an environment of that size) is not offered: its route gets no spare slots.
 TEMPLATE_LIMIT = 64 * 1024
 # How long a call that found every slot of its route busy waits for one of them or a spare to be idle before
@@ -560,15 +562,15 @@ class Ending:
 
     __slots__ = ("code", "retire_route", "slots", "stay")
 
-    def __init__(self, code: int, stay: bool = False, retire_route: bool = False, slots: int = 0) -> None:
+    def __init__(self, code: int, stay: bool = False, retire_route: bool = False, slots: int | None = None) -> None:
         self.code = code  # the exit code
         # The worker keeps what it holds (a warm SSH session) and may serve the next call of the
         # same route: only after a call that succeeded and was not signalled.
         self.stay = stay
         # The end of a backup on this host: the idle workers of this route go too.
         self.retire_route = retire_route
-        # The most slots (each with what its worker keeps) the route may have at once, 0 for no cap:
-        # beyond it, a call waits for one of them to be idle (QUEUED). Heeded when the worker stays.
+        # The most slots (each with what its worker keeps) the route may have at once, 0 for no cap,
+        # None when the call did not learn it: beyond it, a call waits for one of them to be free (QUEUED).
         self.slots = slots
 
 
@@ -947,13 +949,10 @@ class _Dispatcher:
         route = self.slots[slot]
         if message[:1] == TEMPLATE:
             self.templates[route] = message[1:]
+        elif message[:1] == CAP:
+            self._learn_cap(route, message)
         elif message[:1] == IDLE:
-            if len(message) == 1 + _INT.size:  # the cap its worker's call reported (0: none)
-                cap = _INT.unpack(message[1:])[0]
-                if cap > 0:
-                    self.caps[route] = cap
-                else:
-                    self.caps.pop(route, None)
+            self._learn_cap(route, message)
             self.warming.discard(slot)
             conn = self._unpark(route)
             if conn is not None:
@@ -973,6 +972,16 @@ class _Dispatcher:
         else:  # EOF: the slot ended
             self._forget(slot)
             self._replace_ended(route)
+
+    def _learn_cap(self, route: bytes, message: bytes) -> None:
+        """The cap a slot's message (IDLE, CAP) carries for its route, if any: 0 means none."""
+        if len(message) != 1 + _INT.size:
+            return
+        cap = _INT.unpack(message[1:])[0]
+        if cap > 0:
+            self.caps[route] = cap
+        else:
+            self.caps.pop(route, None)
 
     def _replace_ended(self, route: bytes) -> None:
         """A slot of `route` ended: a call that waited for it (a spare that failed to log in, a capped
@@ -1279,7 +1288,8 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
     reply = _await_reply(conn, worker)
     slots = None
     if len(reply) == _REPLY.size:
-        code, flags, slots = _REPLY.unpack(reply)
+        code, flags, reported = _REPLY.unpack(reply)
+        slots = reported if reported >= 0 else None
         status = (code & 0xFF) << 8  # as waitpid reports an exit with that code
         if not flags & _STAY:
             status = worker.reap()  # it exits by itself, with the same code
@@ -1288,6 +1298,11 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         flags = 0
         status = worker.reap()
         worker = None
+    if worker is None and slots is not None:  # the slot ends: its cap still counts for the route's others
+        try:
+            ctrl.send(CAP + _INT.pack(slots))
+        except OSError:
+            pass
     _report_idle(ctrl, worker, slots)
     conn.sendall(ENDED + _INT.pack(status))
     return worker, bool(flags & _RETIRE), payload if worker is not None and task == _RUN else None
@@ -1353,7 +1368,7 @@ def _worker(sock: socket.socket, calls: Calls) -> None:
             ending = _run_call(fds, request, calls.warm if task == _WARM else calls.run)
             code = ending.code
             flags = (_STAY if ending.stay else 0) | (_RETIRE if ending.retire_route else 0)
-            sock.sendall(_REPLY.pack(code, flags, ending.slots))
+            sock.sendall(_REPLY.pack(code, flags, -1 if ending.slots is None else ending.slots))
             if not ending.stay:
                 return
     except Exception:  # a bug of ours: the monitor reads EOF and reports our wait status; the log says why

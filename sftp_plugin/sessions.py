@@ -26,14 +26,16 @@ log = logging.getLogger(__name__)
 
 
 class _Kept:
-    def __init__(self, key: str, session: Session, idle_seconds: float, recheck: Callable[[], str],
-                 cap: int) -> None:
-        self.key, self.session, self.idle_seconds, self.recheck, self.cap = key, session, idle_seconds, recheck, cap
+    def __init__(self, key: str, session: Session, idle_seconds: float, recheck: Callable[[], str]) -> None:
+        self.key, self.session, self.idle_seconds, self.recheck = key, session, idle_seconds, recheck
         self.since = time.monotonic()
 
 
 # At most one per process: a worker serves one call at a time, with one session.
 _kept: _Kept | None = None
+# How many sessions like the current call's may be kept at once (its config's max_connections, 0: no
+# cap), for whoever hands out the calls; None until the call has loaded its config.
+_cap: int | None = None
 
 
 def take(key: str) -> Session | None:
@@ -50,26 +52,30 @@ def take(key: str) -> Session | None:
     return None
 
 
-def keep(key: str, session: Session, idle_seconds: float, recheck: Callable[[], str], cap: int = 0) -> None:
+def keep(key: str, session: Session, idle_seconds: float, recheck: Callable[[], str]) -> None:
     """Keep `session` for the next call with `key`, for at most `idle_seconds` without one.
 
     ``recheck`` computes the key anew from the config on disk; raising, or a
-    different key, means the session no longer fits and is closed. ``cap``: how
-    many sessions like it may be kept at once (its config's max_connections, 0
-    for no cap), for whoever hands out the calls (connection_cap).
+    different key, means the session no longer fits and is closed.
     """
     global _kept
     close()
-    _kept = _Kept(key, session, idle_seconds, recheck, cap)
+    _kept = _Kept(key, session, idle_seconds, recheck)
 
 
 def is_kept() -> bool:
     return _kept is not None
 
 
-def connection_cap() -> int:
-    """The kept session's `cap` (0: none kept, or no cap)."""
-    return _kept.cap if _kept is not None else 0
+def set_connection_cap(cap: int | None) -> None:
+    """What the current call's config says of its sessions (max_connections); None at a call's start."""
+    global _cap
+    _cap = cap
+
+
+def connection_cap() -> int | None:
+    """The current call's cap (set_connection_cap); None if it never loaded its config."""
+    return _cap
 
 
 def still_warm() -> bool:

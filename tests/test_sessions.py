@@ -341,6 +341,31 @@ def test_max_connections_holds_from_the_fork_servers_start_for_the_config_that_s
     assert warm.logins() == logins + 1
 
 
+def test_max_connections_caps_the_calls_at_once_of_a_config_that_keeps_no_session(
+        warm: Warm, backup: LocalBackup) -> None:
+    # The fork server was started by another config's call, so it learns this config's cap from the end of
+    # its first call, here a setup that keeps nothing (session_idle: 0): no IDLE ever carries it.
+    warm.start_server(backup)
+    path = warm.config.write("capped_no_session.yaml", max_connections=1, session_idle=0)
+    assert_ok(warm.run("setup_plugin_for_backup", backup.path, "segment_host", "0", config=path))
+    logins = warm.logins()
+    busy = warm.storing(backup, "gpbackup_0_busy", config=path)
+    waiting: subprocess.Popen[bytes] | None = None
+    try:
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
+        waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
+        assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
+        assert warm.logins() == logins + 1 and warm.worker_of("gpbackup_0_waiting") is None
+        finish(busy, b"b" * 1000)
+        finish(waiting, b"w" * 1000)
+    finally:
+        for call in (busy, waiting):
+            if call is not None and call.poll() is None:
+                call.kill()
+    assert warm.logins() == logins + 2  # one after the other: each call its own login, never two at once
+    assert warm.restored(backup.file("gpbackup_0_waiting"), config=path) == b"w" * 1000
+
+
 def test_a_call_that_waited_for_a_capped_session_whose_call_ended_the_backup_gets_a_worker_at_once(
         warm: Warm, backup: LocalBackup) -> None:
     # gprestore ends a restore with one cleanup per segment, at once: the first retires the route's only
