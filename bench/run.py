@@ -461,14 +461,7 @@ class Bench:
         ``backup_data`` calls, a fixed number at once, then their ``restore_data``; beside OpenSSH's ``sftp``
         doing the same puts and gets, one process per file. Also counts the logins the backup host saw."""
         args = self.args
-        rng = random.Random(STORM_SEED)  # the same sizes every run
-        directory = self.data / "storm"
-        directory.mkdir(exist_ok=True)
-        files: list[Path] = []
-        for i in range(args.storm_calls):
-            path = directory / f"gpbackup_0_{self.backup.timestamp}_{i + 1:05d}"
-            path.write_bytes(os.urandom(rng.randint(STORM_MIN_KIB, STORM_MAX_KIB) * KIB))
-            files.append(path)
+        files = self.storm_files("storm", "")
         total = sum(path.stat().st_size for path in files)
         dests = [self.openssh_dir(self.loopback) / path.name for path in files]
         width = args.storm_width
@@ -512,19 +505,25 @@ class Bench:
                 note="SSH logins the backup host logged (OpenSSH: one per file)"),
         ]
 
-    def capped_storm(self) -> list[Row]:
-        """The storm's backups again with max_connections: the calls beyond the cap wait for a busy session
-        instead of logging in. One call first, as gpbackup's setup, from which the fork server learns the cap
-        (a server started by another config's call knows only that config's)."""
-        args = self.args
+    def storm_files(self, directory_name: str, tag: str) -> list[Path]:
+        """The storm's table files, written under data/<directory_name>: the same sizes every run (STORM_SEED),
+        named as gpbackup names them, with `tag` before the number."""
         rng = random.Random(STORM_SEED)
-        directory = self.data / "storm_capped"
+        directory = self.data / directory_name
         directory.mkdir(exist_ok=True)
-        files = []
-        for i in range(args.storm_calls):
-            path = directory / f"gpbackup_0_{self.backup.timestamp}_capped_{i + 1:05d}"
+        files: list[Path] = []
+        for i in range(self.args.storm_calls):
+            path = directory / f"gpbackup_0_{self.backup.timestamp}_{tag}{i + 1:05d}"
             path.write_bytes(os.urandom(rng.randint(STORM_MIN_KIB, STORM_MAX_KIB) * KIB))
             files.append(path)
+        return files
+
+    def capped_storm(self) -> list[Row]:
+        """The storm's backups again with max_connections: the calls beyond the cap wait for a busy session
+        instead of logging in. One call first, as gpbackup's setup, from whose end the fork server learns the
+        cap."""
+        args = self.args
+        files = self.storm_files("storm_capped", "capped_")
         # The fork server may have idled out while OpenSSH ran. A call then starts one, and the calls that
         # come before it serves run in their own processes, which the cap does not count (README). Measured
         # as on a host whose server runs when the backup starts: it is started and waited for first.
@@ -541,8 +540,8 @@ class Bench:
             check_size(self.stored_path(self.capped, path.name), path.stat().st_size, "plugin backup_data")
         logins = self.logins() - logins_before
         progress(f"capped storm: plugin up {up:.1f} s, {logins} logins")
-        for path in [*files, directory / "capped_start", directory / "capped_setup"]:
-            self.stored_path(self.capped, path.name).unlink()
+        for name in [*(path.name for path in files), "capped_start", "capped_setup"]:
+            self.stored_path(self.capped, name).unlink()
         openssh = self.storm_openssh_up
         note = f"{len(files)} files, {args.storm_width} at a time, at most {STORM_CAP} sessions"
         return [

@@ -1246,7 +1246,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
 
         logging.getLogger("gpbackup_sftp_plugin.forkserver").warning(
             "refused the call of pid %d, which runs in its own process: %s", caller_pid, why)
-        _report_idle(ctrl, worker)
+        _report_end(ctrl, worker)
         conn.sendall(REFUSED + _INT.pack(0))
         return worker, False, None
     conn.settimeout(START_TIMEOUT)
@@ -1257,7 +1257,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         payload = _recv_exact(conn, _INT.unpack(head)[0])
         request = _decode_request(payload)
         if request.magic != MAGIC or request.digest != digest:
-            _report_idle(ctrl, worker)
+            _report_end(ctrl, worker)
             conn.sendall(REFUSED + _INT.pack(0))
             return worker, False, None
         # A warm worker may have left between its last call and this one (idle, config changed):
@@ -1298,12 +1298,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         flags = 0
         status = worker.reap()
         worker = None
-    if worker is None and slots is not None:  # the slot ends: its cap still counts for the route's others
-        try:
-            ctrl.send(CAP + _INT.pack(slots))
-        except OSError:
-            pass
-    _report_idle(ctrl, worker, slots)
+    _report_end(ctrl, worker, slots)
     conn.sendall(ENDED + _INT.pack(status))
     return worker, bool(flags & _RETIRE), payload if worker is not None and task == _RUN else None
 
@@ -1330,17 +1325,25 @@ def _await_reply(conn: socket.socket, worker: _Worker) -> bytes:
             watched = [worker.sock]  # the client is gone: only the worker's end is left to hear
 
 
-def _report_idle(ctrl: socket.socket, worker: _Worker | None, slots: int | None = None) -> None:
-    """A slot whose worker stays is idle: said before the client hears its call's end, since the
-    caller's next call, started the moment this one ends, must find this slot idle rather than open a
-    new one (and a new SSH session). A server already gone hears nothing: the slot ends after the
-    call (its next read of `ctrl` is EOF), and the call's end is still the client's to hear. `slots`:
-    the cap on the route's slots the call's worker reported (None: no call ran, nothing new)."""
+def _report_end(ctrl: socket.socket, worker: _Worker | None, slots: int | None = None) -> None:
+    """Tell the server a call ended: a slot whose worker stays is idle (IDLE), said before the client
+    hears its call's end, since the caller's next call, started the moment this one ends, must find this
+    slot idle rather than open a new one (and a new SSH session). `slots`, the cap on the route's slots
+    the call's worker reported (None: no call ran, or it did not learn it), goes with IDLE, or alone
+    (CAP) from a slot about to end: it still counts for the route's other slots. A server already gone
+    hears nothing: the slot ends after the call (its next read of `ctrl` is EOF), and the call's end is
+    still the client's to hear."""
+    cap = b"" if slots is None else _INT.pack(slots)
     if worker is not None:
-        try:
-            ctrl.send(IDLE if slots is None else IDLE + _INT.pack(slots))
-        except OSError:
-            pass
+        message = IDLE + cap
+    elif cap:
+        message = CAP + cap
+    else:
+        return
+    try:
+        ctrl.send(message)
+    except OSError:
+        pass
 
 
 def _worker(sock: socket.socket, calls: Calls) -> None:

@@ -113,15 +113,18 @@ class LoggedServer:
         plugin.ok("backup_data", cfg, backup.file(name), stdin=data)
         return cfg, backup.file(name), backup.remote(self.server.remote_dir, name)
 
+    def logged_since(self, since: int) -> str:
+        """What the log gained after it held ``since`` bytes (sliced as bytes: its lines end with \r\n)."""
+        return self.log.read_bytes()[since:].decode()
+
     def opens_of(self, path: Path, since: int) -> int:
         """How many times ``path`` was opened for reading after the log held ``since`` bytes."""
-        logged = self.log.read_bytes()[since:].decode()  # bytes: sftp-server ends its lines with \r\n
-        return len(re.findall(rf'open "{re.escape(str(path))}" flags READ', logged))
+        return len(re.findall(rf'open "{re.escape(str(path))}" flags READ', self.logged_since(since)))
 
     def reads_of(self, path: Path, since: int) -> list[int]:
         """The bytes read through each handle of ``path`` closed after the log held ``since`` bytes."""
-        logged = self.log.read_bytes()[since:].decode()  # bytes: sftp-server ends its lines with \r\n
-        return [int(n) for n in re.findall(rf'close "{re.escape(str(path))}" bytes read (\d+)', logged)]
+        closes = re.findall(rf'close "{re.escape(str(path))}" bytes read (\d+)', self.logged_since(since))
+        return [int(n) for n in closes]
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from user"). Each test has its own sshd and its own fork server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -66,6 +67,29 @@ class Warm:
         """A backup_data call that keeps its worker busy until its input ends (communicate)."""
         return self.plugin.popen("backup_data", config or self.config.path, backup.file(name),
                                  stdin=subprocess.PIPE, env_extra=socket_dir_env(self.tmpdir))
+
+    def slow_link_config(self, proxy: DelayProxy, name: str, **options: object) -> Path:
+        """A config `name` for the backup host through `proxy` (its delay on every packet), its key known there."""
+        port = proxy.forward(("127.0.0.1", self.server.port))
+        known_hosts = self.tmpdir / "proxy_known_hosts"
+        known_hosts.write_text(known_hosts_line(self.server.server_dir, "127.0.0.1", port))
+        return self.config.write(name, port=port, known_hosts_file=str(known_hosts), **options)
+
+    @contextlib.contextmanager
+    def busy_and_waiting(self, backup: LocalBackup, config: Path,
+                         waited: str) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+        """A call that holds its worker (gpbackup_0_busy, its input open) and, once it runs, a second one
+        (gpbackup_0_waiting), yielded when the log says `waited`; either still running at the end is killed."""
+        calls = [self.storing(backup, "gpbackup_0_busy", config=config)]
+        try:
+            assert wait_until(lambda: self.worker_of("gpbackup_0_busy")), "the busy call never started"
+            calls.append(self.storing(backup, "gpbackup_0_waiting", config=config))
+            assert wait_until(lambda: waited in self.config.log_text()), "the call never waited"
+            yield calls[0], calls[1]
+        finally:
+            for call in calls:
+                if call.poll() is None:
+                    call.kill()
 
     def worker_of(self, name: str) -> int | None:
         """The pid of the worker that started the call storing `name` (the log names it), None before."""
@@ -242,27 +266,14 @@ def test_a_call_that_finds_every_session_busy_takes_the_first_to_be_free(warm: W
     # Through a link of 0.4 s round trips a login takes several seconds, and the end of a call two round
     # trips: the waiting call gets the busy session as soon as its call ends, long before the spare's login.
     with DelayProxy(0.2) as proxy:
-        port = proxy.forward(("127.0.0.1", warm.server.port))
-        known_hosts = warm.tmpdir / "proxy_known_hosts"
-        known_hosts.write_text(known_hosts_line(warm.server.server_dir, "127.0.0.1", port))
-        path = warm.config.write("slow_link.yaml", port=port, known_hosts_file=str(known_hosts))
+        path = warm.slow_link_config(proxy, "slow_link.yaml")
         warm.start_server(backup, path)
         warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)
         logins = warm.logins()
-        busy = warm.storing(backup, "gpbackup_0_busy", config=path)
-        waiting: subprocess.Popen[bytes] | None = None
-        try:
-            assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
-            busy_worker = warm.worker_of("gpbackup_0_busy")
-            waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
-            assert wait_until(lambda: "a spare worker logs in for it" in warm.config.log_text()), "it never waited"
+        with warm.busy_and_waiting(backup, path, "a spare worker logs in for it") as (busy, waiting):
             finish(busy, b"b" * 1000)
             finish(waiting, b"w" * 1000)
-        finally:
-            for call in (busy, waiting):
-                if call is not None and call.poll() is None:
-                    call.kill()
-        assert warm.worker_of("gpbackup_0_waiting") == busy_worker
+        assert warm.worker_of("gpbackup_0_waiting") == warm.worker_of("gpbackup_0_busy")
         assert "opened a spare session" not in warm.config.log_text()  # still logging in meanwhile
         assert wait_until(lambda: "opened a spare session" in warm.config.log_text(), timeout=30)
         assert warm.logins() == logins + 1
@@ -296,22 +307,13 @@ def test_max_connections_makes_a_call_wait_for_a_busy_session_past_the_client_st
     warm.start_server(backup, path)
     warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)  # the one session it may have, kept
     logins = warm.logins()
-    busy = warm.storing(backup, "gpbackup_0_busy", config=path)
-    waiting: subprocess.Popen[bytes] | None = None
-    try:
-        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
-        waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
-        assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
+    with warm.busy_and_waiting(backup, path, "it may have no more (1)") as (busy, waiting):
         # Longer than a client waits for its call to start: told to wait on, it neither gives up (and
         # logs in itself) nor gets a worker (and a login) of its own after PARK_LIMIT.
         time.sleep(forkserver.START_TIMEOUT + 1)
         assert waiting.poll() is None and warm.worker_of("gpbackup_0_waiting") is None
         finish(busy, b"b" * 1000)
         finish(waiting, b"w" * 1000)
-    finally:
-        for call in (busy, waiting):
-            if call is not None and call.poll() is None:
-                call.kill()
     assert warm.worker_of("gpbackup_0_waiting") == warm.worker_of("gpbackup_0_busy")
     assert "spare worker" not in warm.config.log_text()
     assert warm.logins() == logins
@@ -325,18 +327,9 @@ def test_max_connections_holds_from_the_fork_servers_start_for_the_config_that_s
     path = warm.config.write("capped.yaml", max_connections=1)
     warm.start_server(backup, path)
     logins = warm.logins()
-    busy = warm.storing(backup, "gpbackup_0_busy", config=path)
-    waiting: subprocess.Popen[bytes] | None = None
-    try:
-        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
-        waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
-        assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
+    with warm.busy_and_waiting(backup, path, "it may have no more (1)") as (busy, waiting):
         finish(busy, b"b" * 1000)
         finish(waiting, b"w" * 1000)
-    finally:
-        for call in (busy, waiting):
-            if call is not None and call.poll() is None:
-                call.kill()
     assert warm.worker_of("gpbackup_0_waiting") == warm.worker_of("gpbackup_0_busy")
     assert warm.logins() == logins + 1
 
@@ -349,19 +342,10 @@ def test_max_connections_caps_the_calls_at_once_of_a_config_that_keeps_no_sessio
     path = warm.config.write("capped_no_session.yaml", max_connections=1, session_idle=0)
     assert_ok(warm.run("setup_plugin_for_backup", backup.path, "segment_host", "0", config=path))
     logins = warm.logins()
-    busy = warm.storing(backup, "gpbackup_0_busy", config=path)
-    waiting: subprocess.Popen[bytes] | None = None
-    try:
-        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
-        waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
-        assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
+    with warm.busy_and_waiting(backup, path, "it may have no more (1)") as (busy, waiting):
         assert warm.logins() == logins + 1 and warm.worker_of("gpbackup_0_waiting") is None
         finish(busy, b"b" * 1000)
         finish(waiting, b"w" * 1000)
-    finally:
-        for call in (busy, waiting):
-            if call is not None and call.poll() is None:
-                call.kill()
     assert warm.logins() == logins + 2  # one after the other: each call its own login, never two at once
     assert warm.restored(backup.file("gpbackup_0_waiting"), config=path) == b"w" * 1000
 
@@ -371,10 +355,7 @@ def test_a_call_that_waited_for_a_capped_session_whose_call_ended_the_backup_get
     # gprestore ends a restore with one cleanup per segment, at once: the first retires the route's only
     # session, and the other must not wait PARK_LIMIT for a session that will never be idle.
     with DelayProxy(0.2) as proxy:  # the coordinator cleanup's round trips keep its session busy for seconds
-        port = proxy.forward(("127.0.0.1", warm.server.port))
-        known_hosts = warm.tmpdir / "proxy_known_hosts"
-        known_hosts.write_text(known_hosts_line(warm.server.server_dir, "127.0.0.1", port))
-        path = warm.config.write("slow_capped.yaml", port=port, known_hosts_file=str(known_hosts), max_connections=1)
+        path = warm.slow_link_config(proxy, "slow_capped.yaml", max_connections=1)
         warm.start_server(backup, path)
         warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)
         cleanup = warm.plugin.popen("cleanup_plugin_for_backup", path, backup.path, "coordinator", "-1",
