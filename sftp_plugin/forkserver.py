@@ -1407,6 +1407,18 @@ def _fresh_std_streams() -> None:
                                 errors=errors, closefd=False))
 
 
+def _take_environment(env: dict[bytes, bytes]) -> None:
+    """Make the environment exactly `env`, touching only what differs: a caller's environment is
+    nearly always the last call's, and clearing and refilling it (a putenv or unsetenv and Python's
+    bookkeeping for each of ~40 variables) cost a warm call ~0.1 ms of CPU."""
+    current = os.environb
+    for key in [key for key in current if key not in env]:
+        del current[key]
+    for key, value in env.items():
+        if current.get(key) != value:
+            current[key] = value
+
+
 def _run_call(fds: list[int], request: Request, task: Callable[[list[str], int], Ending]) -> Ending:
     """Become the process the client would have been, run the command (`task`: Calls.run, or Calls.warm
     for a spare), become nobody's again."""
@@ -1425,8 +1437,7 @@ def _run_call(fds: list[int], request: Request, task: Callable[[list[str], int],
         _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         for sig in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT):
             _signal.signal(sig, _signal.SIG_DFL)
-        os.environb.clear()
-        os.environb.update(request.env)
+        _take_environment(request.env)
         import time
 
         time.tzset()  # log timestamps in the caller's TZ

@@ -71,10 +71,17 @@ def setup_logging(log_dir: str, level: str, command: str, secrets: list[str]) ->
     for previous in root.handlers:  # a fork-server worker sets up each of its calls anew
         previous.close()
     root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper()))
+    _set_level(root, getattr(logging, level.upper()))
     # paramiko is chatty at INFO (every connect and auth step); keep its warnings.
-    logging.getLogger("paramiko").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    _set_level(logging.getLogger("paramiko"), logging.DEBUG if level == "debug" else logging.WARNING)
     # Python warnings (e.g. a library's deprecation notice) would otherwise go to
     # stderr, which gpbackup_helper counts as a failure.
     logging.captureWarnings(True)
     return path
+
+
+def _set_level(logger: logging.Logger, level: int) -> None:
+    """setLevel, only for a change: each setLevel empties every logger's cache (~45 of them), which a
+    fork-server worker would otherwise do twice per call to set what its last call set."""
+    if logger.level != level:
+        logger.setLevel(level)

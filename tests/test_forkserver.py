@@ -484,6 +484,26 @@ def test_a_starting_server_removes_what_servers_of_other_code_left_but_not_what_
 # ---------------------------------------------------------------- pure parts
 
 
+def test_a_served_call_takes_exactly_its_callers_environment_whatever_the_last_call_left(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GONE_AFTER", "CHANGED", "KEPT"):
+        monkeypatch.setenv(name, "last call's")
+    monkeypatch.delenv("NEW", raising=False)  # restored (absent) after the test
+    caller = {key: value for key, value in os.environb.items() if key not in (b"GONE_AFTER", b"CHANGED")}
+    caller[b"CHANGED"] = b"this call's"
+    caller[b"NEW"] = b"this call's"
+
+    forkserver._take_environment(caller)
+
+    assert dict(os.environb) == caller
+    assert {key: os.environ.get(key) for key in ("GONE_AFTER", "CHANGED", "KEPT", "NEW")} == {
+        "GONE_AFTER": None, "CHANGED": "this call's", "KEPT": "last call's", "NEW": "this call's"}
+    # The process's own environment, not only Python's view of it: what the call's children inherit.
+    inherited = set(subprocess.run(["env"], capture_output=True, check=True).stdout.splitlines())
+    assert {b"CHANGED=this call's", b"KEPT=last call's", b"NEW=this call's"} <= inherited
+    assert not any(line.startswith(b"GONE_AFTER=") for line in inherited)
+
+
 def test_a_request_round_trips_argv_cwd_umask_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPSFTP_TEST_VALUE", "a=b c\u00e9")
     argv = ["backup_data", "/cfg/plugin.yaml", "/data/gpseg0/backups/20261124/20261124101010/gpbackup_0_t"]
