@@ -42,7 +42,9 @@ PROBE_PREFIX = ".gpbackup_sftp_plugin_probe"
 # per-table restore, where round trips are most of the time (a file of 128 KiB to 1 MiB took ten when only
 # 128 KiB were read so). One block (blocks.BLOCK_SIZE): such a file is checked against its checksum file
 # alone. Of a longer file these first bytes, and its last, come in the same two round trips and are
-# delivered from memory, not read again.
+# delivered from memory, not read again; its block digests in a third. Not more: read_head is one request,
+# not resumed, and a link that resets every few MiB must still let a restore through (the rest of a longer
+# file is read by ResumableDownload, which continues where a reset cut it; 8 MiB whole failed there).
 WHOLE_READ_LIMIT = blocks.BLOCK_SIZE
 # More than a checksum file (sha256sum's one line) can hold: a longer one is not one of ours.
 SIDECAR_LIMIT = 4096
@@ -333,11 +335,12 @@ def _damaged(remote: Remote, path: str, what: str) -> IntegrityError:
 VerifiedPlan = tuple[blocks.BlockIndex, list[blocks.Step]]
 
 
-def _verified_plan(
-    remote: Remote, source: str, size: int, expected: str, wanted: list[tuple[int, int]]
+def _verified_plan(  # noqa: PLR0913
+    remote: Remote, source: str, size: int, expected: str, wanted: list[tuple[int, int]], known: bytes | None = None
 ) -> VerifiedPlan | None:
     """How to read ``wanted`` block by block, with the digests each block is checked against; None
-    for a file stored without per-block digests (by an earlier release): checkable only as a whole."""
+    for a file stored without per-block digests (by an earlier release): checkable only as a whole.
+    ``known``: the digests file's first bytes, read already (with the file, by read_head)."""
     if size <= blocks.BLOCK_SIZE:
         if size == 0 and expected != integrity.empty_digest():
             raise _damaged(remote, source, "it is empty, but its checksum is not that of an empty file")
@@ -345,7 +348,7 @@ def _verified_plan(
         return index, blocks.plan(wanted, index.block_size)
     digests_path = blocks.blocks_path(source)
     # The header, and in the same read the digests of a file up to ~1 GiB (1,022 blocks).
-    head = remote.retrying(
+    head = known if known is not None else remote.retrying(
         "read block digests", lambda: transfer.read_small(remote.sftp, digests_path, transfer.REQUEST_SIZE)
     )
     if head is None:
@@ -407,8 +410,12 @@ def read_stored(
         sidecar = integrity.sidecar_path(source) if remote.cfg.verify_checksums else None
         # A subset wants its ranges, not the file's first MiB: only what the first READs bring anyway.
         limit = WHOLE_READ_LIMIT if ranges is None else transfer.HEAD_FIRST_READ
+        # A longer file's block digests come with it (a container holds its own: that OPEN fails, in the same
+        # round trip as the file's READs).
+        digests = blocks.blocks_path(source) if sidecar is not None and ranges is None else None
         first = remote.retrying("look up file", lambda: transfer.read_head(
-            remote.sftp, source, limit, sidecar, SIDECAR_LIMIT, tail=container.TRAILER_SIZE))
+            remote.sftp, source, limit, sidecar, SIDECAR_LIMIT, tail=container.TRAILER_SIZE,
+            index=digests, index_above=blocks.BLOCK_SIZE, index_limit=transfer.REQUEST_SIZE))
         size, fetch = first.size, _fetch_known(first.data, remote, source)
         # The ends that tell a container from a plain file: a longer file's last bytes came with its first.
         head, tail = _ends_of(first.data) if first.whole else (first.data[: container.HEADER_SIZE], first.last)
@@ -424,7 +431,7 @@ def read_stored(
         wanted = [(0, size)] if ranges is None else ranges
         if ranges is not None:
             check_within(ranges, size, source=f"{ranges_from} for {remote.where(source)}")
-        verified = None if expected is None else _verified_plan(remote, source, size, expected, wanted)
+        verified = None if expected is None else _verified_plan(remote, source, size, expected, wanted, first.index)
         if verified is not None:
             return _read_verified(remote, source, *verified, sink, fetch)
         if expected is not None:

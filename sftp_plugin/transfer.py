@@ -621,12 +621,7 @@ def read_small(sftp: paramiko.SFTPClient, path: str, limit: int) -> bytes | None
     except FileNotFoundError:
         return None
     with remote:
-        pipe = Pipeline(sftp)
-        stat, read, close = pipe.send_fstat(remote), pipe.send_read(remote, 0, limit), pipe.send_close(remote)
-        size = pipe.attributes(stat).st_size or 0
-        data = pipe.data(read)
-        pipe.wait(close)
-    return data if len(data) == min(size, limit) else _read_plainly(sftp, path, [(0, limit)])[0]
+        return _read_opened(sftp, Pipeline(sftp), remote, path, limit)
 
 
 def _read_plainly(sftp: paramiko.SFTPClient, path: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -643,37 +638,44 @@ def _read_plainly(sftp: paramiko.SFTPClient, path: str, spans: Sequence[tuple[in
 @dataclass(frozen=True)
 class FileHead:
     """What `read_head` found: a file's size, its first bytes (all of them when ``whole``), its last bytes
-    where asked for and the file is longer than the first bytes read (b"" otherwise), and the first bytes
-    of its companion file (None where that does not exist)."""
+    where asked for and the file is longer than the first bytes read (b"" otherwise), the first bytes
+    of its companion file (None where that does not exist), and those of its index file where the file
+    is longer than ``index_above`` (None where it is not, or the index does not exist)."""
 
     size: int
     data: bytes
     companion: bytes | None
     last: bytes = b""
+    index: bytes | None = None
 
     @property
     def whole(self) -> bool:
         return len(self.data) == self.size
 
 
-def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str | None = None,
-              companion_limit: int = REQUEST_SIZE, tail: int = 0) -> FileHead:
+def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str | None = None,  # noqa: PLR0913
+              companion_limit: int = REQUEST_SIZE, tail: int = 0, index: str | None = None,
+              index_above: int = 0, index_limit: int = REQUEST_SIZE) -> FileHead:
     """``path``'s size and first ``limit`` bytes (the whole file, if no longer), its last ``tail`` bytes if it is
     longer (even where they overlap the first), and, in the same round trips, the first ``companion_limit``
-    bytes of ``companion`` (a file kept beside it, such as its checksum).
+    bytes of ``companion`` (a file kept beside it, such as its checksum); of a file longer than
+    ``index_above``, also the first ``index_limit`` bytes of ``index`` (its block digests), in one more.
 
-    Two round trips, whatever the size: both OPENs and a STAT of ``path``; then, knowing the size, the
-    READs of exactly what is wanted, an FSTAT that confirms the size through the handle, and both CLOSEs.
-    Before, the READs were sent without the size (asking for all of ``limit`` would cost a small file
-    that many READs answered with EOF), and a longer file took two more round trips for the rest. The
-    READs ask for at most REQUEST_SIZE each, what every server serves whole; a server that returned less
-    than asked anyway, or a file that changed size between STAT and FSTAT, is read again the plain way. A
-    missing ``path`` raises FileNotFoundError, as ``open`` does.
+    Two round trips, whatever the size: both OPENs and a STAT of ``path`` (with the server's
+    limits@openssh.com, the first time a session reads); then, knowing the size, the READs of exactly
+    what is wanted, an FSTAT that confirms the size through the handle, and both CLOSEs. Before, the
+    READs were sent without the size (asking for all of ``limit`` would cost a small file that many
+    READs answered with EOF), and a longer file took two more round trips for the rest. The index,
+    whose OPEN goes with the second batch (a small file has none: no OPEN that fails), is read in a
+    third. The READs ask for what the server serves whole (read_request_size); a server that returned
+    less than asked anyway, or a file that changed size between STAT and FSTAT, is read again the plain
+    way. A missing ``path`` raises FileNotFoundError, as ``open`` does.
     """
     pipe = Pipeline(sftp)
     with pipe.batch():
         sent = [(name, pipe.send_open(name)) for name in [path, *([companion] if companion else [])]]
         stat = pipe.send_stat(path)
+        limits = pipe.send_extended(LIMITS_EXTENSION) if limit > REQUEST_SIZE and sftp not in _limits else None
     try:
         opened = _take_opened(pipe, sent, "rb", optional=[companion] if companion else [])
     finally:
@@ -681,38 +683,74 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
             size = pipe.attributes(stat).st_size or 0
         except OSError:
             size = 0
+        if limits is not None:
+            _limits[sftp] = _limits_of(lambda: pipe.wait(limits)[1])
     target, other = opened[0], opened[1] if companion else None
     assert target is not None
     wanted = min(size, limit)
     spans = [(0, wanted)]
     if tail and size > limit:  # a longer file: its last bytes, even where they overlap the first
         spans.append((size - tail, size))
+    step = read_request_size(sftp) if limit > REQUEST_SIZE else REQUEST_SIZE
     with pipe.batch():
         fstat = pipe.send_fstat(target)
-        reads = [[pipe.send_read(target, at, min(REQUEST_SIZE, end - at)) for at in range(start, end, REQUEST_SIZE)]
+        reads = [[pipe.send_read(target, at, min(step, end - at)) for at in range(start, end, step)]
                  for start, end in spans]
         close = pipe.send_close(target)
         if other is not None:
             other_stat, other_read, other_close = (
                 pipe.send_fstat(other), pipe.send_read(other, 0, companion_limit), pipe.send_close(other))
-    confirmed = pipe.attributes(fstat).st_size or 0
-    found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
-    pipe.wait(close)
-    companion_data = None
-    if other is not None:
-        other_size = pipe.attributes(other_stat).st_size or 0
-        companion_data = pipe.data(other_read)
-        pipe.wait(other_close)
-        if len(companion_data) != min(other_size, companion_limit):
-            companion_data = _read_plainly(sftp, companion, [(0, companion_limit)])[0]
+        index_open = pipe.send_open(index) if index is not None and size > index_above else None
+    try:
+        confirmed = pipe.attributes(fstat).st_size or 0
+        found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
+        pipe.wait(close)
+        companion_data = None
+        if other is not None:
+            other_size = pipe.attributes(other_stat).st_size or 0
+            companion_data = pipe.data(other_read)
+            pipe.wait(other_close)
+    except BaseException:
+        if index_open is not None:  # a warm session must not collect handles left open
+            _close_quietly(pipe, str(index), index_open)
+        raise
+    index_data = None
+    if index_open is not None:
+        index_file = _take_opened(pipe, [(str(index), index_open)], "rb", optional=[str(index)])[0]
+        if index_file is not None:
+            index_data = _read_opened(sftp, pipe, index_file, str(index), index_limit)
+    if other is not None and companion_data is not None and len(companion_data) != min(other_size, companion_limit):
+        companion_data = _read_plainly(sftp, str(companion), [(0, companion_limit)])[0]
     if confirmed != size:  # replaced or grown between the two round trips: what the handle saw, the plain way
-        return _head_plainly(sftp, path, limit, tail, companion_data)
+        return _head_plainly(sftp, path, limit, tail, companion_data, index_data)
     if any(len(data) != end - start for data, (start, end) in zip(found, spans)):
         found = _read_plainly(sftp, path, spans)
-    return FileHead(size, found[0], companion_data, found[1] if len(found) > 1 else b"")
+    return FileHead(size, found[0], companion_data, found[1] if len(found) > 1 else b"", index_data)
 
 
-def _head_plainly(sftp: paramiko.SFTPClient, path: str, limit: int, tail: int, companion: bytes | None) -> FileHead:
+def _close_quietly(pipe: Pipeline, path: str, num: int) -> None:
+    """Close what the OPEN ``num`` of ``path`` opened, if it did (while already failing: never raises)."""
+    try:
+        file = _take_opened(pipe, [(path, num)], "rb", optional=[path])[0]
+        if file is not None:
+            file.close()
+    except Exception as err:  # noqa: BLE001 - the connection may be the thing that broke
+        log.debug("could not close %s: %s", path, err)
+
+
+def _read_opened(sftp: paramiko.SFTPClient, pipe: Pipeline, file: paramiko.SFTPFile, path: str, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a file opened through ``pipe``, then closed: FSTAT, READ and CLOSE in one
+    round trip; a server that returned less than there was is read again the plain way."""
+    with pipe.batch():
+        stat, read, close = pipe.send_fstat(file), pipe.send_read(file, 0, limit), pipe.send_close(file)
+    size = pipe.attributes(stat).st_size or 0
+    data = pipe.data(read)
+    pipe.wait(close)
+    return data if len(data) == min(size, limit) else _read_plainly(sftp, path, [(0, limit)])[0]
+
+
+def _head_plainly(sftp: paramiko.SFTPClient, path: str, limit: int, tail: int, companion: bytes | None,
+                  index: bytes | None) -> FileHead:
     """read_head's answer read the plain way, through one handle: for a file that changed meanwhile."""
     with sftp.open(path, "rb") as handle:
         size = handle.stat().st_size or 0
@@ -721,7 +759,7 @@ def _head_plainly(sftp: paramiko.SFTPClient, path: str, limit: int, tail: int, c
         if tail and size > limit:
             handle.seek(size - tail)
             last = handle.read(tail)
-    return FileHead(size, data, companion, last)
+    return FileHead(size, data, companion, last, index)
 
 
 def read_ends(sftp: paramiko.SFTPClient, path: str, head: int, tail: int) -> tuple[int, bytes, bytes]:
@@ -757,8 +795,14 @@ def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
 
 
 def _ask_limits(sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
+    return _limits_of(lambda: extended(sftp, LIMITS_EXTENSION)[1])
+
+
+def _limits_of(reply: Callable[[], paramiko.Message]) -> tuple[int, int] | None:
+    """(max-read-length, max-write-length) from the `reply` to limits@openssh.com; None from a server
+    without the extension."""
     try:
-        _, msg = extended(sftp, LIMITS_EXTENSION)
+        msg = reply()
     except OSError as err:
         if not extension_unsupported(err):  # a lost connection is no answer
             raise

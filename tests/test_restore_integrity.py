@@ -139,7 +139,7 @@ def sftp_logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggedServ
         yield LoggedServer(server, log)
 
 
-@pytest.mark.parametrize("size", [1000, 300 * 1024, BLOCK, 2 * BLOCK + 10])
+@pytest.mark.parametrize("size", [1000, 300 * 1024, BLOCK, 2 * BLOCK + 10, WHOLE + 10])
 def test_a_restore_reads_each_stored_byte_once(plugin: Plugin, sftp_logged: LoggedServer,
                                                backup: LocalBackup, tmp_path: Path, size: int) -> None:
     # Up to WHOLE: the file whole with its checksum, in two round trips. A longer one's first WHOLE bytes come
@@ -155,11 +155,14 @@ def test_a_restore_reads_each_stored_byte_once(plugin: Plugin, sftp_logged: Logg
     assert sum(closes) == size + (container.TRAILER_SIZE if size > WHOLE else 0)
 
 
-@pytest.mark.parametrize(("size", "opens"), [(1000, 1), (300 * 1024, 1), (BLOCK, 1), (2 * BLOCK + 10, 2)])
-def test_a_restore_opens_a_file_up_to_one_block_once_and_a_longer_one_twice(
-        plugin: Plugin, sftp_logged: LoggedServer, backup: LocalBackup, tmp_path: Path, size: int, opens: int) -> None:
-    # Its size (STAT), start, end and checksum in two round trips, one OPEN; a longer file's rest, verified
-    # block by block, through one more.
+@pytest.mark.parametrize(("size", "opens", "digest_opens"),
+                         [(1000, 1, 0), (300 * 1024, 1, 0), (BLOCK, 1, 0), (2 * BLOCK + 10, 2, 1)])
+def test_a_restore_opens_a_file_up_to_one_block_once_a_longer_one_twice_and_its_digests_once(  # noqa: PLR0913
+        plugin: Plugin, sftp_logged: LoggedServer, backup: LocalBackup, tmp_path: Path, size: int, opens: int,
+        digest_opens: int) -> None:
+    # Its size (STAT), start, end and checksum in two round trips, one OPEN (a file of one block has no
+    # digests file: none is opened); a longer file's digests file is opened with those READs, its rest,
+    # verified block by block, read through one more OPEN.
     data = os.urandom(size)
     cfg, key, path = sftp_logged.store(plugin, backup, tmp_path, data)
     since = sftp_logged.log.stat().st_size
@@ -167,6 +170,7 @@ def test_a_restore_opens_a_file_up_to_one_block_once_and_a_longer_one_twice(
     assert plugin.ok("restore_data", cfg, key).stdout == data
 
     assert sftp_logged.opens_of(path, since) == opens
+    assert sftp_logged.opens_of(Path(blocks.blocks_path(str(path))), since) == digest_opens
 
 
 def test_a_subset_restore_reads_the_blocks_of_its_ranges_not_the_files_first_mib(

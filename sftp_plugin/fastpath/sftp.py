@@ -142,7 +142,11 @@ class Pipeline:
         their request numbers. `file` counts as closed from here: BufferedFile.close marks it so without
         a request, since paramiko's own CLOSE, sent after ours, could close a handle the server has
         meanwhile given to another file."""
-        return self.send(CMD_EXTENDED, "fsync@openssh.com", file.handle), self.send_close(file)
+        return self.send_extended("fsync@openssh.com", file.handle), self.send_close(file)
+
+    def send_extended(self, name: str, *args: object) -> int:
+        """An SFTP extended request, as `extended` frames it; its reply is taken by `wait`."""
+        return self.send(CMD_EXTENDED, name, *args)
 
     def send_open(self, path: str, flags: int = SFTP_FLAG_READ, attrs: paramiko.SFTPAttributes | None = None) -> int:
         """OPEN framed as SFTPClient.open frames it, with ``attrs`` for a file it creates (``open`` sends none);
@@ -158,8 +162,8 @@ class Pipeline:
 
     def send_posix_rename(self, source: str, target: str) -> int:
         """posix-rename@openssh.com, as SFTPClient.posix_rename frames it."""
-        return self.send(CMD_EXTENDED, "posix-rename@openssh.com", self.sftp._adjust_cwd(source),
-                         self.sftp._adjust_cwd(target))
+        return self.send_extended("posix-rename@openssh.com", self.sftp._adjust_cwd(source),
+                                  self.sftp._adjust_cwd(target))
 
     def send_fstat(self, file: paramiko.SFTPFile) -> int:
         return self.send(CMD_FSTAT, file.handle)
