@@ -92,6 +92,11 @@ class ShortFileError(Exception):
     """The remote file ended before the bytes we were asked for (not a connection failure)."""
 
 
+class ClosedEarly(Exception):
+    """A server returned less than a READ asked for after the handle's CLOSE had gone out behind the last
+    READ (read_ranges): what is left must be read through a new handle."""
+
+
 class SyncRefusedError(Exception):
     """The server refused fsync@openssh.com (sftp-server -P fsync denies it): the file it wrote cannot be made
     durable. Not a lost connection, and not the permission error paramiko reports it as."""
@@ -203,19 +208,23 @@ def read_range(
     return read_ranges(sftp, handle, [(start, end)], sink, request_size, depth)
 
 
-def read_ranges(
+def read_ranges(  # noqa: PLR0913
     sftp: paramiko.SFTPClient,
     handle: bytes,
     ranges: Iterable[tuple[int, int]],
     sink: Sink,
     request_size: int = REQUEST_SIZE,
     depth: int = PIPELINE_DEPTH,
+    close: paramiko.SFTPFile | None = None,
 ) -> int:
     """`read_range` for several ranges, in the order given, with the requests of later ranges pipelined
     behind those of earlier ones: ten short ranges cost about one round trip, not ten. Returns bytes sent.
 
     Every request lies within one range, so the sink sees each range's bytes in order, then the next's.
-    Raises ShortFileError if the file ends before a range does.
+    Raises ShortFileError if the file ends before a range does. With ``close`` (the handle's file), its
+    CLOSE goes out behind the last READ instead of taking a round trip of its own after them, and the
+    file counts as closed from then (Pipeline.send_close). A short read after that raises ClosedEarly:
+    the rest must be read through a new handle.
     """
     # (offset, length, end of its range) of each request still to send
     requests: deque[tuple[int, int, int]] = deque(
@@ -224,6 +233,7 @@ def read_ranges(
     )
     ends: dict[int, int] = {}  # request number -> end of its range, for the message of a file cut short
     pipe = Pipeline(sftp)
+    closing: int | None = None  # the CLOSE's request number, once sent
     sent = 0
     while pipe.pending or requests:
         while requests and len(pipe.pending) < depth:
@@ -231,12 +241,14 @@ def read_ranges(
             num = pipe.send(CMD_READ, handle, int64(offset), length)
             pipe.pending.append((num, offset, length))
             ends[num] = end
+        if close is not None and closing is None and not requests:
+            closing = pipe.send_close(close)
         num, offset, length = pipe.pending.popleft()
         end = ends.pop(num)
         try:
             _, msg = pipe.wait(num)
         except EndOfFile:
-            _abandon(pipe)
+            _abandon(pipe, closing)
             raise ShortFileError(f"remote file ends at byte {offset}, expected {end}") from None
         data = msg.get_binary()
         sink(data)
@@ -245,9 +257,13 @@ def read_ranges(
             # A short read is legal mid-file: fetch the rest of this request before going on, and send the
             # requests already in flight again (their replies are dropped to keep the channel in step).
             unsent = [(o, n, ends.pop(k)) for k, o, n in pipe.pending]
-            _abandon(pipe)
+            _abandon(pipe, closing)
+            if closing is not None:
+                raise ClosedEarly(f"the server returned {len(data)} of {length} bytes at {offset + len(data)}")
             sent += _read_serially(sftp, handle, offset + len(data), offset + length, sink) - (offset + len(data))
             requests.extendleft(reversed(unsent))
+    if close is not None:
+        pipe.wait(closing if closing is not None else pipe.send_close(close))  # no READ was sent: none came first
     return sent
 
 
@@ -264,10 +280,12 @@ def _read_serially(sftp: paramiko.SFTPClient, handle: bytes, offset: int, end: i
     return offset
 
 
-def _abandon(pipe: Pipeline) -> None:
-    """Collect (and drop) replies to requests we no longer want, keeping the channel in sync."""
-    while pipe.pending:
-        num, _, _ = pipe.pending.popleft()
+def _abandon(pipe: Pipeline, closing: int | None = None) -> None:
+    """Collect (and drop) replies to requests we no longer want, keeping the channel in sync, and that
+    to the CLOSE ``closing``, sent behind them (if it was)."""
+    nums = [num for num, _, _ in pipe.pending] + ([closing] if closing is not None else [])
+    pipe.pending.clear()
+    for num in nums:
         try:
             pipe.wait(num)
         except (EndOfFile, OSError):
@@ -829,6 +847,9 @@ class ResumableDownload:
         self.sink = sink
         self.remaining: list[list[int]] | None = None if ranges is None else [[s, e] for s, e in ranges]
         self.delivered = 0
+        # The CLOSE goes behind the last READ until the server returns less than a READ asks: then each
+        # short read would cost a new handle, so the rest is read the plain way (read_ranges without it).
+        self._close_early = True
 
     def _deliver(self, data: bytes) -> None:
         assert self.remaining is not None
@@ -840,18 +861,29 @@ class ResumableDownload:
             self.remaining.pop(0)
 
     def attempt(self, sftp: paramiko.SFTPClient) -> int:
-        with sftp.open(self.path, "rb") as remote:
-            if self.remaining is None:
-                size = remote.stat().st_size or 0
-                self.remaining = [[0, size]] if size else []
-            # Ranges that fit one default request need no round trip for the server's limits.
-            longest = max((end - start for start, end in self.remaining), default=0)
-            request_size = read_request_size(sftp) if longest > REQUEST_SIZE else REQUEST_SIZE
-            depth = max(1, READ_AHEAD_BYTES // request_size)
-            self.remaining = [[start, end] for start, end in self.remaining if start < end]  # empty: nothing to read
-            read_ranges(sftp, remote.handle, [(start, end) for start, end in self.remaining], self._deliver,
-                        request_size, depth)
-        return self.delivered
+        """Read what is left; the handle's CLOSE goes out behind the last READ (read_ranges). Where a
+        server returned less than asked after that, what is left is read through a new handle."""
+        while True:
+            before = self.delivered
+            with sftp.open(self.path, "rb") as remote:
+                if self.remaining is None:
+                    size = remote.stat().st_size or 0
+                    self.remaining = [[0, size]] if size else []
+                # Ranges that fit one default request need no round trip for the server's limits.
+                longest = max((end - start for start, end in self.remaining), default=0)
+                request_size = read_request_size(sftp) if longest > REQUEST_SIZE else REQUEST_SIZE
+                depth = max(1, READ_AHEAD_BYTES // request_size)
+                self.remaining = [[start, end] for start, end in self.remaining if start < end]  # empty: no reads
+                try:
+                    read_ranges(sftp, remote.handle, [(start, end) for start, end in self.remaining], self._deliver,
+                                request_size, depth, close=remote if self._close_early else None)
+                except ClosedEarly as short:
+                    if self.delivered == before:  # a DATA reply of no bytes: never a way forward
+                        raise ShortFileError(f"{self.path}: {short}, and nothing before it") from None
+                    log.debug("reading the rest of %s through a new handle: %s", self.path, short)
+                    self._close_early = False
+                    continue
+            return self.delivered
 
 
 def makedirs(sftp: paramiko.SFTPClient, path: str, stop_at: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -137,6 +138,55 @@ def sftp_logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggedServ
     log = workdir / "sftp-server.log"
     with SshServer(workdir, extra_config=f"ForceCommand {SFTP_SERVER} -e -l INFO 2>>{log}\n") as server:
         yield LoggedServer(server, log)
+
+
+# An LD_PRELOAD shim for sftp-server: a read() of a regular file returns at most SHORT_READ_BYTES, as SFTP
+# allows a server to (OpenSSH's never does), so every READ of more gets a short DATA reply.
+SHORT_READ_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+ssize_t read(int fd, void *buf, size_t count) {
+    static ssize_t (*real_read)(int, void *, size_t);
+    struct stat st;
+    const char *cap = getenv("SHORT_READ_BYTES");
+    if (!real_read) real_read = (ssize_t (*)(int, void *, size_t))dlsym(RTLD_NEXT, "read");
+    if (cap && count > (size_t)atol(cap) && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) count = (size_t)atol(cap);
+    return real_read(fd, buf, count);
+}
+"""
+SHORT_READ_BYTES = 100_000
+
+
+@pytest.fixture
+def sftp_short_reads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggedServer]:
+    """A LoggedServer whose sftp-server returns at most SHORT_READ_BYTES per READ."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if not SFTP_SERVER.exists() or compiler is None:
+        pytest.skip(f"no {SFTP_SERVER} or no C compiler")
+    workdir = tmp_path_factory.mktemp("sshd_short_reads")
+    (workdir / "shim.c").write_text(SHORT_READ_SHIM)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(workdir / "shim.so"), str(workdir / "shim.c"), "-ldl"],
+                   check=True, capture_output=True)
+    log = workdir / "sftp-server.log"
+    command = f"env LD_PRELOAD={workdir / 'shim.so'} SHORT_READ_BYTES={SHORT_READ_BYTES} {SFTP_SERVER} -e -l INFO"
+    with SshServer(workdir, extra_config=f"ForceCommand {command} 2>>{log}\n") as server:
+        yield LoggedServer(server, log)
+
+
+def test_a_restore_from_a_server_that_returns_less_than_each_read_asks_delivers_every_byte(
+        plugin: Plugin, sftp_short_reads: LoggedServer, backup: LocalBackup, tmp_path: Path) -> None:
+    # The first MiB read again the plain way, then the rest, whose CLOSE went out behind its READs: the first
+    # short reply means a new handle for what is left, read request by request.
+    data = os.urandom(2 * BLOCK + 10)
+    cfg, key, path = sftp_short_reads.store(plugin, backup, tmp_path, data)
+    since = sftp_short_reads.log.stat().st_size
+
+    assert plugin.ok("restore_data", cfg, key).stdout == data
+
+    assert sftp_short_reads.opens_of(path, since) == 4  # read_head, its plain reread, the rest, and again
 
 
 @pytest.mark.parametrize("size", [1000, 300 * 1024, BLOCK, 2 * BLOCK + 10, WHOLE + 10])
