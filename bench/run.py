@@ -131,9 +131,13 @@ RTT_TOLERANCE = 0.25
 # session), against a fresh sftp per file. 300 KiB: above the 128 KiB a restore reads at first, below the
 # 1 MiB it reads whole (store.WHOLE_READ_LIMIT). Ten calls per round keep the part to about half a minute.
 RESTORE_CALL_KIB = 300
+# The same for a table file longer than what a restore reads whole: its block digests and its rest read
+# after its first MiB (2 MiB + 10 KiB: one block and a bit past the first, as a table of ~50,000 rows).
+RESTORE_LONG_CALL_KIB = 2 * 1024 + 10
 RESTORE_CALLS_PER_ROUND = 10
 # The rows the high-latency part always yields, measured or skipped.
-LATENCY_METRICS = ("high-latency up", "high-latency down", "high-latency restore_data")
+LATENCY_METRICS = ("high-latency up", "high-latency down", "high-latency restore_data",
+                   "high-latency restore_data long")
 DEFAULT_JSON = REPO / "bench" / "results.json"
 # tmpfs: the sshd's remote_dir and the source files live in RAM, so disk speed is not measured.
 TMPFS = Path("/dev/shm")
@@ -323,6 +327,8 @@ class Bench:
             "high-latency down": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency restore_data": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x {RESTORE_CALL_KIB} "
                                          f"KiB, {args.latency_rtt_ms:g} ms RTT",
+            "high-latency restore_data long": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x "
+                                              f"{RESTORE_LONG_CALL_KIB} KiB, {args.latency_rtt_ms:g} ms RTT",
             "plugin_api_version": f"median of {args.version_runs}",
             "peak RSS": f"backup_data of {args.size_mib} MiB",
         }
@@ -872,16 +878,20 @@ class Bench:
         up = self.guard("high-latency up", lambda: self.stream_up(target, source, size, sha, "lat_up"))
         down = self.guard("high-latency down", lambda: self.stream_down(target, source, size, sha, "lat_down"))
         calls = self.guard("high-latency restore_data", lambda: self.restore_calls(target))
-        return [up, down, calls]
+        long_calls = self.guard("high-latency restore_data long",
+                                lambda: self.restore_calls(target, "high-latency restore_data long",
+                                                           RESTORE_LONG_CALL_KIB))
+        return [up, down, calls, long_calls]
 
-    def restore_calls(self, target: Target) -> Row:
-        """A per-table restore over the slow link: ``restore_data`` of one table file, call after call (the
-        first, untimed, leaves a warm session), each checked byte for byte; OpenSSH's ``sftp`` gets the
-        same stored file, one process each."""
-        size = RESTORE_CALL_KIB * KIB
-        source = self.data / "table.bin"
+    def restore_calls(self, target: Target, metric: str = "high-latency restore_data",
+                      kib: int = RESTORE_CALL_KIB) -> Row:
+        """A per-table restore over the slow link: ``restore_data`` of one table file of ``kib`` KiB, call after
+        call (the first, untimed, leaves a warm session), each checked byte for byte; OpenSSH's ``sftp`` gets
+        the same stored file, one process each."""
+        size = kib * KIB
+        source = self.data / f"table_{kib}.bin"
         sha = write_random_file(source, size)
-        name = "lat_table"
+        name = f"lat_table_{kib}"
         self.runner.plugin_child(target, "backup_data", self.key(name), stdin_path=source).finish().check(
             "plugin backup_data (table file)")
         stored = self.stored_path(target, name)
@@ -899,10 +909,10 @@ class Bench:
             for _ in range(RESTORE_CALLS_PER_ROUND):
                 seconds["openssh"].append(
                     self.runner.sftp_child(target, get).finish().check("sftp get", allow_stderr=True).seconds)
-            progress(f"high-latency restore_data round {r + 1}/{self.args.rounds}: median plugin "
+            progress(f"{metric} round {r + 1}/{self.args.rounds}: median plugin "
                      f"{median(seconds['plugin']) * 1000:.1f} ms, OpenSSH {median(seconds['openssh']) * 1000:.1f} ms")
         p, o = median(seconds["plugin"]) * 1000, median(seconds["openssh"]) * 1000
-        return Row("high-latency restore_data", "ms", p, o, o / p, f"ratio >= {RESTORE_CALL_RATIO_TARGET:g}",
+        return Row(metric, "ms", p, o, o / p, f"ratio >= {RESTORE_CALL_RATIO_TARGET:g}",
                    "PASS" if o / p >= RESTORE_CALL_RATIO_TARGET else "FAIL",
                    samples={f"{kind}_seconds": values for kind, values in seconds.items()})
 

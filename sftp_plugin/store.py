@@ -411,56 +411,83 @@ def read_stored(
         # A subset wants its ranges, not the file's first MiB: only what the first READs bring anyway.
         limit = WHOLE_READ_LIMIT if ranges is None else transfer.HEAD_FIRST_READ
         # A longer file's block digests come with it (a container holds its own: that OPEN fails, in the same
-        # round trip as the file's READs).
+        # round trip as the file's READs). A whole restore reads the rest through the handle kept open.
         digests = blocks.blocks_path(source) if sidecar is not None and ranges is None else None
         first = remote.retrying("look up file", lambda: transfer.read_head(
             remote.sftp, source, limit, sidecar, SIDECAR_LIMIT, tail=container.TRAILER_SIZE,
-            index=digests, index_above=blocks.BLOCK_SIZE, index_limit=transfer.REQUEST_SIZE))
-        size, fetch = first.size, _fetch_known(first.data, remote, source)
-        # The ends that tell a container from a plain file: a longer file's last bytes came with its first.
-        head, tail = _ends_of(first.data) if first.whole else (first.data[: container.HEADER_SIZE], first.last)
-        shape = container.looks_like(head, tail)
-        if shape is None:
-            raise _damaged(remote, source, "it starts or ends like a container, but not both: cut short, or changed")
-        if shape:
-            return _read_container(remote, source, size, head, tail, sink, ranges, ranges_from, fetch=fetch)
-        expected = _expected_digest(remote, source, first.companion) if sidecar is not None else None
-        if expected is None and must_check:
-            raise NotChecked(f"{remote.where(source)} has no checksum stored", "verify_checksums was off when it was "
-                             "stored, or its checksum file was removed")
-        wanted = [(0, size)] if ranges is None else ranges
-        if ranges is not None:
-            check_within(ranges, size, source=f"{ranges_from} for {remote.where(source)}")
-        verified = None if expected is None else _verified_plan(remote, source, size, expected, wanted, first.index)
-        if verified is not None:
-            return _read_verified(remote, source, *verified, sink, fetch)
-        if expected is not None:
-            log.warning(
-                "%s has no block digests (stored by an earlier release): its bytes %s",
-                remote.where(source),
-                "cannot be verified before delivery" if ranges is None else "are not verified",
-            )
-        return _read_unverified(remote, source, wanted, sink, expected if ranges is None else None, fetch)
+            index=digests, index_above=blocks.BLOCK_SIZE, index_limit=transfer.REQUEST_SIZE,
+            keep_open=ranges is None))
+        rest = [first.rest] if first.rest is not None else []  # the first download of the rest takes it
+        try:
+            return _deliver_stored(remote, source, first, sink, ranges, ranges_from, must_check, sidecar, rest)
+        finally:
+            for file in rest:  # nothing took it (the restore failed first)
+                transfer.close_file_quietly(file)
+
+
+def _deliver_stored(  # noqa: PLR0913
+    remote: Remote,
+    source: str,
+    first: transfer.FileHead,
+    sink: Sink,
+    ranges: list[tuple[int, int]] | None,
+    ranges_from: str,
+    must_check: bool,
+    sidecar: str | None,
+    rest: list[paramiko.SFTPFile],
+) -> int:
+    """read_stored, once the file's first bytes (``first``) are read; ``rest``: its handle kept open, for
+    the first download of what is not among them."""
+    size, fetch = first.size, _fetch_known(first.data, remote, source, rest)
+    # The ends that tell a container from a plain file: a longer file's last bytes came with its first.
+    head, tail = _ends_of(first.data) if first.whole else (first.data[: container.HEADER_SIZE], first.last)
+    shape = container.looks_like(head, tail)
+    if shape is None:
+        raise _damaged(remote, source, "it starts or ends like a container, but not both: cut short, or changed")
+    if shape:
+        return _read_container(remote, source, size, head, tail, sink, ranges, ranges_from, fetch=fetch)
+    expected = _expected_digest(remote, source, first.companion) if sidecar is not None else None
+    if expected is None and must_check:
+        raise NotChecked(f"{remote.where(source)} has no checksum stored", "verify_checksums was off when it was "
+                         "stored, or its checksum file was removed")
+    wanted = [(0, size)] if ranges is None else ranges
+    if ranges is not None:
+        check_within(ranges, size, source=f"{ranges_from} for {remote.where(source)}")
+    verified = None if expected is None else _verified_plan(remote, source, size, expected, wanted, first.index)
+    if verified is not None:
+        return _read_verified(remote, source, *verified, sink, fetch)
+    if expected is not None:
+        log.warning(
+            "%s has no block digests (stored by an earlier release): its bytes %s",
+            remote.where(source),
+            "cannot be verified before delivery" if ranges is None else "are not verified",
+        )
+    return _read_unverified(remote, source, wanted, sink, expected if ranges is None else None, fetch)
 
 
 # How _read_container gets byte spans of the stored file: (what, [(start, end), ...], deliver) -> None.
 Fetch = Callable[[str, list[tuple[int, int]], Callable[[bytes], object]], None]
 
 
-def _fetch_remote(remote: Remote, source: str) -> Fetch:
-    """Spans of ``source`` read from the backup host, each read resuming after a reconnect."""
+def _fetch_remote(remote: Remote, source: str, opened: list[paramiko.SFTPFile] | None = None) -> Fetch:
+    """Spans of ``source`` read from the backup host, each read resuming after a reconnect; the first
+    through the handle in ``opened`` (taken from it), if one is there."""
 
     def fetch(what: str, spans: list[tuple[int, int]], deliver: Callable[[bytes], object]) -> None:
-        download = transfer.ResumableDownload(source, deliver, spans)
-        remote.retrying(what, lambda: download.attempt(remote.sftp), lambda: download.delivered)
+        download = transfer.ResumableDownload(source, deliver, spans, opened.pop() if opened else None)
+        try:
+            remote.retrying(what, lambda: download.attempt(remote.sftp), lambda: download.delivered)
+        finally:
+            download.close()
 
     return fetch
 
 
-def _fetch_known(known: bytes, remote: Remote, source: str) -> Fetch:
+def _fetch_known(known: bytes, remote: Remote, source: str, opened: list[paramiko.SFTPFile] | None = None) -> Fetch:
     """Spans of ``source`` whose bytes lie in ``known``, its first bytes read already (all of them, for a
-    small file), delivered from memory; the rest read from the backup host. Nothing is read twice."""
-    read = _fetch_remote(remote, source)
+    small file), delivered from memory; the rest read from the backup host (through the handle in
+    ``opened`` first, if one is there). Nothing is read twice."""
+    read = _fetch_remote(remote, source, opened)
 
     def fetch(what: str, spans: list[tuple[int, int]], deliver: Callable[[bytes], object]) -> None:
         unknown: list[tuple[int, int]] = []  # spans to read, in order, before the next known bytes

@@ -665,6 +665,9 @@ class FileHead:
     companion: bytes | None
     last: bytes = b""
     index: bytes | None = None
+    # The file's handle, still open, where read_head was asked to keep it (``keep_open``) for a file longer
+    # than its first bytes: the caller reads the rest through it (ResumableDownload) or closes it.
+    rest: paramiko.SFTPFile | None = None
 
     @property
     def whole(self) -> bool:
@@ -673,7 +676,7 @@ class FileHead:
 
 def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str | None = None,  # noqa: PLR0913
               companion_limit: int = REQUEST_SIZE, tail: int = 0, index: str | None = None,
-              index_above: int = 0, index_limit: int = REQUEST_SIZE) -> FileHead:
+              index_above: int = 0, index_limit: int = REQUEST_SIZE, keep_open: bool = False) -> FileHead:
     """``path``'s size and first ``limit`` bytes (the whole file, if no longer), its last ``tail`` bytes if it is
     longer (even where they overlap the first), and, in the same round trips, the first ``companion_limit``
     bytes of ``companion`` (a file kept beside it, such as its checksum); of a file longer than
@@ -685,9 +688,10 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
     READs were sent without the size (asking for all of ``limit`` would cost a small file that many
     READs answered with EOF), and a longer file took two more round trips for the rest. The index,
     whose OPEN goes with the second batch (a small file has none: no OPEN that fails), is read in a
-    third. The READs ask for what the server serves whole (read_request_size); a server that returned
-    less than asked anyway, or a file that changed size between STAT and FSTAT, is read again the plain
-    way. A missing ``path`` raises FileNotFoundError, as ``open`` does.
+    third. With ``keep_open``, a file longer than ``limit`` keeps its handle open for the rest (FileHead.rest):
+    no OPEN of its own for it. The READs ask for what the server serves whole (read_request_size); a server
+    that returned less than asked anyway, or a file that changed size between STAT and FSTAT, is read again
+    the plain way. A missing ``path`` raises FileNotFoundError, as ``open`` does.
     """
     pipe = Pipeline(sftp)
     with pipe.batch():
@@ -710,50 +714,71 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
     if tail and size > limit:  # a longer file: its last bytes, even where they overlap the first
         spans.append((size - tail, size))
     step = read_request_size(sftp) if limit > REQUEST_SIZE else REQUEST_SIZE
+    keep = keep_open and size > limit
     with pipe.batch():
         fstat = pipe.send_fstat(target)
         reads = [[pipe.send_read(target, at, min(step, end - at)) for at in range(start, end, step)]
                  for start, end in spans]
-        close = pipe.send_close(target)
+        close = None if keep else pipe.send_close(target)
         if other is not None:
             other_stat, other_read, other_close = (
                 pipe.send_fstat(other), pipe.send_read(other, 0, companion_limit), pipe.send_close(other))
         index_open = pipe.send_open(index) if index is not None and size > index_above else None
     try:
-        confirmed = pipe.attributes(fstat).st_size or 0
-        found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
-        pipe.wait(close)
-        companion_data = None
-        if other is not None:
-            other_size = pipe.attributes(other_stat).st_size or 0
-            companion_data = pipe.data(other_read)
-            pipe.wait(other_close)
+        try:
+            confirmed = pipe.attributes(fstat).st_size or 0
+            found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
+            if close is not None:
+                pipe.wait(close)
+            companion_data = None
+            if other is not None:
+                other_size = pipe.attributes(other_stat).st_size or 0
+                companion_data = pipe.data(other_read)
+                pipe.wait(other_close)
+        except BaseException:
+            if index_open is not None:  # a warm session must not collect handles left open
+                _close_quietly(pipe, str(index), index_open)
+            raise
+        index_data = None
+        if index_open is not None:
+            index_file = _take_opened(pipe, [(str(index), index_open)], "rb", optional=[str(index)])[0]
+            if index_file is not None:
+                index_data = _read_opened(sftp, pipe, index_file, str(index), index_limit)
+        if other is not None and companion_data is not None and len(companion_data) != min(other_size,
+                                                                                           companion_limit):
+            companion_data = _read_plainly(sftp, str(companion), [(0, companion_limit)])[0]
+        if confirmed != size or any(len(data) != end - start for data, (start, end) in zip(found, spans)):
+            if keep:  # the plain way has its own handle
+                keep = False
+                target.close()
+            if confirmed != size:  # replaced or grown between the two round trips: what the handle saw
+                return _head_plainly(sftp, path, limit, tail, companion_data, index_data)
+            found = _read_plainly(sftp, path, spans)
     except BaseException:
-        if index_open is not None:  # a warm session must not collect handles left open
-            _close_quietly(pipe, str(index), index_open)
+        if keep:
+            close_file_quietly(target)
         raise
-    index_data = None
-    if index_open is not None:
-        index_file = _take_opened(pipe, [(str(index), index_open)], "rb", optional=[str(index)])[0]
-        if index_file is not None:
-            index_data = _read_opened(sftp, pipe, index_file, str(index), index_limit)
-    if other is not None and companion_data is not None and len(companion_data) != min(other_size, companion_limit):
-        companion_data = _read_plainly(sftp, str(companion), [(0, companion_limit)])[0]
-    if confirmed != size:  # replaced or grown between the two round trips: what the handle saw, the plain way
-        return _head_plainly(sftp, path, limit, tail, companion_data, index_data)
-    if any(len(data) != end - start for data, (start, end) in zip(found, spans)):
-        found = _read_plainly(sftp, path, spans)
-    return FileHead(size, found[0], companion_data, found[1] if len(found) > 1 else b"", index_data)
+    return FileHead(size, found[0], companion_data, found[1] if len(found) > 1 else b"", index_data,
+                    target if keep else None)
 
 
 def _close_quietly(pipe: Pipeline, path: str, num: int) -> None:
     """Close what the OPEN ``num`` of ``path`` opened, if it did (while already failing: never raises)."""
     try:
         file = _take_opened(pipe, [(path, num)], "rb", optional=[path])[0]
-        if file is not None:
-            file.close()
     except Exception as err:  # noqa: BLE001 - the connection may be the thing that broke
-        log.debug("could not close %s: %s", path, err)
+        log.debug("could not open %s to close it: %s", path, err)
+        return
+    if file is not None:
+        close_file_quietly(file)
+
+
+def close_file_quietly(file: paramiko.SFTPFile) -> None:
+    """Close an open remote file while already failing: never raises (the connection may be what broke)."""
+    try:
+        file.close()
+    except Exception as err:  # noqa: BLE001 - the connection may be the thing that broke
+        log.debug("could not close a remote file: %s", err)
 
 
 def _read_opened(sftp: paramiko.SFTPClient, pipe: Pipeline, file: paramiko.SFTPFile, path: str, limit: int) -> bytes:
@@ -842,9 +867,13 @@ class ResumableDownload:
     """Send a remote file, or byte ranges of it, to ``sink``; after a reconnect, continue at
     the first byte not yet delivered, so no byte is repeated or skipped."""
 
-    def __init__(self, path: str, sink: Sink, ranges: Iterable[tuple[int, int]] | None = None) -> None:
+    def __init__(self, path: str, sink: Sink, ranges: Iterable[tuple[int, int]] | None = None,
+                 opened: paramiko.SFTPFile | None = None) -> None:
         self.path = path
         self.sink = sink
+        # ``path`` opened already (read_head's handle, FileHead.rest): the first attempt reads through it
+        # if its session is still the one in use, and closes it either way.
+        self._opened = opened
         self.remaining: list[list[int]] | None = None if ranges is None else [[s, e] for s, e in ranges]
         self.delivered = 0
         # The CLOSE goes behind the last READ until the server returns less than a READ asks: then each
@@ -865,7 +894,7 @@ class ResumableDownload:
         server returned less than asked after that, what is left is read through a new handle."""
         while True:
             before = self.delivered
-            with sftp.open(self.path, "rb") as remote:
+            with self._open(sftp) as remote:
                 if self.remaining is None:
                     size = remote.stat().st_size or 0
                     self.remaining = [[0, size]] if size else []
@@ -884,6 +913,20 @@ class ResumableDownload:
                     self._close_early = False
                     continue
             return self.delivered
+
+    def _open(self, sftp: paramiko.SFTPClient) -> paramiko.SFTPFile:
+        """The handle handed over if it is of this session (a retry's new session cannot use it: it went
+        with the old one), else ``path`` opened now."""
+        opened, self._opened = self._opened, None
+        if opened is not None and opened.sftp is sftp:
+            return opened
+        return sftp.open(self.path, "rb")
+
+    def close(self) -> None:
+        """Close the handle handed over if no attempt used it (while failing: never raises)."""
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            close_file_quietly(opened)
 
 
 def makedirs(sftp: paramiko.SFTPClient, path: str, stop_at: str) -> list[str]:

@@ -283,8 +283,8 @@ class Reads:
         self.delivered = 0
         self.asked: list[list[tuple[int, int]]] = [[]]
 
-    def read_ranges(self, _sftp: object, _handle: bytes, ranges: list[tuple[int, int]], sink: transfer.Sink,
-                    _request_size: int, _depth: int) -> int:
+    def read_ranges(self, _sftp: object, _handle: bytes, ranges: list[tuple[int, int]], sink: transfer.Sink,  # noqa: PLR0913
+                    _request_size: int, _depth: int, close: object = None) -> int:
         self.asked[-1].extend(ranges)
         for start, end in ranges:
             for at in range(start, end, 10):
