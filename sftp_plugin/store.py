@@ -275,12 +275,14 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
                 size = stream()
             caller.confirm_before_commit()  # a cut-short input (our caller gone) is never committed
             # A container authenticates its own chunks: its sidecar is for sha256sum -c on the backup host.
+            # The block digests go into place with the file and its checksum, in one round trip, first.
+            first: list[tuple[str, str, int]] = []
             if digest is not None and encoding is None and digest.result().size > blocks.BLOCK_SIZE:
                 found = digest.result()
                 data = blocks.format_blocks(blocks.BLOCK_SIZE, found.size, found.whole, found.blocks)
-                remote.retrying("store checksum", lambda: transfer.put_bytes(
-                    remote.sftp, data, block_digests, block_digests_temp))
-            remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
+                remote.retrying("store checksum", lambda: transfer.write_private(remote.sftp, data, block_digests_temp))
+                first.append((block_digests_temp, block_digests, len(data)))
+            remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp, first))
             if encoding is not None:
                 log.info("stored %s as a %s container: %d bytes of %d", remote.where(target),
                          encoding.description, size, encoding.original_size)

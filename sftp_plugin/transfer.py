@@ -508,12 +508,14 @@ class ResumableUpload:
             self._buffer_start += len(chunk)
             self._buffered -= len(chunk)
 
-    def finish(self, sftp: paramiko.SFTPClient) -> None:
-        """Rename the companions, then the stream, into place (rename_together); a rename whose reply was
-        lost (temporary name gone, final name holding all of it) counts as done."""
+    def finish(self, sftp: paramiko.SFTPClient, first: Sequence[tuple[str, str, int]] = ()) -> None:
+        """Rename the companions, then the stream, into place (rename_together), after the (temporary name,
+        final name, size) of each file in ``first`` (stored with the stream after it ended, such as its block
+        digests): one round trip for all; a rename whose reply was lost (temporary name gone, final name
+        holding all of it) counts as done."""
         sizes = [len(data) for data in self._companion_bytes or []]
         moves = [(temp, final, size) for (final, temp), size in zip(self.companions, sizes)]
-        rename_together(sftp, [*moves, (self.temp_path, self.final_path, self.confirmed)])
+        rename_together(sftp, [*first, *moves, (self.temp_path, self.final_path, self.confirmed)])
 
     def abandon(self, sftp: paramiko.SFTPClient) -> None:
         for temp in [self.temp_path, *(temp for _, temp in self.companions)]:
@@ -550,11 +552,17 @@ def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path
     Repeating it with the same ``temp_path`` after a lost connection is safe: the
     temporary file is rewritten, so retries leave no leftovers behind.
     """
+    write_private(sftp, data, temp_path)
+    rename_into_place(sftp, temp_path, final_path)
+
+
+def write_private(sftp: paramiko.SFTPClient, data: bytes, temp_path: str) -> None:
+    """Write ``data`` to ``temp_path`` (created private, or rewritten) and fsync it: put_bytes without the
+    rename, for a file renamed into place with others (ResumableUpload.finish). Two round trips."""
     with create_private(sftp, temp_path) as remote:
         writer = PipelinedWriter(sftp, remote.handle)
         writer.write(data)
         writer.sync_and_close(remote)
-    rename_into_place(sftp, temp_path, final_path)
 
 
 def rename_together(sftp: paramiko.SFTPClient, moves: Sequence[tuple[str, str, int]]) -> None:
