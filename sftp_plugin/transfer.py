@@ -732,29 +732,24 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
             other_stat, other_read, other_close = (
                 pipe.send_fstat(other), pipe.send_read(other, 0, companion_limit), pipe.send_close(other))
         index_open = pipe.send_open(index) if index is not None and size > index_above else None
+    index_data = None
     try:
-        try:
-            confirmed = pipe.attributes(fstat).st_size or 0
-            found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
-            if close is not None:
-                pipe.wait(close)
-            companion_data = None
-            if other is not None:
-                other_size = pipe.attributes(other_stat).st_size or 0
-                companion_data = pipe.data(other_read)
-                pipe.wait(other_close)
-        except BaseException:
-            if index_open is not None:  # a warm session must not collect handles left open
-                _close_quietly(pipe, str(index), index_open)
-            raise
-        index_data = None
+        confirmed = pipe.attributes(fstat).st_size or 0
+        found = [b"".join([pipe.data(num) for num in nums]) for nums in reads]
+        if close is not None:
+            pipe.wait(close)
+        companion_data = None
+        if other is not None:
+            other_size = pipe.attributes(other_stat).st_size or 0
+            companion_data = pipe.data(other_read)
+            pipe.wait(other_close)
+            if len(companion_data) != min(other_size, companion_limit):
+                companion_data = _read_plainly(sftp, str(companion), [(0, companion_limit)])[0]
         if index_open is not None:
-            index_file = _take_opened(pipe, [(str(index), index_open)], "rb", optional=[str(index)])[0]
+            num, index_open = index_open, None  # its reply is taken once, here, even where that raises
+            index_file = _take_opened(pipe, [(str(index), num)], "rb", optional=[str(index)])[0]
             if index_file is not None:
                 index_data = _read_opened(sftp, pipe, index_file, str(index), index_limit)
-        if other is not None and companion_data is not None and len(companion_data) != min(other_size,
-                                                                                           companion_limit):
-            companion_data = _read_plainly(sftp, str(companion), [(0, companion_limit)])[0]
         if confirmed != size or any(len(data) != end - start for data, (start, end) in zip(found, spans)):
             if keep:  # the plain way has its own handle
                 keep = False
@@ -763,6 +758,10 @@ def read_head(sftp: paramiko.SFTPClient, path: str, limit: int, companion: str |
                 return _head_plainly(sftp, path, limit, tail, companion_data, index_data)
             found = _read_plainly(sftp, path, spans)
     except BaseException:
+        # A warm session must not collect handles left open: the index's, if its OPEN's reply was not taken
+        # yet, and the file's, if it was to stay open.
+        if index_open is not None:
+            _close_quietly(pipe, str(index), index_open)
         if keep:
             close_file_quietly(target)
         raise
