@@ -9,7 +9,7 @@ import time
 import pytest
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 
-from sftp_plugin.fastpath.channel import ChunkedPipe
+from sftp_plugin.fastpath.channel import MAX_FRAME, ChunkedPipe, FrameTooLong
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -94,3 +94,59 @@ def test_a_mutable_buffer_is_copied_when_fed_so_later_changes_do_not_show() -> N
     pipe.feed(memoryview(data))  # writable view of the same buffer
     data[:] = b"changed!"
     assert pipe.read(100) == b"originaloriginal"
+
+
+# ---------------------------------------------------------------- whole SFTP packets (read_frame)
+
+
+def frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_frames_fed_in_any_pieces_come_out_whole_and_in_order(seed: int) -> None:
+    rng = random.Random(seed)
+    bodies = [rng.randbytes(rng.choice([0, 1, 3, 100, 32768, 261133])) for _ in range(30)]
+    stream = b"".join(frame(body) for body in bodies)
+    pipe = ChunkedPipe()
+    at = 0
+    while at < len(stream):  # pieces of any size: a length field cut in two, a body in many
+        size = rng.choice([1, 2, 3, 5, 1000, 32768, 70000])
+        pipe.feed(memoryview(stream[at : at + size]) if rng.random() < 0.5 else stream[at : at + size])
+        at += size
+    got = [pipe.read_frame(timeout=0.5) for _ in bodies]
+    assert all(type(item) is bytes for item in got)
+    assert got == [frame(body) for body in bodies]
+    assert len(pipe) == 0
+
+
+def test_a_frame_reader_waits_for_the_last_piece_and_returns_the_frame_whole() -> None:
+    pipe = ChunkedPipe()
+    whole = frame(b"x" * 5000)
+    pipe.feed(whole[:2])  # not even the length yet
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read_frame(timeout=10)))
+    reader.start()
+    pipe.feed(whole[2:3000])
+    time.sleep(0.1)
+    assert not got  # the length is known, the body is not all there
+    pipe.feed(whole[3000:] + frame(b"next"))
+    reader.join(10)
+    assert got == [whole]
+    assert pipe.read_frame(timeout=0) == frame(b"next")
+
+
+def test_a_frame_reader_times_out_and_a_channel_closed_mid_frame_gives_eof() -> None:
+    pipe = ChunkedPipe()
+    pipe.feed(frame(b"complete")[:-1])
+    with pytest.raises(PipeTimeout):
+        pipe.read_frame(timeout=0.05)
+    pipe.close()
+    assert pipe.read_frame(timeout=0.05) == b""
+
+
+def test_a_frame_length_no_sftp_packet_could_have_is_refused_before_waiting_for_it() -> None:
+    pipe = ChunkedPipe()
+    pipe.feed((MAX_FRAME + 1).to_bytes(4, "big") + b"garbage")
+    with pytest.raises(FrameTooLong):
+        pipe.read_frame(timeout=10)  # at once: not after 10 s, nor after 16 MiB

@@ -3,10 +3,13 @@
 - ``packets``: SSH packets under AES-GCM sealed and opened in place
   (InPlacePacketizer, a Packetizer subclass keeping its private state), and
   several channel packets per socket send;
-- ``channel``: the SFTP channel's receive buffer (replaces ``Channel.in_buffer``);
+- ``channel``: the SFTP channel's receive buffer (replaces ``Channel.in_buffer``),
+  which also hands out whole SFTP packets (``read_frame``);
 - ``sftp``: the SFTP request pipeline that checks every reply and sends
   requests in batches, extended requests, OPEN with attributes (SFTPClient's
-  request machinery);
+  request machinery), and the client that reads each reply whole from that
+  buffer (``FrameSFTPClient``, SFTPClient._read_packet with Channel.recv's
+  window accounting);
 - ``negotiation``: the server's algorithm offer, for "no cipher in common".
 
 Checked, not assumed: `packet_code_missing` says which private names the
@@ -45,7 +48,7 @@ PACKETIZER_STATE = (
     "_Packetizer__sequence_number_out", "_Packetizer__socket", "_Packetizer__write_lock", "_initial_kex_done",
 )
 PACKETIZER_METHODS = ("_inc_iv_counter", "_trigger_rekey", "_check_keepalive")
-CHANNEL_METHODS = ("_wait_for_send_window",)
+CHANNEL_METHODS = ("_wait_for_send_window", "_check_add_window")
 TRANSPORT_METHODS = ("_send_user_message",)
 
 
@@ -80,17 +83,21 @@ def transport_options(fast: bool) -> dict[str, Any]:
 
 def start_sftp(transport: paramiko.Transport, window_size: int, max_packet_size: int) -> paramiko.SFTPClient:
     """SFTPClient.from_transport with our window and packet size and, on the fast path (the transport
-    has our packetizer), our receive buffer, handed the decrypted packets' views."""
+    has our packetizer), our receive buffer, handed the decrypted packets' views, and a client that reads
+    each reply whole from it (FrameSFTPClient)."""
     from sftp_plugin.fastpath.packets import InPlacePacketizer
 
     channel = transport.open_session(window_size=window_size, max_packet_size=max_packet_size)
-    if isinstance(transport.packetizer, InPlacePacketizer):
-        from sftp_plugin.fastpath.channel import ChunkedPipe
+    if not isinstance(transport.packetizer, InPlacePacketizer):
+        channel.invoke_subsystem("sftp")
+        return paramiko.SFTPClient(channel)
+    from sftp_plugin.fastpath.channel import ChunkedPipe
+    from sftp_plugin.fastpath.sftp import FrameSFTPClient
 
-        channel.in_buffer = ChunkedPipe()  # before the subsystem starts, so nothing is buffered yet
-        transport.packetizer.hand_views_to(channel.get_id())
+    channel.in_buffer = ChunkedPipe()  # before the subsystem starts, so nothing is buffered yet
+    transport.packetizer.hand_views_to(channel.get_id())
     channel.invoke_subsystem("sftp")
-    return paramiko.SFTPClient(channel)
+    return FrameSFTPClient(channel)
 
 
 # SSH_DISCONNECT_BY_APPLICATION (RFC 4253, 11.1): the client is done, nothing went wrong.

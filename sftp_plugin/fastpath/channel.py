@@ -14,10 +14,21 @@ and close behave exactly as in the parent, whose lock and condition it uses.
 from __future__ import annotations
 
 import collections
+import itertools
+import struct
 import threading
 import time
 
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
+
+_LENGTH = struct.Struct(">I")
+# Longest frame read_frame waits for: paramiko's own check ("Garbage packet received") refuses a length
+# with its high byte set, and an SFTP packet is far shorter (OpenSSH's sftp-server: 256 KiB of data).
+MAX_FRAME = (1 << 24) - 1
+
+
+class FrameTooLong(Exception):
+    """A frame's length says more than MAX_FRAME: not an SFTP packet, or a stream out of step."""
 
 
 class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type hints
@@ -79,6 +90,41 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
             if not self._size and self._event is not None and not self._closed:
                 self._event.clear()
             return out
+
+    def read_frame(self, timeout: float | None = None) -> bytes:
+        """One length-prefixed frame, whole: a 4-byte big-endian length and that many bytes after it (an
+        SFTP packet), or b"" once the channel closed before one was complete. Where reading an SFTP packet
+        through Channel.recv took two reads (its length, then its body), each with its lock, its wait and
+        its window check, and a body that arrived in pieces was joined piece by piece, this waits once for
+        the whole frame and copies it once. Raises FrameTooLong before waiting for a length over
+        ``MAX_FRAME``, PipeTimeout as ``read`` does."""
+        with self._lock:
+            while True:
+                if self._size >= _LENGTH.size:
+                    length = _LENGTH.unpack(self._peek(_LENGTH.size))[0]
+                    if length > MAX_FRAME:
+                        raise FrameTooLong(length)
+                    if self._size >= _LENGTH.size + length:
+                        break
+                if self._closed:
+                    return b""
+                then = time.time()
+                self._cv.wait(timeout)
+                if timeout is not None:
+                    timeout -= time.time() - then
+                    if timeout <= 0.0:
+                        raise PipeTimeout()
+            out = self._take(_LENGTH.size + length)
+            if not self._size and self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+    def _peek(self, nbytes: int) -> bytes:
+        """The first ``nbytes`` (lock held, at least that many buffered), left in the buffer."""
+        first = self._chunks[0]
+        if len(first) >= nbytes:
+            return bytes(first[:nbytes])
+        return b"".join(bytes(chunk) for chunk in itertools.islice(self._chunks, nbytes))[:nbytes]
 
     def empty(self) -> bytes:
         with self._lock:

@@ -16,11 +16,14 @@ a file's fsync and CLOSE, two renames) leave in one SSH packet, not one each.
 from __future__ import annotations
 
 import contextlib
+import socket
 import struct
 from collections import deque
 from collections.abc import Iterator
 
 import paramiko
+from paramiko.buffered_pipe import PipeTimeout
+from paramiko.common import cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.file import BufferedFile
 from paramiko.sftp import (
     CMD_ATTRS,
@@ -38,9 +41,11 @@ from paramiko.sftp import (
     int64,
 )
 
+from sftp_plugin.fastpath.channel import FrameTooLong
 from sftp_plugin.fastpath.packets import send_channel_data
 
 _PACKET_HEADER = struct.Struct(">IB")  # SFTP length, type
+_LENGTH_FIELD = 4  # an SFTP packet's length, before its type
 _WRITE_HEADER = struct.Struct(">IBII")  # SFTP length, type, request id, handle length (the handle follows)
 _WRITE_TAIL = struct.Struct(">QI")  # offset, data length
 WRITE_HEADER = _WRITE_HEADER.size + _WRITE_TAIL.size  # 25 bytes besides the handle
@@ -217,6 +222,35 @@ class Pipeline:
             return kind, msg
         except EOFError:
             raise EndOfFile() from None
+
+
+class FrameSFTPClient(paramiko.SFTPClient):  # type: ignore[misc]  # paramiko ships no type hints
+    """An SFTPClient that reads each reply whole from our receive buffer (ChunkedPipe.read_frame): one wait and
+    one copy per packet, where BaseSFTP._read_packet read its length and its body through Channel.recv (two
+    reads, each with its lock and window check, a body in pieces joined piece by piece). The channel's window
+    is accounted for as Channel.recv accounts for it. fastpath.start_sftp makes one on the fast path only
+    (the channel's buffer is a ChunkedPipe)."""
+
+    def _read_packet(self) -> tuple[int, bytes]:
+        channel = self.sock
+        try:
+            frame = channel.in_buffer.read_frame(channel.timeout)
+        except PipeTimeout:
+            raise socket.timeout() from None
+        except FrameTooLong:
+            raise paramiko.SFTPError("Garbage packet received") from None
+        if not frame:
+            raise EOFError()
+        ack = channel._check_add_window(len(frame))
+        if ack > 0:  # as Channel.recv asks for more
+            message = paramiko.Message()
+            message.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
+            message.add_int(channel.remote_chanid)
+            message.add_int(ack)
+            channel.transport._send_user_message(message)
+        if len(frame) == _LENGTH_FIELD:
+            return 0, b""
+        return frame[_LENGTH_FIELD], frame[_LENGTH_FIELD + 1 :]
 
 
 def extended(sftp: paramiko.SFTPClient, name: str, *args: object) -> tuple[int, paramiko.Message]:
