@@ -78,18 +78,10 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
                     raise PipeTimeout()
                 # Loop: woken up, another reader may have taken everything.
                 while not self._size and not self._closed:
-                    then = time.time()
-                    self._cv.wait(timeout)
-                    if timeout is not None:
-                        timeout -= time.time() - then
-                        if timeout <= 0.0:
-                            raise PipeTimeout()
+                    timeout = self._wait(timeout)
                 if not self._size:
                     return b""  # closed while we waited
-            out = self._take(nbytes)
-            if not self._size and self._event is not None and not self._closed:
-                self._event.clear()
-            return out
+            return self._take_out(nbytes)
 
     def read_frame(self, timeout: float | None = None) -> bytes:
         """One length-prefixed frame, whole: a 4-byte big-endian length and that many bytes after it (an
@@ -108,16 +100,26 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
                         break
                 if self._closed:
                     return b""
-                then = time.time()
-                self._cv.wait(timeout)
-                if timeout is not None:
-                    timeout -= time.time() - then
-                    if timeout <= 0.0:
-                        raise PipeTimeout()
-            out = self._take(_LENGTH.size + length)
-            if not self._size and self._event is not None and not self._closed:
-                self._event.clear()
-            return out
+                timeout = self._wait(timeout)
+            return self._take_out(_LENGTH.size + length)
+
+    def _wait(self, timeout: float | None) -> float | None:
+        """Wait for a feed or the close (lock held); what is left of ``timeout``, PipeTimeout once nothing is."""
+        then = time.time()
+        self._cv.wait(timeout)
+        if timeout is None:
+            return None
+        timeout -= time.time() - then
+        if timeout <= 0.0:
+            raise PipeTimeout()
+        return timeout
+
+    def _take_out(self, nbytes: int) -> bytes:
+        """`_take`, and the event cleared once nothing is left (lock held, buffer not empty)."""
+        out = self._take(nbytes)
+        if not self._size and self._event is not None and not self._closed:
+            self._event.clear()
+        return out
 
     def _peek(self, nbytes: int) -> bytes:
         """The first ``nbytes`` (lock held, at least that many buffered), left in the buffer."""
