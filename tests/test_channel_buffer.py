@@ -145,6 +145,29 @@ def test_a_frame_reader_times_out_and_a_channel_closed_mid_frame_gives_eof() -> 
     assert pipe.read_frame(timeout=0.05) == b""
 
 
+def test_a_frame_that_keeps_coming_is_read_however_long_it_takes_and_the_timeout_counts_time_without_bytes(
+        ) -> None:
+    # The channel's timeout is io_timeout: no progress for that long. A packet that takes longer over a slow
+    # link, piece by piece, is no stall.
+    pipe = ChunkedPipe()
+    whole = frame(b"y" * 600)
+    pieces = [whole[at : at + 100] for at in range(0, len(whole), 100)]
+
+    def dribble() -> None:
+        for piece in pieces:
+            time.sleep(0.2)
+            pipe.feed(piece)
+
+    feeder = threading.Thread(target=dribble)
+    started = time.monotonic()
+    feeder.start()
+    assert pipe.read_frame(timeout=1.0) == whole
+    assert time.monotonic() - started > 1.0  # longer than the timeout in all, each piece within it
+    feeder.join()
+    with pytest.raises(PipeTimeout):
+        pipe.read_frame(timeout=0.2)
+
+
 def test_a_frame_length_no_sftp_packet_could_have_is_refused_before_waiting_for_it() -> None:
     pipe = ChunkedPipe()
     pipe.feed((MAX_FRAME + 1).to_bytes(4, "big") + b"garbage")

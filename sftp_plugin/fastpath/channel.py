@@ -79,6 +79,8 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
                 # Loop: woken up, another reader may have taken everything.
                 while not self._size and not self._closed:
                     timeout = self._wait(timeout)
+                    if timeout is not None and timeout <= 0.0:
+                        raise PipeTimeout()
                 if not self._size:
                     return b""  # closed while we waited
             return self._take_out(nbytes)
@@ -89,8 +91,10 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
         through Channel.recv took two reads (its length, then its body), each with its lock, its wait and
         its window check, and a body that arrived in pieces was joined piece by piece, this waits once for
         the whole frame and copies it once. Raises FrameTooLong before waiting for a length over
-        ``MAX_FRAME``, PipeTimeout as ``read`` does."""
+        ``MAX_FRAME``, and PipeTimeout after ``timeout`` seconds in which no byte came (as the two reads
+        did: the channel's timeout is io_timeout, time without progress, not a packet's whole time)."""
         with self._lock:
+            left = timeout
             while True:
                 if self._size >= _LENGTH.size:
                     length = _LENGTH.unpack(self._peek(_LENGTH.size))[0]
@@ -100,19 +104,19 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
                         break
                 if self._closed:
                     return b""
-                timeout = self._wait(timeout)
+                had = self._size
+                left = self._wait(left)
+                if self._size > had:
+                    left = timeout  # bytes came: the time without progress starts again
+                elif left is not None and left <= 0.0:
+                    raise PipeTimeout()
             return self._take_out(_LENGTH.size + length)
 
     def _wait(self, timeout: float | None) -> float | None:
-        """Wait for a feed or the close (lock held); what is left of ``timeout``, PipeTimeout once nothing is."""
+        """Wait for a feed or the close (lock held); what is left of ``timeout`` (<= 0 once it ran out)."""
         then = time.time()
         self._cv.wait(timeout)
-        if timeout is None:
-            return None
-        timeout -= time.time() - then
-        if timeout <= 0.0:
-            raise PipeTimeout()
-        return timeout
+        return None if timeout is None else timeout - (time.time() - then)
 
     def _take_out(self, nbytes: int) -> bytes:
         """`_take`, and the event cleared once nothing is left (lock held, buffer not empty)."""
