@@ -55,7 +55,7 @@ S2C = Direction.SERVER_TO_CLIENT
 # ~8.40 MB client->server and 10.8-13.2 KB server->client over six runs
 # (handshake ~3.5 KB, then window adjustments, as many as sshd's timing makes,
 # and one SFTP status per write of up to 255 KiB);
-# a clean 8 MiB download sends 5 264 bytes
+# a clean 8 MiB download sends 5 068 bytes
 # client->server (handshake, auth and SFTP start up to ~3.3 KB, then 255 KiB
 # read requests) and ~8.40 MB back. The bulk direction is cut early, midway and
 # within its last writes/reads; the thin direction at three points after the
