@@ -417,11 +417,10 @@ def read_stored(
         digests = blocks.blocks_path(source) if sidecar is not None and ranges is None else None
         first = remote.retrying("look up file", lambda: transfer.read_head(
             remote.sftp, source, limit, sidecar, SIDECAR_LIMIT, tail=container.TRAILER_SIZE,
-            index=digests, index_above=blocks.BLOCK_SIZE, index_limit=transfer.REQUEST_SIZE,
-            keep_open=ranges is None))
+            index=digests, index_above=blocks.BLOCK_SIZE, keep_open=ranges is None))
         rest = [first.rest] if first.rest is not None else []  # the first download of the rest takes it
         try:
-            return _deliver_stored(remote, source, first, sink, ranges, ranges_from, must_check, sidecar, rest)
+            return _deliver_stored(remote, source, first, sink, ranges, ranges_from, must_check, rest)
         finally:
             for file in rest:  # nothing took it (the restore failed first)
                 transfer.close_file_quietly(file)
@@ -435,7 +434,6 @@ def _deliver_stored(  # noqa: PLR0913
     ranges: list[tuple[int, int]] | None,
     ranges_from: str,
     must_check: bool,
-    sidecar: str | None,
     rest: list[paramiko.SFTPFile],
 ) -> int:
     """read_stored, once the file's first bytes (``first``) are read; ``rest``: its handle kept open, for
@@ -448,7 +446,7 @@ def _deliver_stored(  # noqa: PLR0913
         raise _damaged(remote, source, "it starts or ends like a container, but not both: cut short, or changed")
     if shape:
         return _read_container(remote, source, size, head, tail, sink, ranges, ranges_from, fetch=fetch)
-    expected = _expected_digest(remote, source, first.companion) if sidecar is not None else None
+    expected = _expected_digest(remote, source, first.companion) if remote.cfg.verify_checksums else None
     if expected is None and must_check:
         raise NotChecked(f"{remote.where(source)} has no checksum stored", "verify_checksums was off when it was "
                          "stored, or its checksum file was removed")

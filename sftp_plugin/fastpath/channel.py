@@ -14,7 +14,6 @@ and close behave exactly as in the parent, whose lock and condition it uses.
 from __future__ import annotations
 
 import collections
-import itertools
 import struct
 import threading
 import time
@@ -127,10 +126,12 @@ class ChunkedPipe(BufferedPipe):  # type: ignore[misc]  # paramiko ships no type
 
     def _peek(self, nbytes: int) -> bytes:
         """The first ``nbytes`` (lock held, at least that many buffered), left in the buffer."""
-        first = self._chunks[0]
-        if len(first) >= nbytes:
-            return bytes(first[:nbytes])
-        return b"".join(bytes(chunk) for chunk in itertools.islice(self._chunks, nbytes))[:nbytes]
+        out = b""
+        for chunk in self._chunks:  # a length field cut in two by its packets: a few bytes from each
+            out += bytes(chunk[: nbytes - len(out)])
+            if len(out) == nbytes:
+                break
+        return out
 
     def empty(self) -> bytes:
         with self._lock:
