@@ -1,10 +1,12 @@
 """Start, time and check the child processes the bench compares: the plugin and OpenSSH's ``sftp``.
 
 Every transfer is a fresh process, as gpbackup runs it. A child is timed from
-just before it is spawned until ``os.wait4`` reaps it, and ``wait4`` also gives
-its peak RSS. Timed ``restore_data`` rounds write to /dev/null, as ``sftp get``
-does; one untimed round goes through a pipe that a thread hashes, so a plugin
-that writes too little, or the wrong bytes, cannot look fast.
+just before it is spawned until ``os.waitpid`` reaps it. Timed ``restore_data``
+rounds write to /dev/null, as ``sftp get`` does; one untimed round goes through
+a pipe that a thread hashes, so a plugin that writes too little, or the wrong
+bytes, cannot look fast. Peak RSS is taken only where asked, untimed, through
+peak_rss.py: ``wait4``'s figure for a child of the bench is at least the
+bench's own peak.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +37,8 @@ DRAIN_CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 # Chunk size for hashing files: one read per MiB keeps Python overhead negligible.
 HASH_CHUNK = 1 << 20
+# Runs a child and writes its true peak RSS (see its docstring).
+PEAK_RSS = str(Path(__file__).with_name("peak_rss.py"))
 
 
 class BenchError(Exception):
@@ -59,7 +65,7 @@ class Outcome:
 
     seconds: float
     returncode: int
-    maxrss_kib: int
+    maxrss_kib: int | None  # only for a child started with rss_file
     stderr: str
     stdout_bytes: int | None = None
     stdout_sha256: str | None = None
@@ -77,10 +83,15 @@ class Outcome:
 class Child:
     """One child process, started now and reaped (and timed) by finish()."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], stderr_path: Path,
-                 stdin_path: Path | None = None, hash_stdout: bool = False) -> None:
-        """stdout goes to /dev/null, or with ``hash_stdout`` through a pipe that a thread counts and hashes."""
+    def __init__(self, argv: list[str], env: dict[str, str], stderr_path: Path,  # noqa: PLR0913
+                 stdin_path: Path | None = None, hash_stdout: bool = False, rss_file: Path | None = None) -> None:
+        """stdout goes to /dev/null, or with ``hash_stdout`` through a pipe that a thread counts and hashes;
+        with ``rss_file`` the child runs under peak_rss.py (in its own process group), which writes its
+        peak RSS there: not for a timed child (it adds a Python start)."""
         self._stderr = open(stderr_path, "w+b")  # a file, not a pipe: nothing to drain while timing
+        self._rss_file = rss_file
+        if rss_file is not None:
+            argv = [sys.executable, "-S", PEAK_RSS, str(rss_file), *argv]
         self._bytes = 0
         self._hash = hashlib.sha256() if hash_stdout else None
         self._thread: threading.Thread | None = None
@@ -97,7 +108,8 @@ class Child:
                     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             self.started = time.perf_counter()
             self.process = subprocess.Popen(argv, stdin=stdin, env=env, stderr=self._stderr,
-                                            stdout=subprocess.DEVNULL if write_end is None else write_end)
+                                            stdout=subprocess.DEVNULL if write_end is None else write_end,
+                                            start_new_session=rss_file is not None)
         finally:
             if write_end is not None:
                 os.close(write_end)
@@ -118,7 +130,7 @@ class Child:
 
     def finish(self) -> Outcome:
         """Wait for the child; its time ends when it exits."""
-        _, status, usage = os.wait4(self.process.pid, 0)
+        _, status = os.waitpid(self.process.pid, 0)
         seconds = time.perf_counter() - self.started
         self.process.returncode = os.waitstatus_to_exitcode(status)
         if self.on_exit is not None:
@@ -128,9 +140,12 @@ class Child:
         self._stderr.seek(0)
         stderr = self._stderr.read().decode(errors="replace")
         self._stderr.close()
+        maxrss_kib = None
+        if self._rss_file is not None and self.process.returncode == 0:
+            maxrss_kib = int(self._rss_file.read_text())
         return Outcome(
             seconds=seconds, returncode=self.process.returncode,
-            maxrss_kib=usage.ru_maxrss,  # KiB on Linux
+            maxrss_kib=maxrss_kib,
             stderr=stderr,
             stdout_bytes=None if self._hash is None else self._bytes,
             stdout_sha256=None if self._hash is None else self._hash.hexdigest(),
@@ -140,7 +155,10 @@ class Child:
         """Stop a child that will not be finished (an error or Ctrl-C elsewhere)."""
         if self.process.returncode is None:
             with contextlib.suppress(OSError):
-                self.process.kill()
+                if self._rss_file is not None:  # peak_rss.py and the command it runs
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                else:
+                    self.process.kill()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.process.pid, 0)
             self.process.returncode = -9
@@ -200,11 +218,12 @@ class Runner:
         return self.scratch / f"{self._serial:06d}.{suffix}"
 
     def plugin_child(self, target: Target, command: str, path: Path, *more: Path, stdin_path: Path | None = None,
-                     hash_stdout: bool = False) -> Child:
-        """The plugin running `command` with the target's config, `path` and any `more` arguments."""
+                     hash_stdout: bool = False, peak_rss: bool = False) -> Child:
+        """The plugin running `command` with the target's config, `path` and any `more` arguments
+        (`peak_rss`: untimed, its Outcome has the peak RSS)."""
         argv = self.plugin.argv(command, target.plugin_config, path, *more)
         return self._track(Child(argv, self.env, self._scratch("err"), stdin_path=stdin_path,
-                                 hash_stdout=hash_stdout))
+                                 hash_stdout=hash_stdout, rss_file=self._scratch("rss") if peak_rss else None))
 
     def sftp_batch(self, lines: list[str]) -> Path:
         """Write an sftp batch file (before timing starts)."""
@@ -212,7 +231,7 @@ class Runner:
         batch.write_text("".join(line + "\n" for line in lines))
         return batch
 
-    def sftp_child(self, target: Target, batch: Path) -> Child:
+    def sftp_child(self, target: Target, batch: Path, peak_rss: bool = False) -> Child:
         argv = [
             "sftp", "-q", "-b", str(batch),
             "-F", "none",  # no ssh_config: only the options below apply
@@ -224,7 +243,8 @@ class Runner:
             "-i", str(target.identity_file),
             f"{target.user}@{target.host}",
         ]
-        return self._track(Child(argv, self.env, self._scratch("err")))
+        rss_file = self._scratch("rss") if peak_rss else None
+        return self._track(Child(argv, self.env, self._scratch("err"), rss_file=rss_file))
 
     def _track(self, child: Child) -> Child:
         self._live.add(child)

@@ -229,7 +229,6 @@ class Bench:
         self.backup = make_local_backup(workdir / "local", time.strftime("%Y%m%d%H%M%S"))
         self.size = args.size_mib * MIB
         self.stream_size = args.stream_size_mib * MIB if args.stream_size_mib else self.size // args.streams
-        self.openssh_rss_kib: list[float] = []  # of every loopback sftp put, for reference
         self.stored: dict[str, Path] = {}  # per target: the verified stream restore_data reads back
         self.skipped: list[str] = []
         self.latency: dict[str, object] = {}  # how the high-latency rows were made, for the JSON
@@ -291,8 +290,8 @@ class Bench:
         rows.extend(self.high_latency())
         rows.append(self.guard("plugin_api_version", self.api_version))
         rows.append(self.guard("peak RSS", lambda: self.rss_row(stream, stream_sha)))
-        # Last: a child's peak RSS counts the bench's own at the moment it was spawned (vfork, then exec
-        # records the old address space's high-water mark), and the subset read's proxy grows the bench.
+        # Last, as before peak RSS was taken through peak_rss.py (the bench's own peak no longer counts):
+        # the subset read's proxy grows the bench.
         if not args.no_at_rest:
             rows.extend(self.guard_rows(AT_REST_METRICS, self.at_rest))
         for row in rows:
@@ -350,9 +349,12 @@ class Bench:
             progress(f"{metric}: ERROR: {err}")
             return Row(metric, status="ERROR", note=str(err))
 
-    def store_stream(self, target: Target, source: Path, size: int, sha: str, name: str) -> Outcome:
-        """backup_data source under name, then check the stored copy's size and SHA-256."""
-        outcome = self.runner.plugin_child(target, "backup_data", self.key(name), stdin_path=source).finish()
+    def store_stream(self, target: Target, source: Path, size: int, sha: str, name: str,  # noqa: PLR0913
+                     peak_rss: bool = False) -> Outcome:
+        """backup_data source under name, then check the stored copy's size and SHA-256 (`peak_rss`: untimed,
+        with the peak RSS)."""
+        outcome = self.runner.plugin_child(target, "backup_data", self.key(name), stdin_path=source,
+                                           peak_rss=peak_rss).finish()
         outcome.check(f"plugin backup_data {name}")
         stored = self.stored_path(target, name)
         check_size(stored, size, f"plugin backup_data {name}")
@@ -377,8 +379,6 @@ class Bench:
             check_size(dest, size, "sftp put")
             dest.unlink()
             openssh_secs.append(openssh.seconds)
-            if target is self.loopback:
-                self.openssh_rss_kib.append(openssh.maxrss_kib)
             progress(f"{metric} round {r + 1}/{self.args.rounds}: plugin {plugin.seconds:.2f} s, "
                      f"OpenSSH {openssh.seconds:.2f} s")
         target_ratio = STREAM_RATIO_TARGET if target is self.loopback else LATENCY_RATIO_TARGET
@@ -591,8 +591,10 @@ class Bench:
         in_process = self.make_target("sealed-in-process", "127.0.0.1", self.server.port, self.server.known_hosts,
                                       compression="zstd", encryption_key_file=str(key), fork_server="no")
         name = f"gpbackup_0_{self.backup.timestamp}_table_rss"
-        rss_kib = self.runner.plugin_child(in_process, "backup_data", self.key(name), stdin_path=data).finish().check(
+        rss_kib = self.runner.plugin_child(in_process, "backup_data", self.key(name), stdin_path=data,
+                                           peak_rss=True).finish().check(
             "plugin backup_data (zstd+AES-GCM, in-process)").maxrss_kib
+        assert rss_kib is not None
         self.stored_path(in_process, name).unlink()
         o = seconds["openssh"]
         rows = [throughput_row(f"at-rest up {mode}", size, seconds[mode], o, target) for mode, target in
@@ -932,14 +934,19 @@ class Bench:
 
     def rss_row(self, stream: Path, sha: str) -> Row:
         """Peak RSS of one backup_data of the whole stream, run in-process (fork_server: no)."""
-        plugin_kib = self.store_stream(self.in_process, stream, self.size, sha, "rss").maxrss_kib
-        plugin = plugin_kib / KIB
-        openssh = max(self.openssh_rss_kib) / KIB if self.openssh_rss_kib else None
-        progress(f"peak RSS: plugin {plugin:.1f} MiB in-process")
+        plugin_kib = self.store_stream(self.in_process, stream, self.size, sha, "rss", peak_rss=True).maxrss_kib
+        dest = self.openssh_dir(self.loopback) / "rss"
+        batch = self.runner.sftp_batch([f"put {sftp_quote(stream)} {sftp_quote(dest)}"])
+        openssh_kib = self.runner.sftp_child(self.loopback, batch, peak_rss=True).finish().check(
+            "sftp put", allow_stderr=True).maxrss_kib
+        dest.unlink()
+        assert plugin_kib is not None and openssh_kib is not None
+        plugin, openssh = plugin_kib / KIB, openssh_kib / KIB
+        progress(f"peak RSS: plugin {plugin:.1f} MiB in-process, OpenSSH {openssh:.1f} MiB")
         return Row("peak RSS", "MiB", plugin, openssh, None, f"plugin <= {RSS_MIB_TARGET:g} MiB",
                    "PASS" if plugin <= RSS_MIB_TARGET else "FAIL",
                    note="plugin in-process (fork_server: no); OpenSSH: the sftp process and its ssh child",
-                   samples={"plugin_maxrss_kib": [plugin_kib], "openssh_maxrss_kib": self.openssh_rss_kib})
+                   samples={"plugin_maxrss_kib": [plugin_kib], "openssh_maxrss_kib": [openssh_kib]})
 
 
 def gzip_size_of(path: Path) -> int:
