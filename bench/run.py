@@ -135,8 +135,11 @@ RESTORE_CALL_KIB = 300
 # after its first MiB (2 MiB + 10 KiB: one block and a bit past the first, as a table of ~50,000 rows).
 RESTORE_LONG_CALL_KIB = 2 * 1024 + 10
 RESTORE_CALLS_PER_ROUND = 10
+# A per-table backup over the slow link: backup_data of such a table file (the restore row's size) one call
+# after another, each stored in the same backup directory as gpbackup stores a segment's table files.
+BACKUP_CALL_KIB = RESTORE_CALL_KIB
 # The rows the high-latency part always yields, measured or skipped.
-LATENCY_METRICS = ("high-latency up", "high-latency down", "high-latency restore_data",
+LATENCY_METRICS = ("high-latency up", "high-latency down", "high-latency backup_data", "high-latency restore_data",
                    "high-latency restore_data long")
 DEFAULT_JSON = REPO / "bench" / "results.json"
 # tmpfs: the sshd's remote_dir and the source files live in RAM, so disk speed is not measured.
@@ -174,6 +177,7 @@ LATENCY_RATIO_TARGET = 0.9  # the pipelining must hide the RTT as well as OpenSS
 # A warm call pays round trips only, a fresh sftp a process, a login and its own round trips: the storm's
 # 5x. The ten round trips such a file took before it was read whole (store.WHOLE_READ_LIMIT) gave 3.2x.
 RESTORE_CALL_RATIO_TARGET = 5.0
+BACKUP_CALL_RATIO_TARGET = 5.0  # the same, for the backup of such a file
 VERSION_MS_TARGET = 50.0  # gpbackup calls plugin_api_version on every host before each backup
 RSS_MIB_TARGET = 128.0  # one backup_data per segment at once: 8+ per host must fit easily in RAM
 
@@ -324,6 +328,8 @@ class Bench:
             "concurrency": f"{args.streams} x {self.stream_size / MIB:g} MiB",
             "high-latency up": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency down": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
+            "high-latency backup_data": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x {BACKUP_CALL_KIB} "
+                                        f"KiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency restore_data": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x {RESTORE_CALL_KIB} "
                                          f"KiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency restore_data long": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x "
@@ -879,11 +885,37 @@ class Bench:
         sha = write_random_file(source, size)
         up = self.guard("high-latency up", lambda: self.stream_up(target, source, size, sha, "lat_up"))
         down = self.guard("high-latency down", lambda: self.stream_down(target, source, size, sha, "lat_down"))
+        backups = self.guard("high-latency backup_data", lambda: self.backup_calls(target))
         calls = self.guard("high-latency restore_data", lambda: self.restore_calls(target))
         long_calls = self.guard("high-latency restore_data long",
                                 lambda: self.restore_calls(target, "high-latency restore_data long",
                                                            RESTORE_LONG_CALL_KIB))
-        return [up, down, calls, long_calls]
+        return [up, down, backups, calls, long_calls]
+
+    def backup_calls(self, target: Target) -> Row:
+        """A per-table backup over the slow link: ``backup_data`` of one table file of BACKUP_CALL_KIB KiB to a
+        new name in one backup directory, call after call (the first, untimed, leaves a warm session), each
+        stored copy checked; OpenSSH's ``sftp`` puts the same file, one process each."""
+        size = BACKUP_CALL_KIB * KIB
+        source = self.data / f"table_up_{BACKUP_CALL_KIB}.bin"
+        sha = write_random_file(source, size)
+        put = self.runner.sftp_batch([f"put {sftp_quote(source)} {sftp_quote(self.openssh_dir(target) / 'lat_put')}"])
+        seconds: dict[str, list[float]] = {"plugin": [], "openssh": []}
+        self.store_stream(target, source, size, sha, "lat_backup_first")
+        for r in range(self.args.rounds):
+            for call in range(RESTORE_CALLS_PER_ROUND):
+                seconds["plugin"].append(self.store_stream(target, source, size, sha, f"lat_backup_{r}_{call}").seconds)
+            for _ in range(RESTORE_CALLS_PER_ROUND):
+                seconds["openssh"].append(
+                    self.runner.sftp_child(target, put).finish().check("sftp put", allow_stderr=True).seconds)
+                check_size(self.openssh_dir(target) / "lat_put", size, "sftp put")
+            progress(f"high-latency backup_data round {r + 1}/{self.args.rounds}: median plugin "
+                     f"{median(seconds['plugin']) * 1000:.1f} ms, OpenSSH {median(seconds['openssh']) * 1000:.1f} ms")
+        (self.openssh_dir(target) / "lat_put").unlink()
+        p, o = median(seconds["plugin"]) * 1000, median(seconds["openssh"]) * 1000
+        return Row("high-latency backup_data", "ms", p, o, o / p, f"ratio >= {BACKUP_CALL_RATIO_TARGET:g}",
+                   "PASS" if o / p >= BACKUP_CALL_RATIO_TARGET else "FAIL",
+                   samples={f"{kind}_seconds": values for kind, values in seconds.items()})
 
     def restore_calls(self, target: Target, metric: str = "high-latency restore_data",
                       kib: int = RESTORE_CALL_KIB) -> Row:

@@ -377,7 +377,7 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
 
         known_hosts = _known_hosts_state(cfg)  # before the key, which reads the file
         warm = _session_key(cfg, served_by)
-        remote = Remote(cfg, sessions.take(warm) if warm else None)
+        remote = Remote(cfg, sessions.take(warm) if warm else None, keeps_session=bool(warm))
         with interrupt_aborts(remote.abort):
             result = getattr(commands, command)(remote, args)
             if warm and not ends_backup(command, args):

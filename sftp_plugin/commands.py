@@ -103,10 +103,14 @@ def cleanup_plugin_for_backup(remote: Remote, args: list[str]) -> Result:
         if not transfer.is_dir(remote.sftp, target):
             return 0
         removed = 0
-        for entry in remote.sftp.listdir(target):
-            if paths.is_temp_name(entry):
-                removed += transfer.remove_if_present(remote.sftp, posixpath.join(target, entry))
-                log.info("removed upload leftover %s", remote.where(posixpath.join(target, entry)))
+        for entry in remote.sftp.listdir_attr(target):
+            name, path = entry.filename, posixpath.join(target, entry.filename)
+            if not paths.is_temp_name(name):
+                continue
+            gone = transfer.remove_if_present(remote.sftp, path)
+            if paths.is_upload_leftover(name, entry.st_size or 0):  # not a worker's spare, opened ahead for nothing
+                removed += gone
+                log.info("removed upload leftover %s", remote.where(path))
         if transfer.rmdir_if_empty(remote.sftp, target):
             log.info("removed empty backup directory %s", remote.where(target))
         transfer.rmdir_if_empty(remote.sftp, backup.remote_date_dir(root))

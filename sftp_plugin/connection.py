@@ -17,6 +17,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import paramiko
 
@@ -378,6 +379,13 @@ def authenticate(transport: paramiko.Transport, cfg: PluginConfig, endpoint: End
     )
 
 
+class Held(Protocol):
+    """Something open on a session's SFTP channel that outlives a call (Session.held)."""
+
+    def release(self, sftp: paramiko.SFTPClient) -> None:
+        """Let it go on the server (close, remove); never raises."""
+
+
 class Session:
     """One SSH transport with one SFTP channel; close() releases both."""
 
@@ -394,6 +402,9 @@ class Session:
         self.endpoint = endpoint
         self.host_key_status = host_key_status
         self.auth_method = auth_method
+        # What a call left open on this session for a later call of the same worker (store.py's spare
+        # files), by name: each is released (close() calls its release(sftp), which never raises) first.
+        self.held: dict[str, Held] = {}
 
     @property
     def cipher(self) -> str:
@@ -406,6 +417,13 @@ class Session:
         Closing the socket with anything unread instead makes the kernel send a reset, which sshd logs as
         "Read error ...: Connection reset by peer". A server that does not close within ``wait`` seconds
         is not waited for any longer. Used at the end of a call and for a kept session (sessions.py)."""
+        held, self.held = list(self.held.values()), {}
+        if held and self.transport.is_active():
+            # What is held goes first, and a stalled link holds the close up no longer than its own wait.
+            channel = self.sftp.get_channel()
+            channel.settimeout(min(wait, channel.gettimeout() or wait))
+            for item in held:
+                item.release(self.sftp)
         try:
             self.sftp.close()
         finally:

@@ -28,6 +28,8 @@ TIMESTAMP_RE = re.compile(r"\d{14}")
 # place when complete; cleanup recognises leftovers by this exact shape.
 TEMP_SUFFIX = ".partial"
 TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{16}\.partial$")
+# A temporary name made before its file is known (transfer.SpareFiles): `.spare.<16 hex digits>.partial`.
+SPARE_STEM = "spare"
 
 
 @dataclass(frozen=True)
@@ -133,5 +135,21 @@ def temp_name_for(final_path: str) -> str:
     return posixpath.join(directory, f".{name}.{secrets.token_hex(8)}{TEMP_SUFFIX}")
 
 
+def spare_temp_name(directory: str) -> str:
+    """A unique temporary name in ``directory`` for an upload to come, whose file is not known yet."""
+    return temp_name_for(posixpath.join(directory, SPARE_STEM))
+
+
 def is_temp_name(name: str) -> bool:
     return bool(TEMP_RE.match(name))
+
+
+def is_spare_name(name: str) -> bool:
+    """Whether a temporary name (is_temp_name) was made by spare_temp_name."""
+    return is_temp_name(name) and name.startswith(f".{SPARE_STEM}.")
+
+
+def is_upload_leftover(name: str, size: int) -> bool:
+    """Whether a temporary file of ``size`` bytes is an upload's: not an empty spare, which a worker opened
+    ahead and no upload has written to yet (removed when its session ends, or by the cleanup of its backup)."""
+    return is_temp_name(name) and (size > 0 or not is_spare_name(name))

@@ -35,6 +35,8 @@ from sftp_plugin.retry import call_with_retries, is_connection_lost
 if TYPE_CHECKING:
     import paramiko
 
+    from sftp_plugin.fastpath.sftp import Pipeline
+
 log = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".gpbackup_sftp_plugin_probe"
@@ -48,6 +50,8 @@ PROBE_PREFIX = ".gpbackup_sftp_plugin_probe"
 WHOLE_READ_LIMIT = blocks.BLOCK_SIZE
 # More than a checksum file (sha256sum's one line) can hold: a longer one is not one of ours.
 SIDECAR_LIMIT = 4096
+# Session.held's name for the files a warm worker opens ahead for its next upload (transfer.SpareFiles).
+SPARE_FILES = "spare files"
 # The admin command that re-reads a whole backup (named in messages about a damaged file).
 PLUGIN_VERIFY = f"{PLUGIN_NAME} verify <config> <timestamp>"
 T = TypeVar("T")
@@ -63,10 +67,12 @@ class Remote:
     lost reconnects at once, without spending one of the call's attempts.
     """
 
-    def __init__(self, cfg: PluginConfig, warm: Session | None = None) -> None:
+    def __init__(self, cfg: PluginConfig, warm: Session | None = None, keeps_session: bool = False) -> None:
         self.cfg = cfg
         self._session: Session | None = warm
         self._unproven = warm is not None  # a kept session no step has used yet in this call
+        # The session may serve a later call (a fork-server worker keeps it): worth opening files ahead for.
+        self.keeps_session = keeps_session
 
     @property
     def session(self) -> Session:
@@ -100,6 +106,21 @@ class Remote:
                 self.drop()
         return call_with_retries(what, self.cfg.retries, self.cfg.retry_max_wait, step, on_retry=self.drop,
                                  progress=progress)
+
+    def take_spare_files(self) -> transfer.SpareFiles | None:
+        """The files the session holds open ahead for an upload (transfer.SpareFiles), taken from it."""
+        spare = self._session.held.pop(SPARE_FILES, None) if self._session is not None else None
+        return spare if isinstance(spare, transfer.SpareFiles) else None
+
+    def hold_spare_files(self, spare: transfer.SpareFiles | None) -> None:
+        """Keep ``spare`` with the session it is open on, for the next upload; released when it closes."""
+        session = self._session
+        if spare is None or session is None or not spare.on(session.sftp):
+            return  # opened on a session since replaced: gone with it
+        old = session.held.pop(SPARE_FILES, None)
+        if old is not None:  # an earlier attempt's, on the same session
+            old.release(session.sftp)
+        session.held[SPARE_FILES] = spare
 
     def release(self) -> Session | None:
         """Hand the open session over (to be kept for a later call) instead of closing it."""
@@ -241,6 +262,18 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
         assert digest is not None
         return [integrity.format_sidecar(digest.result().hexdigest, target_file.name)]
 
+    # The files a warm worker's last upload opened for this one (transfer.SpareFiles), if they fit; this upload
+    # opens those of the next with its fsync and CLOSE, and releases those that do not fit in passing.
+    directory = posixpath.dirname(target)
+    files = 2 if digest else 1  # the stream, and its checksum file
+    held = remote.take_spare_files()
+    spare = held if held is not None and held.fit(remote.sftp, directory, files) else None
+    stale = held if spare is None else None
+
+    def open_next_spare(pipe: Pipeline) -> Callable[[bool], None]:
+        take = transfer.SpareFiles.send_open(pipe, directory, files, replacing=stale)
+        return lambda keep: remote.hold_spare_files(take(keep))
+
     upload = transfer.ResumableUpload(
         source.read if encoding is None else encoding.read,
         target,
@@ -248,6 +281,8 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
         on_chunk=digest.update if digest else None,
         companions=[integrity.sidecar_path(target)] if digest else [],
         companion_data=sidecar if digest else None,
+        spare=spare,
+        also=open_next_spare if remote.keeps_session else None,
     )
 
     def create_directories() -> None:
@@ -291,6 +326,8 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
             sftp = remote.sftp_if_open()
             if sftp is not None:  # the removals are quiet: they never mask the original error
                 upload.abandon(sftp)
+                if stale is not None:  # failed before its release went out with the stream's CLOSE
+                    stale.release(sftp)
                 transfer.remove_quietly(sftp, block_digests_temp)
             raise
         finally:

@@ -84,6 +84,8 @@ LOCAL_CHUNK = 1024 * 1024
 # which can only take bits away.
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
+# OPEN flags of a file an upload writes: created, or emptied (a retry rewrites it).
+CREATE_FLAGS = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
 
 Sink = Callable[[bytes], object]
 
@@ -163,13 +165,17 @@ class PipelinedWriter:
         while self._pipe.pending:
             self._confirm_oldest()
 
-    def sync_and_close(self, remote: paramiko.SFTPFile,
-                       companions: Sequence[tuple[paramiko.SFTPFile, bytes]] = ()) -> None:
+    def sync_and_close(self, remote: paramiko.SFTPFile, companions: Sequence[tuple[paramiko.SFTPFile, bytes]] = (),
+                       also: Callable[[Pipeline], Callable[[bool], object]] | None = None) -> None:
         """Make the file durable and close it: fsync and CLOSE go behind the writes in flight and every
         reply is checked in order, in one round trip where drain, fsync and close took three. A server
         without fsync@openssh.com is tolerated (as by `fsync`); a failed CLOSE is an error, since a
         server may report a failed write only there. ``companions``, small files opened beside it
-        (a checksum), are written, synced and closed behind it, in the same round trip."""
+        (a checksum), are written, synced and closed behind it, in the same round trip. ``also`` sends
+        more requests behind those (SpareFiles.send_open) and gives what takes their replies (never
+        raising), called once the others are checked: with True if all are fine, with False if one failed
+        on a working connection (what those requests made is undone). Not after a connection lost, where
+        it could wait for a stalled link a second time: what they made is left for the cleanup."""
         writes: list[int] = []
         with self._pipe.batch():
             closing = [self._pipe.send_sync_and_close(remote)]
@@ -178,18 +184,26 @@ class PipelinedWriter:
                 for start in range(0, len(view), self._request_size):
                     writes.append(self._pipe.send_write(file.handle, start, view[start : start + self._request_size]))
                 closing.append(self._pipe.send_sync_and_close(file))
-        self.drain()
-        for num in writes:  # replies come in order: the companions' writes, then their syncs and closes
-            self._pipe.wait(num)
-        for sync, close in closing:
-            refused: OSError | None = None
-            try:
-                self._pipe.wait(sync)
-            except OSError as err:
-                refused = err
-            self._pipe.wait(close)  # the handle is closed either way: its reply is read before any raise
-            if refused is not None:
-                sync_failed(refused)
+            take_also = also(self._pipe) if also is not None else None
+        try:
+            self.drain()
+            for num in writes:  # replies come in order: the companions' writes, then their syncs and closes
+                self._pipe.wait(num)
+            for sync, close in closing:
+                refused: OSError | None = None
+                try:
+                    self._pipe.wait(sync)
+                except OSError as err:
+                    refused = err
+                self._pipe.wait(close)  # the handle is closed either way: its reply is read before any raise
+                if refused is not None:
+                    sync_failed(refused)
+        except Exception as err:
+            if take_also is not None and not is_connection_lost(err):
+                take_also(False)
+            raise
+        if take_also is not None:
+            take_also(True)
 
 
 def read_range(
@@ -305,10 +319,15 @@ def create_private(sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPFile:
 
 def create_private_together(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[paramiko.SFTPFile]:
     """`create_private` for each of ``paths``, in one round trip."""
+    files = open_together(sftp, paths, CREATE_FLAGS, _private_attributes())
+    return [file for file in files if file is not None]
+
+
+def _private_attributes() -> paramiko.SFTPAttributes:
+    """What an OPEN that creates a file sends for it to be created private."""
     attrs = paramiko.SFTPAttributes()
     attrs.st_mode = PRIVATE_FILE_MODE
-    files = open_together(sftp, paths, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC, attrs)
-    return [file for file in files if file is not None]
+    return attrs
 
 
 def open_together(sftp: paramiko.SFTPClient, paths: Sequence[str], flags: int = SFTP_FLAG_READ,
@@ -368,6 +387,91 @@ def extension_unsupported(err: OSError) -> bool:
     return "unsupported" in str(err).lower()
 
 
+class SpareFiles:
+    """Temporary files created and opened ahead in one directory, for the next upload there.
+
+    An upload opens the next one's files with its own fsync and CLOSE requests
+    (`send_open`: no round trip of their own), so that the next upload to that
+    directory through the same session (in a warm worker, gpbackup's next table
+    file of the segment) starts with its WRITEs: two round trips for a short
+    file, not three. Private and empty until an upload takes them
+    (ResumableUpload's `spare`), writes through their handles and renames them
+    into place. Those never taken are closed and removed (`release`): in
+    passing by the next upload elsewhere, or when their session closes. A
+    session that dies first leaves them empty under temporary names, which the
+    cleanup of their backup removes with any upload's leftovers.
+    """
+
+    def __init__(self, directory: str, files: Sequence[tuple[str, paramiko.SFTPFile]]) -> None:
+        self.directory = directory
+        self.files = list(files)  # (temporary name, its open handle)
+
+    @classmethod
+    def send_open(cls, pipe: Pipeline, directory: str, count: int, replacing: SpareFiles | None = None
+                  ) -> Callable[[bool], SpareFiles | None]:
+        """Send, through ``pipe`` (in its caller's batch), the release of those ``replacing`` and the OPENs of
+        ``count`` new ones in ``directory``; what takes the replies, to call once those to requests sent before
+        are taken: with True, the new ones, or None where they could not be opened (the next upload then opens
+        its own: no failure of this one's, whose own requests show a connection lost); with False (the upload
+        failed), None, those it opened released again. Never raises."""
+        names = [paths.spare_temp_name(directory) for _ in range(count)]
+        released = replacing._send_release(pipe) if replacing is not None else []
+        attrs = _private_attributes()
+        sent = [(name, pipe.send_open(name, CREATE_FLAGS, attrs)) for name in names]
+
+        def take(keep: bool) -> SpareFiles | None:
+            try:
+                _collect_quietly(pipe, released)
+                files = _take_opened(pipe, sent, "wb")
+            except Exception as err:  # noqa: BLE001 - spare files are an optimisation, never a failure
+                log.debug("opened no spare files in %s: %s", directory, err)
+                return None
+            spare = cls(directory, [(name, file) for name, file in zip(names, files) if file is not None])
+            if keep:
+                return spare
+            spare.release(pipe.sftp)
+            return None
+
+        return take
+
+    def on(self, sftp: paramiko.SFTPClient) -> bool:
+        """Whether they are open through ``sftp`` (handles of another session mean nothing on it)."""
+        return all(file.sftp is sftp for _, file in self.files)
+
+    def fit(self, sftp: paramiko.SFTPClient, directory: str, count: int) -> bool:
+        """Whether an upload of ``count`` files to ``directory`` through ``sftp`` can take them."""
+        return self.directory == directory and len(self.files) == count and self.on(sftp)
+
+    def release(self, sftp: paramiko.SFTPClient) -> None:
+        """Close and remove them, in one round trip (waited for: a session closed right after could end its
+        sftp-server before it got to them); never raises (the session may be what broke)."""
+        try:
+            pipe = Pipeline(sftp)
+            with pipe.batch():
+                sent = self._send_release(pipe)
+            _collect_quietly(pipe, sent)
+        except Exception as err:  # noqa: BLE001 - releasing on a broken session must not fail anything
+            log.debug("could not remove spare files in %s: %s", self.directory, err)
+
+    def _send_release(self, pipe: Pipeline) -> list[int]:
+        """Send their CLOSEs, if they are open through ``pipe`` (another session's handles may name this one's
+        files), and their REMOVEs; they count as released from here."""
+        ours = self.on(pipe.sftp)
+        files, self.files = self.files, []
+        closes = [pipe.send_close(file) for _, file in files] if ours else []
+        return closes + [pipe.send_remove(name) for name, _ in files]
+
+
+def _collect_quietly(pipe: Pipeline, sent: Sequence[int]) -> None:
+    """Take the replies to ``sent`` (requests whose failure changes nothing, such as removing a file that is
+    gone already) off the channel, errors and all."""
+    for num in sent:
+        try:
+            pipe.wait(num)
+        except (EndOfFile, OSError) as err:
+            log.debug("ignored the failure of a request made in passing: %s", err)
+
+
 class ResumableUpload:
     """Stream a source into ``final_path`` atomically, resuming after a lost connection.
 
@@ -392,6 +496,8 @@ class ResumableUpload:
         on_chunk: Callable[[bytes], object] | None = None,
         companions: Sequence[str] = (),
         companion_data: Callable[[], list[bytes]] | None = None,
+        spare: SpareFiles | None = None,
+        also: Callable[[Pipeline], Callable[[bool], object]] | None = None,
     ) -> None:
         self.read = read
         self.final_path = final_path
@@ -401,6 +507,10 @@ class ResumableUpload:
         # (final name, temporary name) of each companion; one temporary name serves every attempt
         self.companions = [(path, paths.temp_name_for(path)) for path in companions]
         self.companion_data = companion_data
+        # Files opened ahead for this upload (the stream's, then each companion's): the first attempt writes
+        # through them, if its session is theirs, and their names serve every attempt.
+        self.spare = spare
+        self.also = also  # requests sent with the stream's fsync and CLOSE (PipelinedWriter.sync_and_close)
         self.confirmed = 0  # bytes acknowledged by the server
         self._buffer: deque[bytes] = deque()  # unacknowledged bytes, starting at offset self._buffer_start
         self._buffer_start = 0
@@ -420,7 +530,7 @@ class ResumableUpload:
                 self._send(writer)
                 if self._companion_bytes is None and self.companion_data is not None:
                     self._companion_bytes = self.companion_data()
-                writer.sync_and_close(remote, list(zip(companions, self._companion_bytes or [])))
+                writer.sync_and_close(remote, list(zip(companions, self._companion_bytes or [])), self.also)
             finally:
                 # What the server acknowledged counts also when the connection broke: the next attempt
                 # resends only the rest, and a link that keeps resetting still gets further each time.
@@ -469,11 +579,17 @@ class ResumableUpload:
 
     def _open(self, sftp: paramiko.SFTPClient) -> tuple[paramiko.SFTPFile, list[paramiko.SFTPFile]]:
         """The stream's temporary file, and the companions' (created afresh on every attempt)."""
-        temps = [temp for _, temp in self.companions]
         if not self._started:
             self._started = True
-            first, *companions = create_private_together(sftp, [self.temp_path, *temps])
-            return first, companions
+            spare, self.spare = self.spare, None
+            if spare is not None and spare.fit(sftp, posixpath.dirname(self.final_path), 1 + len(self.companions)):
+                (self.temp_path, first), *companions = spare.files
+                self.companions = [(final, temp) for (final, _), (temp, _) in zip(self.companions, companions)]
+                return first, [file for _, file in companions]
+            temps = [temp for _, temp in self.companions]
+            first, *opened = create_private_together(sftp, [self.temp_path, *temps])
+            return first, opened
+        temps = [temp for _, temp in self.companions]
         try:
             durable = sftp.stat(self.temp_path).st_size or 0
         except FileNotFoundError:
@@ -518,6 +634,9 @@ class ResumableUpload:
         rename_together(sftp, [*first, *moves, (self.temp_path, self.final_path, self.confirmed)])
 
     def abandon(self, sftp: paramiko.SFTPClient) -> None:
+        spare, self.spare = self.spare, None
+        if spare is not None:  # failed before its first attempt took them
+            spare.release(sftp)
         for temp in [self.temp_path, *(temp for _, temp in self.companions)]:
             remove_quietly(sftp, temp)
 

@@ -144,3 +144,22 @@ def test_temp_name_is_hidden_beside_target_and_recognised() -> None:
                                   ".x.0123456789abcdeg.partial", "x.0123456789abcdef.partial"])
 def test_ordinary_names_are_not_temp_names(name: str) -> None:
     assert not paths.is_temp_name(name)
+
+
+def test_a_spare_name_is_a_hidden_temp_name_in_its_directory_and_told_from_an_uploads() -> None:
+    directory = f"{ROOT}/backups/{DATE}/{TS}"
+    spare = paths.spare_temp_name(directory)
+    upload = posixpath.basename(paths.temp_name_for(f"{directory}/gpbackup_0_{TS}"))
+    assert posixpath.dirname(spare) == directory
+    assert paths.is_temp_name(posixpath.basename(spare)) and paths.is_spare_name(posixpath.basename(spare))
+    assert not paths.is_spare_name(upload) and not paths.is_spare_name(f".spare.{TS}")
+    assert spare != paths.spare_temp_name(directory)
+
+
+def test_an_empty_spare_is_no_upload_leftover_and_one_written_to_is() -> None:
+    spare = posixpath.basename(paths.spare_temp_name(f"{ROOT}/backups/{DATE}/{TS}"))
+    upload = posixpath.basename(paths.temp_name_for(f"{ROOT}/backups/{DATE}/{TS}/gpbackup_0_{TS}"))
+    assert not paths.is_upload_leftover(spare, 0)
+    assert paths.is_upload_leftover(spare, 1)
+    assert paths.is_upload_leftover(upload, 0) and paths.is_upload_leftover(upload, 5)
+    assert not paths.is_upload_leftover(f"gpbackup_0_{TS}", 5)

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,10 +25,12 @@ from devtools.delayproxy import DelayProxy
 from devtools.gpbackup import LocalBackup
 from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_ok, socket_dir_env
 from devtools.sshd import SshServer, known_hosts_line
-from sftp_plugin import forkserver
+from sftp_plugin import forkserver, paths
 from tests.helpers import alive, finish, own_fork_server, sha256, wait_until
 
 NOBODY = 65534
+# Where Debian's openssh-sftp-server (a dependency of openssh-server) puts the program.
+SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
 
 
 class Warm:
@@ -116,6 +118,26 @@ class Warm:
 def warm(plugin: Plugin, fresh_config: SiteConfig, fresh_sshd: SshServer) -> Iterator[Warm]:
     with own_fork_server(fresh_config, "gpsftp-ws.") as tmpdir:
         yield Warm(plugin, fresh_config, fresh_sshd, tmpdir)
+
+
+@pytest.fixture
+def warm_logged(plugin: Plugin, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Warm, Path]]:
+    """A Warm whose backup host's sftp-server logs each request it serves (opens, renames) to a file of its
+    own (internal-sftp logs only to syslog); that file."""
+    if not SFTP_SERVER.exists():
+        pytest.skip(f"no {SFTP_SERVER}")
+    workdir = tmp_path / "sshd_logged"
+    workdir.mkdir()
+    log = workdir / "sftp-server.log"
+    with SshServer(workdir, extra_config=f"ForceCommand {SFTP_SERVER} -e -l INFO 2>>{log}\n") as server:
+        config = SiteConfig.create(server, tmp_path, request.node.name)
+        with own_fork_server(config, "gpsftp-wl.") as tmpdir:
+            yield Warm(plugin, config, server, tmpdir), log
+
+
+def spare_files(directory: Path) -> list[Path]:
+    """The files a warm worker holds open in `directory` for its next upload there."""
+    return sorted(p for p in directory.iterdir() if paths.is_spare_name(p.name)) if directory.is_dir() else []
 
 
 def test_sequential_calls_of_one_config_log_in_once(warm: Warm, backup: LocalBackup) -> None:
@@ -462,3 +484,104 @@ def test_a_session_whose_call_added_the_host_key_is_reused_by_the_next_call(warm
     assert known_hosts.read_text().strip(), "the call did not record the host key"
     warm.store(backup, "gpbackup_0_after_the_key", b"2" * 1000, config=path)
     assert warm.logins() == logins + 1  # the second call used the first one's session
+
+
+def test_a_warm_upload_to_the_directory_of_the_last_writes_through_files_the_last_one_opened(
+        warm_logged: tuple[Warm, Path], backup: LocalBackup) -> None:
+    # No OPEN round trip for gpbackup's next table file: an upload opens the next one's files (the stream's and
+    # its checksum's) in its directory, with its own fsync and CLOSE requests.
+    warm, log = warm_logged
+    warm.start_server(backup)
+    warm.store(backup, "gpbackup_0_first", os.urandom(5000))
+    directory = backup.remote(warm.config.remote_dir)
+    assert len(spare_files(directory)) == 2, "no files opened ahead by the first upload"
+    spares = spare_files(directory)
+    assert all(p.stat().st_size == 0 and p.stat().st_mode & 0o777 == 0o600 for p in spares)
+    since = log.stat().st_size
+    logins = warm.logins()
+
+    data = os.urandom(70_000)
+    key = warm.store(backup, "gpbackup_0_second", data)
+
+    served = log.read_bytes()[since:].decode()
+    final = backup.remote(warm.config.remote_dir, "gpbackup_0_second")
+    renamed = dict(re.findall(r'posix-rename old "([^"]+)" new "([^"]+)"', served))
+    assert sorted(renamed) == [str(p) for p in spares]  # both files came from those opened ahead
+    assert sorted(renamed.values()) == sorted([str(final), f"{final}.sha256"])
+    assert not re.search(r'open "[^"]*/\.gpbackup_0_second\.', served), "the upload opened files of its own"
+    assert sha256(warm.restored(key)) == sha256(data)
+    assert final.with_name(final.name + ".sha256").read_text() == f"{sha256(data)}  {final.name}\n"
+    assert warm.logins() == logins
+
+
+def test_an_upload_to_another_directory_opens_its_own_files_and_the_spare_ones_move_there(
+        warm: Warm, make_backup: Callable[..., LocalBackup]) -> None:
+    first, second = make_backup("20240102030405"), make_backup("20240102030406")
+    warm.start_server(first)
+    warm.store(first, "gpbackup_0_first", b"1" * 3000)
+    assert len(spare_files(first.remote(warm.config.remote_dir))) == 2
+    data = os.urandom(40_000)
+    key = warm.store(second, "gpbackup_0_second", data)
+    assert len(spare_files(second.remote(warm.config.remote_dir))) == 2
+    assert spare_files(first.remote(warm.config.remote_dir)) == []  # closed and removed as the new ones opened
+    assert sha256(warm.restored(key)) == sha256(data)
+
+
+def test_the_spare_files_of_a_session_lost_mid_call_are_removed_by_name_through_the_next_and_never_closed_there(
+        warm: Warm, make_backup: Callable[..., LocalBackup]) -> None:
+    # The kept session looks alive when the call takes it, and never answers: the upload to another directory
+    # goes through a new one. The old session's handles mean nothing there (the same handle strings may name
+    # the new session's own files): its spare files are removed by name, in passing.
+    path = warm.config.write("short_timeout.yaml", io_timeout=2)
+    first, second = make_backup("20240102030405"), make_backup("20240102030406")
+    warm.start_server(first, path)
+    warm.store(first, "gpbackup_0_first", b"1" * 3000, config=path)
+    assert len(spare_files(first.remote(warm.config.remote_dir))) == 2
+    (child,) = warm.session_children()
+    os.kill(child, signal.SIGSTOP)
+    try:
+        data = os.urandom(300_000)
+        key = warm.store(second, "gpbackup_0_second", data, config=path)
+        assert spare_files(first.remote(warm.config.remote_dir)) == []
+        assert len(spare_files(second.remote(warm.config.remote_dir))) == 2
+        assert sha256(warm.restored(key, config=path)) == sha256(data)
+    finally:
+        os.kill(child, signal.SIGKILL)
+    assert "the kept session to" in warm.config.log_text()
+
+
+def test_an_upload_that_fails_in_a_worker_leaves_no_spare_files_behind(warm: Warm, backup: LocalBackup,
+                                                                        tmp_path: Path) -> None:
+    # The next upload's files go out with this one's fsync and CLOSE: where the fsync is refused, they are
+    # removed again, and the backup host holds nothing of the call.
+    workdir = tmp_path / "sshd_fsync_refused"
+    workdir.mkdir()
+    with SshServer(workdir, extra_config="ForceCommand internal-sftp -P fsync\n") as refusing:
+        cfg = refusing.write_config(tmp_path / "refusing.yaml", log_dir=str(tmp_path / "refusing_logs"))
+        warm.start_server(backup)  # the fork server runs: the call below goes to a worker
+        result = warm.run("backup_data", backup.file("gpbackup_0_refused"), stdin=b"rows" * 1000, config=cfg)
+        assert result.returncode != 0 and b"refused fsync@openssh.com" in result.stderr, result
+        log = "".join(path.read_text() for path in (tmp_path / "refusing_logs").iterdir())
+        assert "(fork server worker" in log
+        assert [p for p in refusing.remote_dir.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize("end", ["stop-fork-server", "segment_host cleanup", "coordinator cleanup", "session_idle"])
+def test_spare_files_go_when_their_session_ends(warm: Warm, backup: LocalBackup, end: str) -> None:
+    path = warm.config.write("short_idle.yaml", session_idle=1) if end == "session_idle" else warm.config.path
+    warm.start_server(backup, path)
+    data = os.urandom(20_000)
+    key = warm.store(backup, "gpbackup_0_kept", data, config=path)
+    directory = backup.remote(warm.config.remote_dir)
+    assert spare_files(directory), "no files opened ahead"
+    if end == "stop-fork-server":
+        assert_ok(warm.plugin.run("stop-fork-server", env_extra=socket_dir_env(warm.tmpdir)))
+    elif end == "segment_host cleanup":
+        assert_ok(warm.run("cleanup_plugin_for_backup", backup.path, "segment_host", "0", config=path))
+    elif end == "coordinator cleanup":
+        result = assert_ok(warm.run("cleanup_plugin_for_backup", backup.path, "coordinator", '"-1"', config=path))
+        assert "removed 0 leftovers" in warm.config.log_text(), result  # not an interrupted upload's
+    assert wait_until(lambda: not spare_files(directory) and not warm.session_children(), timeout=15), \
+        spare_files(directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["gpbackup_0_kept", "gpbackup_0_kept.sha256"]
+    assert sha256(warm.restored(key, config=path)) == sha256(data)

@@ -191,8 +191,8 @@ class FakeWriter:
     def drain(self) -> None:
         self.confirmed = self.sent
 
-    def sync_and_close(self, _remote: FakeFile, companions: object = ()) -> None:
-        assert not companions
+    def sync_and_close(self, _remote: FakeFile, companions: object = (), also: object = None) -> None:
+        assert not companions and also is None
         self.drain()
 
     def use_long_writes(self) -> None:

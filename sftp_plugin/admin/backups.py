@@ -105,7 +105,9 @@ def summarize(
     from sftp_plugin.retention import backup_time
 
     names = [posixpath.basename(name) for name, _ in entries]
-    temporary = sorted(name for name in names if paths.is_temp_name(name))
+    # Not the empty spare files a warm worker holds open for its next upload (paths.is_upload_leftover)
+    temporary = sorted(posixpath.basename(name) for name, size in entries
+                       if paths.is_upload_leftover(posixpath.basename(name), size))
     data_files = [name for name in names if not paths.is_temp_name(name) and not is_checksum_file(name)]
     # gpbackup timestamps are the coordinator's local time; a directory of 14 digits that are no time
     # (made by hand, or by a test) is listed all the same, of unknown age
@@ -401,7 +403,7 @@ def _verify_backup(remote: Remote, backup: BackupDir) -> int:
             continue
         tally.verified += 1
         tally.bytes += entries[name]
-    for name in sorted(n for n in entries if paths.is_temp_name(posixpath.basename(n))):
+    for name in sorted(n for n, size in entries.items() if paths.is_upload_leftover(posixpath.basename(n), size)):
         print(f"{'NOTE':<8} {backup.timestamp}/{name}: an interrupted upload's leftover (cleanup removes it)")
     verdict = "OK" if not tally.problems else f"{tally.problems} problem{'s' if tally.problems != 1 else ''}"
     print(f"backup {backup.timestamp}: {verdict}; {tally.verified} of {tally.files} files verified "

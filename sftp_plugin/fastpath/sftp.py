@@ -34,6 +34,7 @@ from paramiko.sftp import (
     CMD_HANDLE,
     CMD_OPEN,
     CMD_READ,
+    CMD_REMOVE,
     CMD_STAT,
     CMD_STATUS,
     CMD_WRITE,
@@ -169,6 +170,10 @@ class Pipeline:
         """posix-rename@openssh.com, as SFTPClient.posix_rename frames it."""
         return self.send_extended("posix-rename@openssh.com", self.sftp._adjust_cwd(source),
                                   self.sftp._adjust_cwd(target))
+
+    def send_remove(self, path: str) -> int:
+        """REMOVE, as SFTPClient.remove frames it; its reply is taken by `wait`."""
+        return self.send(CMD_REMOVE, self.sftp._adjust_cwd(path))
 
     def send_fstat(self, file: paramiko.SFTPFile) -> int:
         return self.send(CMD_FSTAT, file.handle)
