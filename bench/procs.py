@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
 
-from devtools.harness import Plugin
+from devtools.harness import Plugin, socket_dir_env
 
 T = TypeVar("T")
 
@@ -206,6 +206,8 @@ class Runner:
         tmp.mkdir(parents=True, exist_ok=True)
         self.plugin = Plugin(home, plugin, socket_dir=tmp)
         self.env = self.plugin.env()
+        self._no_server_dir = workdir / "no-server"  # see plugin_child
+        self._no_server_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._serial = 0
         self._live: set[Child] = set()  # started and not yet finished: killed by kill_all()
 
@@ -222,7 +224,12 @@ class Runner:
         """The plugin running `command` with the target's config, `path` and any `more` arguments
         (`peak_rss`: untimed, its Outcome has the peak RSS)."""
         argv = self.plugin.argv(command, target.plugin_config, path, *more)
-        return self._track(Child(argv, self.env, self._scratch("err"), stdin_path=stdin_path,
+        env = self.env
+        if peak_rss:
+            # Where no fork server listens, so that a target with fork_server: no runs the call in the client's
+            # own process: served by a worker, only the compiled client would be measured.
+            env = {**env, **socket_dir_env(self._no_server_dir)}
+        return self._track(Child(argv, env, self._scratch("err"), stdin_path=stdin_path,
                                  hash_stdout=hash_stdout, rss_file=self._scratch("rss") if peak_rss else None))
 
     def sftp_batch(self, lines: list[str]) -> Path:
