@@ -158,6 +158,23 @@ def serve_calls(socket_path: str, log_dir: str, caps: list[str] | None = None) -
 class _WorkerCalls:
     """What a fork-server worker runs (forkserver.Calls): `main`, with the session a call kept (sessions.py)."""
 
+    def __init__(self) -> None:
+        self._admitted: bool | None = None  # admits' answer: the same for every call of a worker (its route)
+
+    def admits(self, argv: list[str], cwd: str) -> bool:
+        """Not a call whose config says fork_server: no: it runs in its own process, under its caller's
+        resource limits and control group (a worker has the server's), whichever config started the server.
+        Decided at a worker's first call: its calls all bring one config file, path and content (the route).
+        A config that does not load is admitted: the call fails in the worker, as it would anywhere."""
+        if self._admitted is None:
+            from sftp_plugin.config import load_config
+
+            try:
+                self._admitted = load_config(os.path.join(cwd, argv[1])).fork_server
+            except Exception:  # noqa: BLE001 - whatever is wrong with it, the call reports it
+                self._admitted = True
+        return self._admitted
+
     def run(self, argv: list[str], monitor: int) -> forkserver.Ending:
         from sftp_plugin import forkserver, sessions
 

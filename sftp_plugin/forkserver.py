@@ -102,8 +102,9 @@ PARK_LIMIT = START_TIMEOUT / 2
 # Monitor -> worker: a request's length and what to do with it: run it, or open what it would use (Calls.warm).
 _TASK = struct.Struct("!iB")
 _RUN, _WARM = 0, 1
-# Worker -> monitor: the call was taken (before it runs anything), then _REPLY.
-ACCEPTED = b"A"
+# Worker -> monitor: the call was taken (before it runs anything), then _REPLY; or it was declined
+# (Calls.admits), and its client runs it in its own process.
+ACCEPTED, DECLINED = b"A", b"D"
 # Worker -> monitor: exit code, flags, the most slots the route may have (Ending.slots).
 _REPLY = struct.Struct("!iii")
 _STAY, _RETIRE = 1, 2
@@ -591,6 +592,10 @@ if TYPE_CHECKING:
         def warm(self, argv: list[str], monitor: int) -> Ending:
             """Open, and keep for the next call, what a call of `argv` would use, without running it (a spare
             worker: its std fds are /dev/null, its environment and cwd those of an earlier call of the route)."""
+
+        def admits(self, argv: list[str], cwd: str) -> bool:
+            """Whether the call of `argv` (from a caller in `cwd`) may run in this worker, before anything of it
+            runs; False: its client runs it in its own process."""
 
         def still_warm(self) -> bool:
             """Between calls, about once a second: False ends this worker (idle too long, config changed)."""
@@ -1269,13 +1274,16 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
                 socket.send_fds(worker.sock, [_TASK.pack(len(payload), task)], fds)
                 worker.sock.sendall(payload)
                 worker.sock.settimeout(START_TIMEOUT)
-                accepted = _recv_exact(worker.sock, 1) == ACCEPTED
+                answer = _recv_exact(worker.sock, 1)
             except OSError:
-                accepted = False
-            if accepted:
+                answer = b""
+            if answer == ACCEPTED:
                 break
             worker.reap()
             worker = None
+            if answer == DECLINED:  # another worker would decline it too
+                conn.sendall(REFUSED + _INT.pack(0))
+                return None, False, None
         else:
             conn.sendall(REFUSED + _INT.pack(0))
             return None, False, None
@@ -1366,6 +1374,11 @@ def _worker(sock: socket.socket, calls: Calls) -> None:
                 return  # EOF: the slot ended
             length, task = _TASK.unpack(head)
             request = _decode_request(_recv_exact(sock, length))
+            if not calls.admits(request.argv, request.cwd):
+                for fd in fds:
+                    os.close(fd)
+                sock.sendall(DECLINED)
+                return
             sock.sendall(ACCEPTED)
             code = 1  # until the call says otherwise
             ending = _run_call(fds, request, calls.warm if task == _WARM else calls.run)

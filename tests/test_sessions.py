@@ -233,6 +233,21 @@ def test_session_idle_0_and_fork_server_no_keep_no_session(warm: Warm, backup: L
         assert wait_until(lambda: not warm.session_children()), name
 
 
+def test_a_call_whose_config_says_fork_server_no_runs_in_its_own_process_while_a_server_runs(
+        warm: Warm, backup: LocalBackup) -> None:
+    # Under its caller's resource limits and control group, not the server's, whichever config started it.
+    path = warm.config.write("no_server.yaml", fork_server="no")
+    warm.start_server(backup)  # by the default config
+    data = os.urandom(5000)
+    for number in range(2):
+        key = warm.store(backup, f"gpbackup_0_own_process_{number}", data, config=path)
+        assert sha256(warm.restored(key, config=path)) == sha256(data)
+    starts = re.findall(r"INFO (?:backup|restore)_data: start \S*own_process.*", warm.config.log_text())
+    assert len(starts) == 4 and not [line for line in starts if "fork server worker" in line], starts
+    warm.store(backup, "gpbackup_0_served", b"s" * 1000)  # the default config's calls still go to a worker
+    assert re.search(r"backup_data: start \S*gpbackup_0_served \(fork server worker", warm.config.log_text())
+
+
 def test_cleanup_in_segment_host_scope_closes_the_idle_sessions_of_its_config(warm: Warm,
                                                                             backup: LocalBackup) -> None:
     warm.start_server(backup)
