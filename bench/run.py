@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import itertools
 import json
 import os
 import platform
@@ -900,21 +901,33 @@ class Bench:
         source = self.data / f"table_up_{BACKUP_CALL_KIB}.bin"
         sha = write_random_file(source, size)
         put = self.runner.sftp_batch([f"put {sftp_quote(source)} {sftp_quote(self.openssh_dir(target) / 'lat_put')}"])
-        seconds: dict[str, list[float]] = {"plugin": [], "openssh": []}
         self.store_stream(target, source, size, sha, "lat_backup_first")
-        for r in range(self.args.rounds):
-            for call in range(RESTORE_CALLS_PER_ROUND):
-                seconds["plugin"].append(self.store_stream(target, source, size, sha, f"lat_backup_{r}_{call}").seconds)
-            for _ in range(RESTORE_CALLS_PER_ROUND):
-                seconds["openssh"].append(
-                    self.runner.sftp_child(target, put).finish().check("sftp put", allow_stderr=True).seconds)
-                check_size(self.openssh_dir(target) / "lat_put", size, "sftp put")
-            progress(f"high-latency backup_data round {r + 1}/{self.args.rounds}: median plugin "
-                     f"{median(seconds['plugin']) * 1000:.1f} ms, OpenSSH {median(seconds['openssh']) * 1000:.1f} ms")
+        calls = itertools.count()
+
+        def plugin_call() -> float:
+            return self.store_stream(target, source, size, sha, f"lat_backup_{next(calls)}").seconds
+
+        def openssh_call() -> float:
+            seconds = self.runner.sftp_child(target, put).finish().check("sftp put", allow_stderr=True).seconds
+            check_size(self.openssh_dir(target) / "lat_put", size, "sftp put")
+            return seconds
+
+        row = self.call_rounds("high-latency backup_data", plugin_call, openssh_call, BACKUP_CALL_RATIO_TARGET)
         (self.openssh_dir(target) / "lat_put").unlink()
+        return row
+
+    def call_rounds(self, metric: str, plugin_call: Callable[[], float], openssh_call: Callable[[], float],
+                    ratio_target: float) -> Row:
+        """RESTORE_CALLS_PER_ROUND timed calls of the plugin, then as many of OpenSSH, per round (each call
+        checks its own result and gives its seconds); the row of their medians in ms, against ``ratio_target``."""
+        seconds: dict[str, list[float]] = {"plugin": [], "openssh": []}
+        for r in range(self.args.rounds):
+            seconds["plugin"] += [plugin_call() for _ in range(RESTORE_CALLS_PER_ROUND)]
+            seconds["openssh"] += [openssh_call() for _ in range(RESTORE_CALLS_PER_ROUND)]
+            progress(f"{metric} round {r + 1}/{self.args.rounds}: median plugin "
+                     f"{median(seconds['plugin']) * 1000:.1f} ms, OpenSSH {median(seconds['openssh']) * 1000:.1f} ms")
         p, o = median(seconds["plugin"]) * 1000, median(seconds["openssh"]) * 1000
-        return Row("high-latency backup_data", "ms", p, o, o / p, f"ratio >= {BACKUP_CALL_RATIO_TARGET:g}",
-                   "PASS" if o / p >= BACKUP_CALL_RATIO_TARGET else "FAIL",
+        return Row(metric, "ms", p, o, o / p, f"ratio >= {ratio_target:g}", "PASS" if o / p >= ratio_target else "FAIL",
                    samples={f"{kind}_seconds": values for kind, values in seconds.items()})
 
     def restore_calls(self, target: Target, metric: str = "high-latency restore_data",
@@ -932,23 +945,18 @@ class Bench:
         check_size(stored, size, "plugin backup_data (table file)")
         get = self.runner.sftp_batch([f"get {sftp_quote(stored)} /dev/null"])
         self.runner.plugin_child(target, "restore_data", self.key(name)).finish().check("plugin restore_data")
-        seconds: dict[str, list[float]] = {"plugin": [], "openssh": []}
-        for r in range(self.args.rounds):
-            for _ in range(RESTORE_CALLS_PER_ROUND):
-                plugin = self.runner.plugin_child(target, "restore_data", self.key(name), hash_stdout=True).finish()
-                plugin.check("plugin restore_data")
-                if plugin.stdout_sha256 != sha:
-                    raise BenchError(f"plugin restore_data returned {plugin.stdout_bytes} bytes unlike those stored")
-                seconds["plugin"].append(plugin.seconds)
-            for _ in range(RESTORE_CALLS_PER_ROUND):
-                seconds["openssh"].append(
-                    self.runner.sftp_child(target, get).finish().check("sftp get", allow_stderr=True).seconds)
-            progress(f"{metric} round {r + 1}/{self.args.rounds}: median plugin "
-                     f"{median(seconds['plugin']) * 1000:.1f} ms, OpenSSH {median(seconds['openssh']) * 1000:.1f} ms")
-        p, o = median(seconds["plugin"]) * 1000, median(seconds["openssh"]) * 1000
-        return Row(metric, "ms", p, o, o / p, f"ratio >= {RESTORE_CALL_RATIO_TARGET:g}",
-                   "PASS" if o / p >= RESTORE_CALL_RATIO_TARGET else "FAIL",
-                   samples={f"{kind}_seconds": values for kind, values in seconds.items()})
+
+        def plugin_call() -> float:
+            plugin = self.runner.plugin_child(target, "restore_data", self.key(name), hash_stdout=True).finish()
+            plugin.check("plugin restore_data")
+            if plugin.stdout_sha256 != sha:
+                raise BenchError(f"plugin restore_data returned {plugin.stdout_bytes} bytes unlike those stored")
+            return plugin.seconds
+
+        def openssh_call() -> float:
+            return self.runner.sftp_child(target, get).finish().check("sftp get", allow_stderr=True).seconds
+
+        return self.call_rounds(metric, plugin_call, openssh_call, RESTORE_CALL_RATIO_TARGET)
 
     def api_version(self) -> Row:
         seconds: list[float] = []

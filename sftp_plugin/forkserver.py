@@ -1282,9 +1282,8 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
             worker.reap()
             worker = None
             if answer == DECLINED:  # another worker would decline it too
-                conn.sendall(REFUSED + _INT.pack(0))
-                return None, False, None
-        else:
+                break
+        if worker is None:  # not taken: the client runs it in its own process
             conn.sendall(REFUSED + _INT.pack(0))
             return None, False, None
     finally:

@@ -115,12 +115,8 @@ class Remote:
     def hold_spare_files(self, spare: transfer.SpareFiles | None) -> None:
         """Keep ``spare`` with the session it is open on, for the next upload; released when it closes."""
         session = self._session
-        if spare is None or session is None or not spare.on(session.sftp):
-            return  # opened on a session since replaced: gone with it
-        old = session.held.pop(SPARE_FILES, None)
-        if old is not None:  # an earlier attempt's, on the same session
-            old.release(session.sftp)
-        session.held[SPARE_FILES] = spare
+        if spare is not None and session is not None and spare.on(session.sftp):  # else gone with its session
+            session.held[SPARE_FILES] = spare  # the upload took what was held: only one attempt gets this far
 
     def release(self) -> Session | None:
         """Hand the open session over (to be kept for a later call) instead of closing it."""

@@ -299,11 +299,7 @@ def _abandon(pipe: Pipeline, closing: int | None = None) -> None:
     to the CLOSE ``closing``, sent behind them (if it was)."""
     nums = [num for num, _, _ in pipe.pending] + ([closing] if closing is not None else [])
     pipe.pending.clear()
-    for num in nums:
-        try:
-            pipe.wait(num)
-        except (EndOfFile, OSError):
-            pass
+    _collect_quietly(pipe, nums)
 
 
 def create_private(sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPFile:

@@ -24,6 +24,7 @@ import pytest
 
 from devtools.harness import PLUGIN_EXE, RUN_TIMEOUT, Plugin, SiteConfig, plugin_env
 from devtools.sshd import SshServer
+from sftp_plugin import paths
 
 # Longest wait for something a test waits on (a server's socket, a process ending,
 # a fault firing), allowing for a loaded 2-core CI machine; a deadline, not an assertion.
@@ -104,6 +105,19 @@ def write_offsets(tmp_path: Path, ranges: list[tuple[int, int]]) -> Path:
     offsets = tmp_path / "offsets"
     offsets.write_text(f"{len(ranges)} " + " ".join(f"{s} {e}" for s, e in ranges))
     return offsets
+
+
+def upload_leftovers(top: Path) -> list[Path]:
+    """Temporary upload files anywhere under `top`; not a warm worker's empty spare files, held open for its
+    next upload (test_sessions checks those go with their session), which may go while we look."""
+    found = []
+    for path in top.rglob(".*.partial"):
+        try:
+            if paths.is_upload_leftover(path.name, path.stat().st_size):
+                found.append(path)
+        except FileNotFoundError:
+            continue
+    return sorted(found)
 
 
 def sha256(data: bytes) -> str:

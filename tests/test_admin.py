@@ -17,8 +17,7 @@ import pytest
 from devtools.gpbackup import make_local_backup
 from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig
 from devtools.sshd import SshServer, free_port, keygen
-from sftp_plugin import paths
-from tests.helpers import gpbackup_files, session_plugin, sshd_fixture, undeletable
+from tests.helpers import gpbackup_files, session_plugin, sshd_fixture, undeletable, upload_leftovers
 
 ALL_CHECKS = (
     "config",
@@ -262,8 +261,7 @@ def leftover_files(stored: SiteConfig) -> list[str]:
     """The interrupted upload's temporary files in LEFTOVER: the stream's and its checksum file's, opened
     together. Where it wrote through the spare files a warm worker had opened ahead, the checksum file's is an
     empty spare, as any untaken one is, and not counted (paths.is_upload_leftover)."""
-    left = sorted(p.name for p in (stored.remote_dir / "backups" / LEFTOVER[:8] / LEFTOVER).iterdir()
-                  if paths.is_upload_leftover(p.name, p.stat().st_size))
+    left = [path.name for path in upload_leftovers(stored.remote_dir / "backups" / LEFTOVER[:8] / LEFTOVER)]
     assert len(left) in (1, 2), left
     return left
 

@@ -14,7 +14,7 @@ from devtools.gpbackup import LocalBackup
 from devtools.harness import Plugin, SiteConfig, assert_failed
 from devtools.sshd import SshServer
 from sftp_plugin import paths
-from tests.helpers import gpbackup_config, gpbackup_files, gpbackup_report, sshd_fixture, undeletable
+from tests.helpers import gpbackup_config, gpbackup_files, gpbackup_report, sshd_fixture, undeletable, upload_leftovers
 
 HOOKS = ("setup_plugin_for_backup", "setup_plugin_for_restore", "cleanup_plugin_for_backup",
          "cleanup_plugin_for_restore")
@@ -38,16 +38,8 @@ def remote_files(root: Path) -> dict[str, bytes]:
 
 
 def temp_leftovers(directory: Path) -> list[str]:
-    """An upload's temporary files in `directory`; not the empty spare files a warm worker holds open there for
-    its next upload (test_sessions checks those go with their session), which may go while we look."""
-    found = []
-    for path in directory.iterdir() if directory.is_dir() else []:
-        try:
-            if paths.is_upload_leftover(path.name, path.stat().st_size):
-                found.append(path.name)
-        except FileNotFoundError:
-            continue
-    return found
+    """An upload's temporary files in `directory` (helpers.upload_leftovers)."""
+    return [path.name for path in upload_leftovers(directory)] if directory.is_dir() else []
 
 
 def store(plugin: Plugin, config: SiteConfig, backup: LocalBackup, name: str, data: bytes) -> Path:

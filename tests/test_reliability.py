@@ -30,9 +30,8 @@ from devtools.faultproxy import Action, Direction, FaultProxy, Plan
 from devtools.gpbackup import LocalBackup, make_local_backup
 from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_failed, assert_ok
 from devtools.sshd import SshServer, keygen
-from sftp_plugin import paths
 from sftp_plugin.transfer import LOCAL_CHUNK
-from tests.helpers import sha256, sshd_fixture, wait_until
+from tests.helpers import sha256, sshd_fixture, upload_leftovers, wait_until
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -132,19 +131,6 @@ def store_directly(plugin: Plugin, config: SiteConfig, backup: LocalBackup, name
 def leftovers(config: SiteConfig) -> list[Path]:
     """Temporary upload files anywhere under this test's remote_dir."""
     return upload_leftovers(config.remote_dir)
-
-
-def upload_leftovers(top: Path) -> list[Path]:
-    """Temporary upload files anywhere under `top`; not a warm worker's empty spare files, held open for its
-    next upload (test_sessions checks those go with their session), which may go while we look."""
-    found = []
-    for path in top.rglob(PARTIAL_GLOB):
-        try:
-            if paths.is_upload_leftover(path.name, path.stat().st_size):
-                found.append(path)
-        except FileNotFoundError:
-            continue
-    return sorted(found)
 
 
 def assert_stored(config: SiteConfig, backup: LocalBackup, name: str, data: bytes) -> None:
