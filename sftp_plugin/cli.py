@@ -9,6 +9,7 @@ to the log file. Version commands answer before anything heavy is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -263,7 +264,24 @@ def main(argv: list[str] | None = None, served_by: int | None = None, ask_server
             return fail(command, INTERRUPTED, INTERRUPTED_EXIT_CODE)
         if code is not None:
             return code
-    return run(command, config_path, args, served_by)
+    code = run(command, config_path, args, served_by)
+    if code != 0 and served_by is None:
+        _end_now(code)
+    return code
+
+
+def _end_now(code: int) -> None:
+    """End a call that failed in its own process at once, without the interpreter's finalization: a daemon
+    thread (blocks.py's verify thread, delivering to a reader that stopped reading) may be blocked writing
+    to stdout while it holds that buffer's lock, and finalization, flushing stdout, would then abort the
+    process (a "Fatal Python error" on stderr after our one line, killed by SIGABRT). The log and stderr are
+    flushed first; what stdout still buffers goes unwritten: the call failed. (A worker ends its own way.)"""
+    import logging
+
+    logging.shutdown()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def ends_backup(command: str, args: list[str]) -> bool:
