@@ -86,6 +86,8 @@ class PluginConfig:
     resume_buffer: int = 64 * MIB
     io_timeout: int = 60
     verify_checksums: bool = True
+    # Ask the backup host to flush every stored file to disk (fsync@openssh.com) before it is renamed into place.
+    fsync: bool = True
     log_dir: str = "~/gpAdminLogs"
     log_level: str = "info"
     restore_subset: bool = False
@@ -283,6 +285,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "resume_buffer": _size,
     "io_timeout": _whole_number(1),
     "verify_checksums": parse_bool,
+    "fsync": parse_bool,
     "log_dir": _local_path,
     "log_level": _log_level,
     "restore_subset": _restore_subset,

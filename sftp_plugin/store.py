@@ -186,7 +186,8 @@ def sync_refused(what: str, err: transfer.SyncRefusedError) -> RemoteError:
     return RemoteError(
         f"{what}: {err}; a file cannot be made durable there",
         "let the backup host's sftp-server flush files: take fsync out of its -P option"
-        " (sshd_config's Subsystem or ForceCommand line)",
+        " (sshd_config's Subsystem or ForceCommand line), or set fsync: no if stored files need not"
+        " survive a crash of the backup host",
     )
 
 
@@ -206,7 +207,7 @@ def check_writable(remote: Remote) -> None:
     probe = posixpath.join(remote.cfg.remote_dir, f"{PROBE_PREFIX}.{os.getpid()}.{secrets.token_hex(4)}")
 
     def write_probe() -> None:
-        transfer.put_bytes(remote.sftp, b"probe", probe, temp_path=probe + paths.TEMP_SUFFIX)
+        transfer.put_bytes(remote.sftp, b"probe", probe, temp_path=probe + paths.TEMP_SUFFIX, sync=remote.cfg.fsync)
         transfer.remove_if_present(remote.sftp, probe)
 
     try:
@@ -279,6 +280,7 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
         companion_data=sidecar if digest else None,
         spare=spare,
         also=open_next_spare if remote.keeps_session else None,
+        sync=remote.cfg.fsync,
     )
 
     def create_directories() -> None:
@@ -311,7 +313,8 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
             if digest is not None and encoding is None and digest.result().size > blocks.BLOCK_SIZE:
                 found = digest.result()
                 data = blocks.format_blocks(blocks.BLOCK_SIZE, found.size, found.whole, found.blocks)
-                remote.retrying("store checksum", lambda: transfer.write_private(remote.sftp, data, block_digests_temp))
+                remote.retrying("store checksum",
+                                lambda: transfer.write_private(remote.sftp, data, block_digests_temp, remote.cfg.fsync))
                 first.append((block_digests_temp, block_digests, len(data)))
             remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp, first))
             if encoding is not None:

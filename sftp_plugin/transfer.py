@@ -5,8 +5,9 @@ server's reply to every one of them, through fastpath.sftp's Pipeline (the
 request machinery below paramiko's public SFTPClient lives there, not here).
 
 Uploads always go to a temporary name in the target directory, are flushed to
-disk (fsync@openssh.com where offered) and renamed into place only when
-complete: a partial file never sits under its final name.
+disk (fsync@openssh.com where offered, unless the caller says not to) and
+renamed into place only when complete: a partial file never sits under its
+final name (after a crash of the backup host, only if it was flushed).
 
 Everything created on the backup host is private to the SSH user: files
 0600, directories 0700, the mode sent with the OPEN or MKDIR request itself
@@ -115,12 +116,14 @@ class PipelinedWriter:
     """Writes a stream to an open remote handle with many writes in flight.
 
     ``confirmed`` is the length of the prefix the server has acknowledged; a
-    reconnecting caller can truncate to it and resume from there.
+    reconnecting caller can truncate to it and resume from there. ``sync``:
+    whether sync_and_close asks the server to flush the file to disk.
     """
 
-    def __init__(self, sftp: paramiko.SFTPClient, handle: bytes, offset: int = 0) -> None:
+    def __init__(self, sftp: paramiko.SFTPClient, handle: bytes, offset: int = 0, sync: bool = True) -> None:
         self._pipe = Pipeline(sftp)
         self._handle = handle
+        self._sync = sync
         self._set_request_size(write_request_size(sftp.get_channel().out_max_packet_size, handle))
         self.sent = offset
         self.confirmed = offset
@@ -167,10 +170,10 @@ class PipelinedWriter:
 
     def sync_and_close(self, remote: paramiko.SFTPFile, companions: Sequence[tuple[paramiko.SFTPFile, bytes]] = (),
                        also: Callable[[Pipeline], Callable[[bool], object]] | None = None) -> None:
-        """Make the file durable and close it: fsync and CLOSE go behind the writes in flight and every
-        reply is checked in order, in one round trip where drain, fsync and close took three. A server
-        without fsync@openssh.com is tolerated (as by `fsync`); a failed CLOSE is an error, since a
-        server may report a failed write only there. ``companions``, small files opened beside it
+        """Make the file durable (unless not ``sync``) and close it: fsync and CLOSE go behind the writes
+        in flight and every reply is checked in order, in one round trip where drain, fsync and close took
+        three. A server without fsync@openssh.com is tolerated (as by `fsync`); a failed CLOSE is an error,
+        since a server may report a failed write only there. ``companions``, small files opened beside it
         (a checksum), are written, synced and closed behind it, in the same round trip. ``also`` sends
         more requests behind those (SpareFiles.send_open) and gives what takes their replies (never
         raising), called once the others are checked: with True if all are fine, with False if one failed
@@ -178,12 +181,12 @@ class PipelinedWriter:
         it could wait for a stalled link a second time: what they made is left for the cleanup."""
         writes: list[int] = []
         with self._pipe.batch():
-            closing = [self._pipe.send_sync_and_close(remote)]
+            closing = [self._pipe.send_sync_and_close(remote, self._sync)]
             for file, data in companions:
                 view = memoryview(data)
                 for start in range(0, len(view), self._request_size):
                     writes.append(self._pipe.send_write(file.handle, start, view[start : start + self._request_size]))
-                closing.append(self._pipe.send_sync_and_close(file))
+                closing.append(self._pipe.send_sync_and_close(file, self._sync))
             take_also = also(self._pipe) if also is not None else None
         try:
             self.drain()
@@ -192,7 +195,8 @@ class PipelinedWriter:
             for sync, close in closing:
                 refused: OSError | None = None
                 try:
-                    self._pipe.wait(sync)
+                    if sync is not None:
+                        self._pipe.wait(sync)
                 except OSError as err:
                     refused = err
                 self._pipe.wait(close)  # the handle is closed either way: its reply is read before any raise
@@ -494,6 +498,7 @@ class ResumableUpload:
         companion_data: Callable[[], list[bytes]] | None = None,
         spare: SpareFiles | None = None,
         also: Callable[[Pipeline], Callable[[bool], object]] | None = None,
+        sync: bool = True,
     ) -> None:
         self.read = read
         self.final_path = final_path
@@ -507,6 +512,7 @@ class ResumableUpload:
         # through them, if its session is theirs, and their names serve every attempt.
         self.spare = spare
         self.also = also  # requests sent with the stream's fsync and CLOSE (PipelinedWriter.sync_and_close)
+        self.sync = sync  # whether the server flushes the files to disk before they are renamed into place
         self.confirmed = 0  # bytes acknowledged by the server
         self._buffer: deque[bytes] = deque()  # unacknowledged bytes, starting at offset self._buffer_start
         self._buffer_start = 0
@@ -521,7 +527,7 @@ class ResumableUpload:
         with remote, contextlib.ExitStack() as opened:
             for file in companions:
                 opened.enter_context(file)  # closed if the attempt fails; closed by sync_and_close if not
-            writer = PipelinedWriter(sftp, remote.handle, offset=self.confirmed)
+            writer = PipelinedWriter(sftp, remote.handle, offset=self.confirmed, sync=self.sync)
             try:
                 self._send(writer)
                 if self._companion_bytes is None and self.companion_data is not None:
@@ -661,21 +667,22 @@ def acknowledged_chunks(chunks: Iterable[bytes], start: int, confirmed: int) -> 
     return count
 
 
-def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path: str) -> None:
-    """Store a small object atomically through ``temp_path`` (write, fsync, rename).
+def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path: str, sync: bool = True) -> None:
+    """Store a small object atomically through ``temp_path`` (write, fsync unless not ``sync``, rename).
 
     Repeating it with the same ``temp_path`` after a lost connection is safe: the
     temporary file is rewritten, so retries leave no leftovers behind.
     """
-    write_private(sftp, data, temp_path)
+    write_private(sftp, data, temp_path, sync)
     rename_into_place(sftp, temp_path, final_path)
 
 
-def write_private(sftp: paramiko.SFTPClient, data: bytes, temp_path: str) -> None:
-    """Write ``data`` to ``temp_path`` (created private, or rewritten) and fsync it: put_bytes without the
-    rename, for a file renamed into place with others (ResumableUpload.finish). Two round trips."""
+def write_private(sftp: paramiko.SFTPClient, data: bytes, temp_path: str, sync: bool = True) -> None:
+    """Write ``data`` to ``temp_path`` (created private, or rewritten) and fsync it (unless not ``sync``):
+    put_bytes without the rename, for a file renamed into place with others (ResumableUpload.finish). Two
+    round trips."""
     with create_private(sftp, temp_path) as remote:
-        writer = PipelinedWriter(sftp, remote.handle)
+        writer = PipelinedWriter(sftp, remote.handle, sync=sync)
         writer.write(data)
         writer.sync_and_close(remote)
 

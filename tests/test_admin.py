@@ -92,6 +92,17 @@ def test_check_prints_every_check_ok_and_exits_zero(plugin: Plugin, config: Site
     assert list(config.remote_dir.iterdir()) == [], "the probe files must be deleted"
 
 
+def test_check_warns_that_files_are_not_flushed_to_disk_with_fsync_no(plugin: Plugin, config: SiteConfig) -> None:
+    result = plugin.run("check", config.write("no_fsync.yaml", fsync="no"), text=True)
+
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning: the config works
+    assert check_lines(result.stdout)["writable"] == "WARN", result.stdout
+    assert "fsync: no, so stored files are not flushed to disk there" in result.stdout
+    assert "set fsync: yes unless" in result.stdout
+    assert re.search(r"^\s+fsync\s+no$", result.stdout, re.M), result.stdout
+    assert check_lines(plugin.run("check", config.path, text=True).stdout)["writable"] == "OK"
+
+
 def test_check_shows_the_effective_options_with_defaults(plugin: Plugin, config: SiteConfig) -> None:
     result = plugin.run("check", config.write(port=str(config.server.port)), text=True)  # as gpbackup's copy: a string
 

@@ -166,6 +166,31 @@ def test_a_backup_host_that_refuses_fsync_fails_naming_the_option_to_change_and_
     assert stored == []  # neither the stream under its name nor a temporary file or probe
 
 
+def test_with_fsync_no_a_backup_host_that_refuses_fsync_stores_every_kind_of_file_and_restores_it_exactly(
+    plugin: Plugin, fsync_refused: SshServer, backup: LocalBackup, tmp_path: Path
+) -> None:
+    # fsync: no sends no fsync@openssh.com at all: this server would refuse the first one (the test above).
+    cfg = fsync_refused.write_config(tmp_path / "no_fsync.yaml", log_dir=str(tmp_path / "logs"), fsync="no")
+    plugin.ok("setup_plugin_for_backup", cfg, backup.path, "segment_host")  # its probe file
+    streams = {f"gpbackup_0_{backup.timestamp}_{n}": os.urandom(size)
+               for n, size in ((1, 3 * 1024 * 1024 + 17), (2, 5000), (3, 70_000))}  # >1 MiB: block digests too
+    for name, data in streams.items():  # one after another: a warm worker's next uploads use its spare files
+        plugin.ok("backup_data", cfg, backup.file(name), stdin=data)
+    toc = backup.file(f"gpbackup_{backup.timestamp}_toc.yaml")
+    toc.write_bytes(b"toc: []\n" * 1000)
+    plugin.ok("backup_file", cfg, toc)
+
+    stored = backup.remote(fsync_refused.remote_dir)
+    assert (stored / f"gpbackup_0_{backup.timestamp}_1.sha256blocks").is_file()
+    for name, data in streams.items():
+        assert plugin.ok("restore_data", cfg, backup.file(name)).stdout == data
+        assert (stored / f"{name}.sha256").read_text().split()[0] == hashlib.sha256(data).hexdigest()
+    toc.unlink()
+    plugin.ok("restore_file", cfg, toc)
+    assert toc.read_bytes() == b"toc: []\n" * 1000
+    assert temp_leftovers(stored) == []
+
+
 @pytest.mark.parametrize("content", ['"0"', "0", '"3"'])
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hook_for_scope_segment_makes_no_connection(plugin: Plugin, config: SiteConfig, backup: LocalBackup,

@@ -398,3 +398,11 @@ def test_every_option_is_documented_in_the_readme_and_the_template(option: str) 
 def test_fork_server_is_on_by_default_and_takes_booleans() -> None:
     assert parse_options({"hostname": "h", "remote_dir": "/r"}).fork_server is True
     assert parse_options({"hostname": "h", "remote_dir": "/r", "fork_server": "no"}).fork_server is False
+
+
+def test_fsync_is_on_by_default_and_takes_booleans() -> None:
+    assert parse_options({"hostname": "h", "remote_dir": "/r"}).fsync is True
+    assert parse_options({"hostname": "h", "remote_dir": "/r", "fsync": "no"}).fsync is False
+    assert parse_options({"hostname": "h", "remote_dir": "/r", "fsync": "on"}).fsync is True
+    with pytest.raises(ConfigError, match="fsync"):
+        parse_options({"hostname": "h", "remote_dir": "/r", "fsync": "sometimes"})

@@ -50,7 +50,7 @@ ERROR_CASES: list[tuple[str, BaseException, type[RemoteError] | None, str, str]]
      RemoteError, f"list backup: {WHERE}: the server refused fsync@openssh.com (Permission denied); "
      "a file cannot be made durable there",
      "let the backup host's sftp-server flush files: take fsync out of its -P option (sshd_config's Subsystem "
-     "or ForceCommand line)"),
+     "or ForceCommand line), or set fsync: no if stored files need not survive a crash of the backup host"),
     # raised on: an errno is a local or socket error, not the server's answer
     ("an errno of the socket", ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), None, "", ""),
     ("an errno of the local disk", OSError(errno.ENOSPC, "No space left on device"), None, "", ""),
@@ -179,7 +179,7 @@ class FakeFile:
 class FakeWriter:
     """Stands for PipelinedWriter: stores each write at once, acknowledges it `lag` bytes later."""
 
-    def __init__(self, host: FakeHost, handle: bytes, offset: int = 0) -> None:
+    def __init__(self, host: FakeHost, handle: bytes, offset: int = 0, sync: bool = True) -> None:
         self.host, self.file = host, host.files[handle.decode()]
         self.sent = self.confirmed = offset
 

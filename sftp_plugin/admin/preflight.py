@@ -167,7 +167,8 @@ def _check_round_trip(remote: Remote, report: Report, size: int) -> None:
             writer = transfer.PipelinedWriter(sftp, handle.handle)
             writer.write(data)
             writer.drain()
-            transfer.fsync(sftp, handle.handle)
+            if remote.cfg.fsync:
+                transfer.fsync(sftp, handle.handle)
         write_seconds = time.monotonic() - started
         digest = hashlib.sha256()
         started = time.monotonic()
@@ -376,7 +377,13 @@ def _run_checks(config_path: str, probe_size: int, report: Report) -> None:
 
         def writable() -> None:
             check_writable(remote)
-            report.ok("writable", f"{session.endpoint.user} can create and delete files there")
+            detail = f"{session.endpoint.user} can create and delete files there"
+            if cfg.fsync:
+                report.ok("writable", detail)
+            else:
+                report.warn("writable", f"{detail}; fsync: no, so stored files are not flushed to disk there",
+                            "set fsync: yes unless the backup host's storage is durable by itself: a crash of the "
+                            "backup host soon after a backup can leave files of it empty")
 
         steps: list[tuple[str, Callable[[], None]]] = [
             ("remote_dir", remote_dir_exists),

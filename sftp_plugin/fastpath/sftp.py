@@ -142,13 +142,13 @@ class Pipeline:
             send_channel_data(self.sftp.sock, [header, data])
         return num
 
-    def send_sync_and_close(self, file: paramiko.SFTPFile) -> tuple[int, int]:
-        """fsync@openssh.com and CLOSE for `file`'s handle, sent behind what is in flight (the server
-        answers in order, so a file's last writes, its sync and its close cost one round trip together);
-        their request numbers. `file` counts as closed from here: BufferedFile.close marks it so without
-        a request, since paramiko's own CLOSE, sent after ours, could close a handle the server has
-        meanwhile given to another file."""
-        return self.send_extended("fsync@openssh.com", file.handle), self.send_close(file)
+    def send_sync_and_close(self, file: paramiko.SFTPFile, sync: bool = True) -> tuple[int | None, int]:
+        """fsync@openssh.com (unless not ``sync``) and CLOSE for `file`'s handle, sent behind what is in flight
+        (the server answers in order, so a file's last writes, its sync and its close cost one round trip
+        together); their request numbers, None for a sync not sent. `file` counts as closed from here:
+        BufferedFile.close marks it so without a request, since paramiko's own CLOSE, sent after ours, could
+        close a handle the server has meanwhile given to another file."""
+        return self.send_extended("fsync@openssh.com", file.handle) if sync else None, self.send_close(file)
 
     def send_extended(self, name: str, *args: object) -> int:
         """An SFTP extended request, as `extended` frames it; its reply is taken by `wait`."""
