@@ -271,6 +271,13 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
         take = transfer.SpareFiles.send_open(pipe, directory, files, replacing=stale)
         return lambda keep: remote.hold_spare_files(take(keep))
 
+    def block_digests() -> bytes:  # once a stream longer than one block has ended: its per-block digests
+        assert digest is not None
+        found = digest.result()
+        return blocks.format_blocks(blocks.BLOCK_SIZE, found.size, found.whole, found.blocks)
+
+    # A container authenticates its own chunks: its sidecar is for sha256sum -c on the backup host.
+    with_blocks = digest is not None and encoding is None
     upload = transfer.ResumableUpload(
         source.read if encoding is None else encoding.read,
         target,
@@ -281,6 +288,8 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
         spare=spare,
         also=open_next_spare if remote.keeps_session else None,
         sync=remote.cfg.fsync,
+        late=transfer.LateCompanion(blocks.blocks_path(target), blocks.BLOCK_SIZE, block_digests) if with_blocks
+        else None,
     )
 
     def create_directories() -> None:
@@ -293,9 +302,6 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
         return remote.retrying(f"upload {target}", lambda: upload.attempt(remote.sftp), lambda: upload.confirmed)
 
     with remote_errors(remote, "upload", target):
-        # The block digests' temporary name serves every attempt: no leftovers.
-        block_digests = blocks.blocks_path(target)
-        block_digests_temp = paths.temp_name_for(block_digests)
         try:
             # Setup normally created the directory: open first and create it only when
             # missing, which saves two round trips on every call.
@@ -307,16 +313,8 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
                 create_directories()
                 size = stream()
             caller.confirm_before_commit()  # a cut-short input (our caller gone) is never committed
-            # A container authenticates its own chunks: its sidecar is for sha256sum -c on the backup host.
-            # The block digests go into place with the file and its checksum, in one round trip, first.
-            first: list[tuple[str, str, int]] = []
-            if digest is not None and encoding is None and digest.result().size > blocks.BLOCK_SIZE:
-                found = digest.result()
-                data = blocks.format_blocks(blocks.BLOCK_SIZE, found.size, found.whole, found.blocks)
-                remote.retrying("store checksum",
-                                lambda: transfer.write_private(remote.sftp, data, block_digests_temp, remote.cfg.fsync))
-                first.append((block_digests_temp, block_digests, len(data)))
-            remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp, first))
+            # The block digests (if stored) go into place with the file and its checksum, in one round trip, first.
+            remote.retrying(f"rename {target} into place", lambda: upload.finish(remote.sftp))
             if encoding is not None:
                 log.info("stored %s as a %s container: %d bytes of %d", remote.where(target),
                          encoding.description, size, encoding.original_size)
@@ -327,7 +325,6 @@ def upload(remote: Remote, source: BinaryIO, target_file: paths.BackupFile) -> i
                 upload.abandon(sftp)
                 if stale is not None:  # failed before its release went out with the stream's CLOSE
                     stale.release(sftp)
-                transfer.remove_quietly(sftp, block_digests_temp)
             raise
         finally:
             if encoding is not None:

@@ -163,6 +163,15 @@ class PipelinedWriter:
         self._pipe.wait(num)
         self.confirmed = offset + length
 
+    def send_create_private(self, path: str) -> int:
+        """OPEN ``path`` as `create_private` does, behind the writes in flight (no round trip of its own);
+        its request number, for `created`."""
+        return self._pipe.send_open(path, CREATE_FLAGS, _private_attributes())
+
+    def created(self, num: int) -> paramiko.SFTPFile:
+        """The file a send_create_private opened (its reply, here already unless it was sent last)."""
+        return self._pipe.opened(num, "wb")
+
     def drain(self) -> None:
         """Wait until every write so far is acknowledged."""
         while self._pipe.pending:
@@ -472,6 +481,17 @@ def _collect_quietly(pipe: Pipeline, sent: Sequence[int]) -> None:
             log.debug("ignored the failure of a request made in passing: %s", err)
 
 
+@dataclass(frozen=True)
+class LateCompanion:
+    """A companion stored only with a stream longer than ``after`` bytes (its block digests): its file is
+    opened once the stream gets that far, behind the writes (no round trip of its own), and ``data`` gives
+    its contents once the stream has ended."""
+
+    final_path: str
+    after: int
+    data: Callable[[], bytes]
+
+
 class ResumableUpload:
     """Stream a source into ``final_path`` atomically, resuming after a lost connection.
 
@@ -485,7 +505,8 @@ class ResumableUpload:
     contents ``companion_data`` gives once the source has ended. They are opened
     with the stream's temporary file, written behind its last bytes and renamed
     into place just before it: three round trips for a short stream, where
-    storing them one by one took six.
+    storing them one by one took six. ``late``: one more, stored only with a
+    long stream, and renamed into place first.
     """
 
     def __init__(
@@ -499,6 +520,7 @@ class ResumableUpload:
         spare: SpareFiles | None = None,
         also: Callable[[Pipeline], Callable[[bool], object]] | None = None,
         sync: bool = True,
+        late: LateCompanion | None = None,
     ) -> None:
         self.read = read
         self.final_path = final_path
@@ -513,6 +535,10 @@ class ResumableUpload:
         self.spare = spare
         self.also = also  # requests sent with the stream's fsync and CLOSE (PipelinedWriter.sync_and_close)
         self.sync = sync  # whether the server flushes the files to disk before they are renamed into place
+        self.late = late
+        self.late_temp = paths.temp_name_for(late.final_path) if late is not None else ""
+        self._late_open: int | None = None  # this attempt's OPEN of late_temp, sent and not yet taken
+        self._late_bytes: bytes | None = None  # the late companion's contents, once stored
         self.confirmed = 0  # bytes acknowledged by the server
         self._buffer: deque[bytes] = deque()  # unacknowledged bytes, starting at offset self._buffer_start
         self._buffer_start = 0
@@ -528,11 +554,19 @@ class ResumableUpload:
             for file in companions:
                 opened.enter_context(file)  # closed if the attempt fails; closed by sync_and_close if not
             writer = PipelinedWriter(sftp, remote.handle, offset=self.confirmed, sync=self.sync)
+            self._late_open = None
             try:
                 self._send(writer)
+                self._open_late_if_due(writer, writer.sent)  # a retry with nothing left to resend
                 if self._companion_bytes is None and self.companion_data is not None:
                     self._companion_bytes = self.companion_data()
-                writer.sync_and_close(remote, list(zip(companions, self._companion_bytes or [])), self.also)
+                stored = list(zip(companions, self._companion_bytes or []))
+                if self._late_open is not None and self.late is not None:
+                    late_file = opened.enter_context(writer.created(self._late_open))
+                    if self._late_bytes is None:
+                        self._late_bytes = self.late.data()
+                    stored.append((late_file, self._late_bytes))
+                writer.sync_and_close(remote, stored, self.also)
             finally:
                 # What the server acknowledged counts also when the connection broke: the next attempt
                 # resends only the rest, and a link that keeps resetting still gets further each time.
@@ -549,6 +583,7 @@ class ResumableUpload:
     def _send(self, writer: PipelinedWriter) -> None:
         """Resend what the server has not acknowledged, then the rest of the source."""
         for piece in unacknowledged(self._buffer, self._buffer_start, self.confirmed):
+            self._open_late_if_due(writer, writer.sent + len(piece))
             writer.write(piece)
         long_writes = False
         while not self._source_done:
@@ -563,8 +598,16 @@ class ResumableUpload:
                 # (a small file is not). Replies to writes in flight go to their _Replies.
                 writer.use_long_writes()
                 long_writes = True
+            self._open_late_if_due(writer, writer.sent + len(chunk))
             writer.write(chunk)
             self._trim(writer.confirmed)
+
+    def _open_late_if_due(self, writer: PipelinedWriter, end: int) -> None:
+        """Open the late companion's file, behind the writes, once the stream is to reach past its ``after``
+        (``end``: where the stream is about to get to), before the bytes that take it there: its reply comes
+        back while they go out."""
+        if self.late is not None and self._late_open is None and end > self.late.after:
+            self._late_open = writer.send_create_private(self.late_temp)
 
     def _take_from_source(self) -> bytes:
         """The source's next chunk (b"" at its end), kept for a resend before any request can fail:
@@ -626,20 +669,22 @@ class ResumableUpload:
             self._buffer_start += len(chunk)
             self._buffered -= len(chunk)
 
-    def finish(self, sftp: paramiko.SFTPClient, first: Sequence[tuple[str, str, int]] = ()) -> None:
-        """Rename the companions, then the stream, into place (rename_together), after the (temporary name,
-        final name, size) of each file in ``first`` (stored with the stream after it ended, such as its block
-        digests): one round trip for all; a rename whose reply was lost (temporary name gone, final name
-        holding all of it) counts as done."""
+    def finish(self, sftp: paramiko.SFTPClient) -> None:
+        """Rename the late companion (if it was stored), the companions, then the stream into place
+        (rename_together): one round trip for all; a rename whose reply was lost (temporary name gone, final
+        name holding all of it) counts as done."""
         sizes = [len(data) for data in self._companion_bytes or []]
         moves = [(temp, final, size) for (final, temp), size in zip(self.companions, sizes)]
-        rename_together(sftp, [*first, *moves, (self.temp_path, self.final_path, self.confirmed)])
+        if self.late is not None and self._late_bytes is not None:
+            moves.insert(0, (self.late_temp, self.late.final_path, len(self._late_bytes)))
+        rename_together(sftp, [*moves, (self.temp_path, self.final_path, self.confirmed)])
 
     def abandon(self, sftp: paramiko.SFTPClient) -> None:
         spare, self.spare = self.spare, None
         if spare is not None:  # failed before its first attempt took them
             spare.release(sftp)
-        for temp in [self.temp_path, *(temp for _, temp in self.companions)]:
+        temps = [self.temp_path, *(temp for _, temp in self.companions)]
+        for temp in [*temps, self.late_temp] if self.late is not None else temps:
             remove_quietly(sftp, temp)
 
 
@@ -668,23 +713,17 @@ def acknowledged_chunks(chunks: Iterable[bytes], start: int, confirmed: int) -> 
 
 
 def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path: str, sync: bool = True) -> None:
-    """Store a small object atomically through ``temp_path`` (write, fsync unless not ``sync``, rename).
+    """Store a small object atomically through ``temp_path`` (created private, or rewritten): write, fsync
+    unless not ``sync``, rename.
 
     Repeating it with the same ``temp_path`` after a lost connection is safe: the
     temporary file is rewritten, so retries leave no leftovers behind.
     """
-    write_private(sftp, data, temp_path, sync)
-    rename_into_place(sftp, temp_path, final_path)
-
-
-def write_private(sftp: paramiko.SFTPClient, data: bytes, temp_path: str, sync: bool = True) -> None:
-    """Write ``data`` to ``temp_path`` (created private, or rewritten) and fsync it (unless not ``sync``):
-    put_bytes without the rename, for a file renamed into place with others (ResumableUpload.finish). Two
-    round trips."""
     with create_private(sftp, temp_path) as remote:
         writer = PipelinedWriter(sftp, remote.handle, sync=sync)
         writer.write(data)
         writer.sync_and_close(remote)
+    rename_into_place(sftp, temp_path, final_path)
 
 
 def rename_together(sftp: paramiko.SFTPClient, moves: Sequence[tuple[str, str, int]]) -> None:

@@ -26,6 +26,7 @@ from devtools.gpbackup import LocalBackup
 from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_ok, socket_dir_env
 from devtools.sshd import SshServer, known_hosts_line
 from sftp_plugin import forkserver, paths
+from sftp_plugin.blocks import BLOCK_SIZE
 from tests.helpers import alive, finish, own_fork_server, sha256, wait_until
 
 NOBODY = 65534
@@ -527,6 +528,33 @@ def test_a_warm_upload_to_the_directory_of_the_last_writes_through_files_the_las
     assert sha256(warm.restored(key)) == sha256(data)
     assert final.with_name(final.name + ".sha256").read_text() == f"{sha256(data)}  {final.name}\n"
     assert warm.logins() == logins
+
+
+def test_a_stream_longer_than_a_block_opens_its_block_digests_file_while_it_streams_and_renames_it_first(
+        warm_logged: tuple[Warm, Path], backup: LocalBackup) -> None:
+    # The block digests of a stream longer than one block cost no round trip of their own: their file is opened
+    # behind the stream's writes once it passes the first block, and written, flushed and closed with the stream.
+    warm, log = warm_logged
+    warm.start_server(backup)
+    since = log.stat().st_size if log.exists() else 0
+    data = os.urandom(3 * BLOCK_SIZE + 5)
+
+    key = warm.store(backup, "gpbackup_0_long", data)
+
+    served = log.read_bytes()[since:].decode().splitlines()
+    final = backup.remote(warm.config.remote_dir, "gpbackup_0_long")
+    renames = [re.search(r'posix-rename old "([^"]+)" new "([^"]+)"', line) for line in served]
+    moved = [(found.group(1), found.group(2)) for found in renames if found]
+    assert [new for _, new in moved] == [f"{final}.sha256blocks", f"{final}.sha256", str(final)]
+    blocks_temp, stream_temp = moved[0][0], moved[2][0]
+
+    def first_line(pattern: str) -> int:
+        return next(number for number, line in enumerate(served) if re.search(pattern, line))
+
+    opened = first_line(rf'open "{re.escape(blocks_temp)}"')
+    assert opened < first_line(rf'close "{re.escape(stream_temp)}"'), "block digests opened after the stream ended"
+    assert re.search(r"bytes read 0 written [1-9]", served[first_line(rf'close "{re.escape(blocks_temp)}"')])
+    assert sha256(warm.restored(key)) == sha256(data)  # a restore checks every block against those digests
 
 
 def test_an_upload_to_another_directory_opens_its_own_files_and_the_spare_ones_move_there(
