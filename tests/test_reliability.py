@@ -443,10 +443,13 @@ def test_killed_backup_data_leaves_nothing_under_the_final_name_and_cleanup_remo
 
     assert not backup.remote(config.remote_dir, name).exists()
     assert not backup.remote(config.remote_dir, name + ".sha256").exists()
-    # The checksum file's temporary twin, opened with the stream's, holds nothing before the stream ends.
+    # The checksum files' temporary twins hold nothing before the stream ends: the sidecar's, opened with the
+    # stream's, and the block digests', opened once the stream passed its first block (if it got that far).
     sidecar_temps = [path for path in leftovers(config) if path.name.startswith(f".{name}.sha256.")]
+    blocks_temps = [path for path in leftovers(config) if path.name.startswith(f".{name}.sha256blocks.")]
     assert [path.stat().st_size for path in sidecar_temps] == [0]
-    (partial,) = [path for path in leftovers(config) if path not in sidecar_temps]
+    assert [path.stat().st_size for path in blocks_temps] in ([], [0])
+    (partial,) = [path for path in leftovers(config) if path not in sidecar_temps + blocks_temps]
     kept = partial.read_bytes()
     assert sha256(kept) == sha256(data[: len(kept)])  # what reached the host is a true prefix of the stream
 
