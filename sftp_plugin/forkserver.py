@@ -94,6 +94,9 @@ _ROUTE = struct.Struct("!IIQ")
 CALL, IDLE, RETIRE, TEMPLATE = b"C", b"I", b"X", b"T"
 # Slot -> server, before it ends after a call that did not stay: the cap that call's worker reported.
 CAP = b"L"
+# Slot -> server, before it ends: its worker declined the call (Calls.admits), so every call of the route runs in
+# its own process; the server refuses them at once from then on, without a slot of their own.
+DECLINES = b"N"
 # A request larger than this (an environment of that size) is not offered: its route gets no spare slots.
 TEMPLATE_LIMIT = 64 * 1024
 # How long a call that found every slot of its route busy waits for one of them or a spare to be idle before
@@ -674,8 +677,10 @@ def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECO
     listener.close()
     dispatcher.close()
     log.info("fork server %d exiting %s (%d calls served, %d of them by a warm worker; %d spare workers; "
-             "%d calls waited at their config's max_connections)",
-             os.getpid(), why, dispatcher.calls, dispatcher.warm_calls, dispatcher.spares, dispatcher.capped_waits)
+             "%d calls waited at their config's max_connections; %d sent back at once to run in their own "
+             "process, their config saying fork_server: no)",
+             os.getpid(), why, dispatcher.calls - dispatcher.refused, dispatcher.warm_calls, dispatcher.spares,
+             dispatcher.capped_waits, dispatcher.refused)
 
 
 class _Dispatcher:
@@ -716,7 +721,9 @@ class _Dispatcher:
         self.warming: set[socket.socket] = set()  # spare slots not idle yet
         self.retiring: set[socket.socket] = set()  # spare slots whose route retired meanwhile: they end once idle
         self.spare_calls: dict[socket.socket, int] = {}  # our end of each spare's request -> its liveness pipe
+        self.declined: set[bytes] = set()  # routes whose calls run in their own process (DECLINES)
         self.calls = 0
+        self.refused = 0  # calls of a declined route, refused at once
         self.warm_calls = 0
         self.spares = 0
 
@@ -799,6 +806,14 @@ class _Dispatcher:
         self._dispatch(conn, got)
 
     def _dispatch(self, conn: socket.socket, route: bytes) -> None:
+        if route in self.declined:  # a worker would decline it: the client runs it in its own process
+            self.refused += 1
+            try:
+                conn.sendall(REFUSED + _INT.pack(0))
+            except OSError:
+                pass  # the client is gone
+            conn.close()
+            return
         idle = self.idle.get(route, [])
         while idle:
             if self._give(idle.pop(), conn):
@@ -956,6 +971,8 @@ class _Dispatcher:
             self.templates[route] = message[1:]
         elif message[:1] == CAP:
             self._learn_cap(route, message)
+        elif message == DECLINES:
+            self.declined.add(route)
         elif message[:1] == IDLE:
             self._learn_cap(route, message)
             self.warming.discard(slot)
@@ -1281,7 +1298,11 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
                 break
             worker.reap()
             worker = None
-            if answer == DECLINED:  # another worker would decline it too
+            if answer == DECLINED:  # another worker would decline it too, and this route's next calls
+                try:
+                    ctrl.send(DECLINES)
+                except OSError:
+                    pass  # the server is gone: this slot ends anyway
                 break
         if worker is None:  # not taken: the client runs it in its own process
             conn.sendall(REFUSED + _INT.pack(0))

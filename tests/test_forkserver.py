@@ -345,7 +345,8 @@ def test_an_idle_server_removes_its_socket_and_exits(served: Served, tmp_path: P
     assert server.returncode == 0 and out == err == b""
     assert not socket_path.exists()
     assert ("exiting after 1 s idle (0 calls served, 0 of them by a warm worker; 0 spare workers; 0 calls waited "
-            "at their config's max_connections)") in "".join(
+            "at their config's max_connections; 0 sent back at once to run in their own process, their config "
+            "saying fork_server: no)") in "".join(
         p.read_text() for p in (tmp_path / "server_logs").glob("*"))
 
 

@@ -247,6 +247,10 @@ def test_a_call_whose_config_says_fork_server_no_runs_in_its_own_process_while_a
     assert len(starts) == 4 and not [line for line in starts if "fork server worker" in line], starts
     warm.store(backup, "gpbackup_0_served", b"s" * 1000)  # the default config's calls still go to a worker
     assert re.search(r"backup_data: start \S*gpbackup_0_served \(fork server worker", warm.config.log_text())
+    # Only the first of those four calls got a slot, whose worker declined it: the server sent the others back.
+    assert_ok(warm.plugin.run("stop-fork-server", env_extra=socket_dir_env(warm.tmpdir)))
+    assert wait_until(lambda: "fork_server: no)" in warm.config.log_text())
+    assert "; 3 sent back at once to run in their own process" in warm.config.log_text()
 
 
 def test_cleanup_in_segment_host_scope_closes_the_idle_sessions_of_its_config(warm: Warm,
