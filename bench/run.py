@@ -140,8 +140,8 @@ RESTORE_CALLS_PER_ROUND = 10
 # after another, each stored in the same backup directory as gpbackup stores a segment's table files.
 BACKUP_CALL_KIB = RESTORE_CALL_KIB
 # The rows the high-latency part always yields, measured or skipped.
-LATENCY_METRICS = ("high-latency up", "high-latency down", "high-latency backup_data", "high-latency restore_data",
-                   "high-latency restore_data long")
+LATENCY_METRICS = ("high-latency up", "high-latency down", "high-latency backup_data", "high-latency backup_data long",
+                   "high-latency restore_data", "high-latency restore_data long")
 DEFAULT_JSON = REPO / "bench" / "results.json"
 # tmpfs: the sshd's remote_dir and the source files live in RAM, so disk speed is not measured.
 TMPFS = Path("/dev/shm")
@@ -331,6 +331,8 @@ class Bench:
             "high-latency down": f"{args.latency_size_mib} MiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency backup_data": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x {BACKUP_CALL_KIB} "
                                         f"KiB, {args.latency_rtt_ms:g} ms RTT",
+            "high-latency backup_data long": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x "
+                                             f"{RESTORE_LONG_CALL_KIB} KiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency restore_data": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x {RESTORE_CALL_KIB} "
                                          f"KiB, {args.latency_rtt_ms:g} ms RTT",
             "high-latency restore_data long": f"median of {RESTORE_CALLS_PER_ROUND * args.rounds} x "
@@ -887,32 +889,37 @@ class Bench:
         up = self.guard("high-latency up", lambda: self.stream_up(target, source, size, sha, "lat_up"))
         down = self.guard("high-latency down", lambda: self.stream_down(target, source, size, sha, "lat_down"))
         backups = self.guard("high-latency backup_data", lambda: self.backup_calls(target))
+        long_backups = self.guard("high-latency backup_data long",
+                                  lambda: self.backup_calls(target, "high-latency backup_data long",
+                                                            RESTORE_LONG_CALL_KIB))
         calls = self.guard("high-latency restore_data", lambda: self.restore_calls(target))
         long_calls = self.guard("high-latency restore_data long",
                                 lambda: self.restore_calls(target, "high-latency restore_data long",
                                                            RESTORE_LONG_CALL_KIB))
-        return [up, down, backups, calls, long_calls]
+        return [up, down, backups, long_backups, calls, long_calls]
 
-    def backup_calls(self, target: Target) -> Row:
-        """A per-table backup over the slow link: ``backup_data`` of one table file of BACKUP_CALL_KIB KiB to a
-        new name in one backup directory, call after call (the first, untimed, leaves a warm session), each
-        stored copy checked; OpenSSH's ``sftp`` puts the same file, one process each."""
-        size = BACKUP_CALL_KIB * KIB
-        source = self.data / f"table_up_{BACKUP_CALL_KIB}.bin"
+    def backup_calls(self, target: Target, metric: str = "high-latency backup_data", kib: int = BACKUP_CALL_KIB
+                     ) -> Row:
+        """A per-table backup over the slow link: ``backup_data`` of one table file of ``kib`` KiB to a new
+        name in one backup directory, call after call (the first, untimed, leaves a warm session), each
+        stored copy checked; OpenSSH's ``sftp`` puts the same file, one process each. A file longer than a
+        block (the long row) is stored with its block digests."""
+        size = kib * KIB
+        source = self.data / f"table_up_{kib}.bin"
         sha = write_random_file(source, size)
         put = self.runner.sftp_batch([f"put {sftp_quote(source)} {sftp_quote(self.openssh_dir(target) / 'lat_put')}"])
-        self.store_stream(target, source, size, sha, "lat_backup_first")
+        self.store_stream(target, source, size, sha, f"lat_backup_{kib}_first")
         calls = itertools.count()
 
         def plugin_call() -> float:
-            return self.store_stream(target, source, size, sha, f"lat_backup_{next(calls)}").seconds
+            return self.store_stream(target, source, size, sha, f"lat_backup_{kib}_{next(calls)}").seconds
 
         def openssh_call() -> float:
             seconds = self.runner.sftp_child(target, put).finish().check("sftp put", allow_stderr=True).seconds
             check_size(self.openssh_dir(target) / "lat_put", size, "sftp put")
             return seconds
 
-        row = self.call_rounds("high-latency backup_data", plugin_call, openssh_call, BACKUP_CALL_RATIO_TARGET)
+        row = self.call_rounds(metric, plugin_call, openssh_call, BACKUP_CALL_RATIO_TARGET)
         (self.openssh_dir(target) / "lat_put").unlink()
         return row
 
