@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 
@@ -31,15 +32,41 @@ class _MaskingFormatter(logging.Formatter):
 
 
 class _LostConnectionIsAWarning(logging.Filter):
-    """paramiko's transport thread logs a reset connection as ERROR ("Socket exception: Connection reset by
-    peer"). The retry policy takes it from there and our own lines say what came of it; an ERROR in the log of
-    a backup that then succeeded would send an admin after a problem already handled."""
+    """paramiko's transport thread logs how it ended as ERROR: "Socket exception: Connection reset by peer",
+    or "Exception (client): Error reading SSH protocol banner" followed by its traceback, a record per line.
+    It hands that exception to the call's thread, where the retry policy takes it and our own lines say what
+    came of it. An ERROR, or twenty lines of traceback, in the log of a backup that then succeeded would send
+    an admin after a problem already handled: the first line stays, as a WARNING; the traceback is kept only
+    at log_level debug (as DEBUG)."""
+
+    def __init__(self, keep_tracebacks: bool) -> None:
+        super().__init__()
+        self._keep_tracebacks = keep_tracebacks
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.ERROR and record.name.startswith("paramiko.transport") \
-                and str(record.msg).startswith("Socket exception"):
+        if record.levelno != logging.ERROR or not record.name.startswith("paramiko.transport"):
+            return True
+        text = str(record.msg)
+        if text.startswith(_TRANSPORT_ENDINGS):
             record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        elif _is_traceback_line(text):
+            record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+            return self._keep_tracebacks
         return True
+
+
+# How paramiko's Transport.run reports the exception that ended it (the call's thread gets it too).
+_TRANSPORT_ENDINGS = ("Socket exception", "Exception (client)", "Exception (server)", "Unknown exception")
+# The lines of a formatted traceback, as paramiko.util.tb_strings splits it: the header, the frames
+# (indented), the blank and chaining lines, and the exception's own line ("ConnectionResetError: ...").
+_TRACEBACK_LINE = re.compile(
+    r"(Traceback \(most recent call last\):|\s.*|During handling of the above exception.*"
+    r"|The above exception was the direct cause.*|[A-Za-z_][\w.]*(: .*)?)?"
+)
+
+
+def _is_traceback_line(text: str) -> bool:
+    return _TRACEBACK_LINE.fullmatch(text) is not None
 
 
 def mask(text: str, secrets: list[str]) -> str:
@@ -66,7 +93,7 @@ def setup_logging(log_dir: str, level: str, command: str, secrets: list[str]) ->
     handler.setFormatter(
         _MaskingFormatter(f"%(asctime)s {host} [%(process)d] %(levelname)s {command}: %(message)s", secrets)
     )
-    handler.addFilter(_LostConnectionIsAWarning())
+    handler.addFilter(_LostConnectionIsAWarning(keep_tracebacks=level == "debug"))
     root = logging.getLogger()
     for previous in root.handlers:  # a fork-server worker sets up each of its calls anew
         previous.close()

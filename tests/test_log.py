@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from sftp_plugin.log import MASK, setup_logging
@@ -43,3 +44,53 @@ def test_a_secret_in_a_logged_traceback_is_masked(log_file: Path) -> None:
     text = log_file.read_text()
     assert "Traceback" in text and "ValueError: bad password " in text
     assert SECRET not in text
+
+
+@pytest.fixture
+def info_log_file(tmp_path: Path) -> Iterator[Path]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        yield Path(setup_logging(str(tmp_path / "logs"), "info", "backup_file", []))
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        logging.captureWarnings(False)
+
+
+def _log_as_paramikos_transport_thread_ends() -> None:
+    """What paramiko's Transport.run logs when a reset cuts the banner exchange (its _log takes a list a line
+    at a time), followed by an error it does not hand to the caller."""
+    transport = logging.getLogger("paramiko.transport")
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError as err:
+            raise paramiko.SSHException(f"Error reading SSH protocol banner{err}") from err
+    except paramiko.SSHException as err:
+        transport.error(f"Exception (client): {err}")
+        for line in paramiko.util.tb_strings():
+            transport.error(line)
+    transport.error("Channel request for unknown channel 7")
+
+
+def test_paramikos_report_of_a_lost_connection_is_one_warning_without_its_traceback(info_log_file: Path) -> None:
+    _log_as_paramikos_transport_thread_ends()
+    lines = info_log_file.read_text().splitlines()
+    assert [line.split(" ", 4)[4] for line in lines] == [
+        "WARNING backup_file: Exception (client): Error reading SSH protocol banner"
+        "[Errno 104] Connection reset by peer",
+        "ERROR backup_file: Channel request for unknown channel 7",  # not a lost connection: stays an error
+    ]
+
+
+def test_at_log_level_debug_paramikos_traceback_is_kept_as_debug_lines(log_file: Path) -> None:
+    _log_as_paramikos_transport_thread_ends()
+    text = log_file.read_text()
+    assert "DEBUG backup_file: Traceback (most recent call last):" in text
+    assert "DEBUG backup_file: ConnectionResetError: [Errno 104] Connection reset by peer" in text
+    assert "DEBUG backup_file: During handling of the above exception" not in text  # chained with "from"
+    assert "DEBUG backup_file: The above exception was the direct cause of the following exception:" in text
+    assert text.count(" ERROR ") == 1 and "WARNING backup_file: Exception (client)" in text

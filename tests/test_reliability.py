@@ -223,6 +223,10 @@ def test_reset_inside_the_ssh_handshake_is_retried(
     assert proxy.accepted == 2
     assert_stored(config, backup, "gpbackup_-1_metadata.sql", data)
     assert sha256(backup.file("gpbackup_-1_metadata.sql").read_bytes()) == sha256(data)  # local file left alone
+    # Handled: paramiko's report of the reset is a warning; nothing is an ERROR.
+    log = config.log_text()
+    assert "WARNING backup_file: Socket exception" in log and "attempt 1 failed" in log
+    assert " ERROR " not in log and "Traceback" not in log
 
 
 def test_backup_file_succeeds_after_refused_connections(
@@ -791,3 +795,7 @@ def test_restore_file_survives_a_reset_inside_any_request_or_reply(
 
     assert not problems, "\n".join(problems)
     assert sha256(backup.remote(config.remote_dir, name).read_bytes()) == sha256(data)
+    # Every reset was handled: paramiko's reports of them (a reset banner: "Exception (client)" and its
+    # traceback) are one warning line each; nothing is an ERROR.
+    log = config.log_text()
+    assert " ERROR " not in log and "Traceback" not in log, log
