@@ -1,7 +1,8 @@
-"""The log file never holds a secret: not in a message, not in a traceback."""
+"""The log file: never a secret, not in a message nor in a traceback; a handled lost connection is no ERROR."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,18 +15,25 @@ from sftp_plugin.log import MASK, setup_logging
 SECRET = "pw-Sekrit-4242"
 
 
-@pytest.fixture
-def log_file(tmp_path: Path) -> Iterator[Path]:
+@contextlib.contextmanager
+def logging_to_file(directory: Path, level: str) -> Iterator[Path]:
+    """setup_logging as a call does it (SECRET configured), the root logger as it was afterwards; the log file."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        yield Path(setup_logging(str(tmp_path / "logs"), "debug", "backup_file", [SECRET]))
+        yield Path(setup_logging(str(directory), level, "backup_file", [SECRET]))
     finally:
         for handler in root.handlers:
             handler.close()
-        root.handlers[:], level = saved
-        root.setLevel(level)
+        root.handlers[:], previous = saved
+        root.setLevel(previous)
         logging.captureWarnings(False)
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[Path]:
+    with logging_to_file(tmp_path / "logs", "debug") as path:
+        yield path
 
 
 def test_a_secret_in_a_message_or_its_arguments_is_masked(log_file: Path) -> None:
@@ -48,16 +56,8 @@ def test_a_secret_in_a_logged_traceback_is_masked(log_file: Path) -> None:
 
 @pytest.fixture
 def info_log_file(tmp_path: Path) -> Iterator[Path]:
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        yield Path(setup_logging(str(tmp_path / "logs"), "info", "backup_file", []))
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        logging.captureWarnings(False)
+    with logging_to_file(tmp_path / "logs", "info") as path:
+        yield path
 
 
 def _log_as_paramikos_transport_thread_ends() -> None:
