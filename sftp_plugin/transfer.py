@@ -166,7 +166,7 @@ class PipelinedWriter:
     def send_create_private(self, path: str) -> int:
         """OPEN ``path`` as `create_private` does, behind the writes in flight (no round trip of its own);
         its request number, for `created`."""
-        return self._pipe.send_open(path, CREATE_FLAGS, _private_attributes())
+        return _send_create_private(self._pipe, path)
 
     def created(self, num: int) -> paramiko.SFTPFile:
         """The file a send_create_private opened (its reply, here already unless it was sent last)."""
@@ -181,7 +181,7 @@ class PipelinedWriter:
                        also: Callable[[Pipeline], Callable[[bool], object]] | None = None) -> None:
         """Make the file durable (unless not ``sync``) and close it: fsync and CLOSE go behind the writes
         in flight and every reply is checked in order, in one round trip where drain, fsync and close took
-        three. A server without fsync@openssh.com is tolerated (as by `fsync`); a failed CLOSE is an error,
+        three. A server without fsync@openssh.com is tolerated (sync_failed); a failed CLOSE is an error,
         since a server may report a failed write only there. ``companions``, small files opened beside it
         (a checksum), are written, synced and closed behind it, in the same round trip. ``also`` sends
         more requests behind those (SpareFiles.send_open) and gives what takes their replies (never
@@ -332,6 +332,11 @@ def create_private_together(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> 
     return [file for file in files if file is not None]
 
 
+def _send_create_private(pipe: Pipeline, path: str) -> int:
+    """An OPEN that creates ``path`` private (or empties it), as `create_private` sends it; its request number."""
+    return pipe.send_open(path, CREATE_FLAGS, _private_attributes())
+
+
 def _private_attributes() -> paramiko.SFTPAttributes:
     """What an OPEN that creates a file sends for it to be created private."""
     attrs = paramiko.SFTPAttributes()
@@ -371,14 +376,6 @@ def _take_opened(pipe: Pipeline, sent: Sequence[tuple[str, int]], mode: str, opt
                 item.close()
         raise errors[0]
     return [item for item in found if not isinstance(item, OSError)]
-
-
-def fsync(sftp: paramiko.SFTPClient, handle: bytes) -> None:
-    """Ask the server to flush the file to disk; servers without the extension are tolerated."""
-    try:
-        extended(sftp, "fsync@openssh.com", handle)
-    except OSError as err:
-        sync_failed(err)
 
 
 def sync_failed(err: OSError) -> None:
@@ -425,8 +422,7 @@ class SpareFiles:
         failed), None, those it opened released again. Never raises."""
         names = [paths.spare_temp_name(directory) for _ in range(count)]
         released = replacing._send_release(pipe) if replacing is not None else []
-        attrs = _private_attributes()
-        sent = [(name, pipe.send_open(name, CREATE_FLAGS, attrs)) for name in names]
+        sent = [(name, _send_create_private(pipe, name)) for name in names]
 
         def take(keep: bool) -> SpareFiles | None:
             try:
@@ -683,8 +679,8 @@ class ResumableUpload:
         spare, self.spare = self.spare, None
         if spare is not None:  # failed before its first attempt took them
             spare.release(sftp)
-        temps = [self.temp_path, *(temp for _, temp in self.companions)]
-        for temp in [*temps, self.late_temp] if self.late is not None else temps:
+        late = [self.late_temp] if self.late is not None else []
+        for temp in [self.temp_path, *(temp for _, temp in self.companions), *late]:
             remove_quietly(sftp, temp)
 
 

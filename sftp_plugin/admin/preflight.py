@@ -164,11 +164,9 @@ def _check_round_trip(remote: Remote, report: Report, size: int) -> None:
     try:
         started = time.monotonic()
         with transfer.create_private(sftp, probe) as handle:
-            writer = transfer.PipelinedWriter(sftp, handle.handle)
+            writer = transfer.PipelinedWriter(sftp, handle.handle, sync=remote.cfg.fsync)
             writer.write(data)
-            writer.drain()
-            if remote.cfg.fsync:
-                transfer.fsync(sftp, handle.handle)
+            writer.sync_and_close(handle)
         write_seconds = time.monotonic() - started
         digest = hashlib.sha256()
         started = time.monotonic()
