@@ -55,6 +55,7 @@ VERSION_COMMANDS: dict[str, str] = {
 # Human-facing commands (may print freely); each is admin.<name>(argv after the command) -> exit code.
 ADMIN_COMMANDS: dict[str, str] = {
     "check": "check",
+    "fork-server-status": "fork_server_status",
     "keygen": "keygen",
     "list-backups": "list_backups",
     "prune": "prune",
@@ -85,6 +86,7 @@ DESCRIPTIONS: dict[str, str] = {
     "prune": "apply keep_last and keep_days now (--dry-run: only say what would go)",
     "verify": "re-read a backup (or --all) and check every file against its checksums",
     "stop-fork-server": "stop this user's fork servers on this host",
+    "fork-server-status": "show this user's fork servers on this host and the SSH sessions they keep, by config",
     "keygen": "write a new encryption key file (mode 0600) and print its fingerprint",
     "help": "this text, or one command's arguments: help <command>",
 }

@@ -97,6 +97,9 @@ CAP = b"L"
 # Slot -> server, before it ends: its worker declined the call (Calls.admits), so every call of the route runs in
 # its own process; the server refuses them at once from then on, without a slot of their own.
 DECLINES = b"N"
+# Client -> server, in place of a call's route: how it stands (server_status, for stop-fork-server's sibling
+# fork-server-status). No call sends it, since a route's adler32 is never 0. The answer: a JSON report, then EOF.
+STATUS = _ROUTE.pack(0, 0, 0)
 # A request larger than this (an environment of that size) is not offered: its route gets no spare slots.
 TEMPLATE_LIMIT = 64 * 1024
 # How long a call that found every slot of its route busy waits for one of them or a spare to be idle before
@@ -708,6 +711,8 @@ class _Dispatcher:
 
     def __init__(self, listener: socket.socket, lock: int, digest: str, own: dict[str, str], calls: Calls,
                  log: logging.Logger) -> None:
+        import time
+
         self.listener, self.lock, self.digest, self.own, self.handler, self.log = (
             listener, lock, digest, own, calls, log)
         self.slots: dict[socket.socket, bytes] = {}  # every live slot's control socket -> its route
@@ -722,6 +727,7 @@ class _Dispatcher:
         self.retiring: set[socket.socket] = set()  # spare slots whose route retired meanwhile: they end once idle
         self.spare_calls: dict[socket.socket, int] = {}  # our end of each spare's request -> its liveness pipe
         self.declined: set[bytes] = set()  # routes whose calls run in their own process (DECLINES)
+        self.started = time.time()  # for the status report (STATUS)
         self.calls = 0
         self.refused = 0  # calls of a declined route, refused at once
         self.warm_calls = 0
@@ -802,8 +808,51 @@ class _Dispatcher:
             return
         del self.pending[conn]
         conn.setblocking(True)
+        if got == STATUS:
+            self._answer_status(conn)
+            return
         self.calls += 1
         self._dispatch(conn, got)
+
+    def _answer_status(self, conn: socket.socket) -> None:
+        """Send an administrator's client (server_status) the report, then hang up. The report is small; a
+        client that does not read it within a second loses it, and the calls of others go on."""
+        import json
+
+        conn.settimeout(1.0)
+        try:
+            conn.sendall(json.dumps(self.report()).encode())
+        except OSError:
+            pass
+        conn.close()
+
+    def report(self) -> dict[str, object]:
+        """How the server stands: its counts since it started, and per route its slots (idle, busy, starting
+        as spares), the calls waiting, its cap, and whether its calls are sent back (declined)."""
+        routes = dict.fromkeys([*self.slots.values(), *self.parked, *self.declined])
+        return {
+            "pid": os.getpid(), "since": self.started, "calls": self.calls - self.refused,
+            "warm_calls": self.warm_calls, "spares": self.spares, "capped_waits": self.capped_waits,
+            "sent_back": self.refused, "routes": [self._route_report(route) for route in routes],
+        }
+
+    def _route_report(self, route: bytes) -> dict[str, object]:
+        """One route's part of the report. What the route is, the server knows only by a call of it that left
+        its worker warm (its template): that call's argv and working directory, for the reader to make sense of
+        (never its environment, which may hold what the caller keeps to itself)."""
+        slots = [slot for slot, its in self.slots.items() if its == route]
+        idle = len(self.idle.get(route, []))
+        starting = sum(1 for slot in slots if slot in self.warming)
+        template = self.templates.get(route)
+        call = None
+        if template is not None:
+            request = _decode_request(template)
+            call = {"argv": request.argv, "cwd": request.cwd}
+        return {
+            "workers": len(slots), "idle": idle, "starting": starting, "busy": len(slots) - idle - starting,
+            "waiting": len(self.parked.get(route, [])), "cap": self.caps.get(route),
+            "sent_back": route in self.declined, "call": call,
+        }
 
     def _dispatch(self, conn: socket.socket, route: bytes) -> None:
         if route in self.declined:  # a worker would decline it: the client runs it in its own process
@@ -1066,6 +1115,49 @@ def stop_servers() -> list[int]:
     return stopped
 
 
+def running_servers() -> list[tuple[str, int, bool]]:
+    """This user's fork servers in the current socket directory: (socket path, pid, whether it runs this code).
+    Only looks: unlike stop_servers, leaves what no server holds where it is."""
+    directory = runtime_dir()
+    if directory is None:
+        return []
+    ours = socket_path()
+    servers = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".sock.lock"):
+            sock = os.path.join(directory, name[: -len(".lock")])
+            pid = _lock_holder(sock + ".lock", tidy=False)
+            if pid:
+                servers.append((sock, pid, sock == ours))
+    return servers
+
+
+def server_status(path: str) -> dict[str, object] | None:
+    """The report (_Dispatcher.report) of the server listening on `path`; None if none of ours answers.
+    Only a server of this code understands STATUS: ask no other (running_servers says which)."""
+    import json
+
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        conn.settimeout(START_TIMEOUT)
+        conn.connect(path)
+        if peer_credentials(conn)[1] != os.getuid():
+            return None
+        conn.sendall(STATUS)
+        data = b""
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    try:
+        report = json.loads(data)
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) else None
+
+
 def remove_stale(directory: str) -> list[str]:
     """Remove the lock files and sockets of other code's servers that no server holds; their names.
 
@@ -1090,11 +1182,11 @@ def remove_stale(directory: str) -> list[str]:
     return removed
 
 
-def _lock_holder(lock_path: str) -> int | None:
+def _lock_holder(lock_path: str, tidy: bool = True) -> int | None:
     """The pid a held server lock names (0 if not written yet); None if nobody holds it.
 
     A lock nobody holds, and its socket, are leftovers and removed (under the
-    lock: see _take_lock for a process that opened it meanwhile).
+    lock: see _take_lock for a process that opened it meanwhile), unless `tidy` is False.
     """
     import fcntl
 
@@ -1109,6 +1201,8 @@ def _lock_holder(lock_path: str) -> int | None:
             except OSError:  # held: a live server, whose pid is in the file
                 text = os.read(fd, 32).decode(errors="replace").strip()
                 return int(text) if text.isdigit() else 0
+        if not tidy:
+            return None
         for leftover in (lock_path, lock_path[: -len(".lock")]):
             try:
                 os.unlink(leftover)

@@ -618,6 +618,55 @@ def test_stop_fork_server_says_so_when_none_runs(served: Served) -> None:
     assert assert_ok(served.plugin.run("stop-fork-server")).stdout == b"no fork server was running\n"
 
 
+def _calls_served(status: str) -> int:
+    match = re.search(r"^fork server pid \d+, up \S+: (\d+) calls?,", status, re.MULTILINE)
+    assert match, status
+    return int(match.group(1))
+
+
+def test_fork_server_status_shows_a_configs_worker_idle_with_its_session_then_busy(served: Served,
+                                                                                     backup: LocalBackup) -> None:
+    served.start_server(backup)
+    (pid,) = served.server_pids()
+    assert_ok(served.plugin.run("backup_data", served.config.path, backup.file("gpbackup_0_first"), stdin=b"x"))
+    config = (f"  config {served.config.path} (backup host {served.config.server.options()['username']}"
+              f"@127.0.0.1:{served.config.server.port}): 1 worker: ")
+
+    idle = assert_ok(served.plugin.run("fork-server-status")).stdout.decode()
+    assert idle.startswith(f"fork server pid {pid}, up "), idle
+    assert config + "1 idle, keeping its SSH session\n" in idle, idle
+
+    caller = served.plugin.popen("backup_data", served.config.path, backup.file("gpbackup_0_long"),
+                                 stdin=subprocess.PIPE)
+    assert caller.stdin is not None
+    caller.stdin.write(os.urandom(64 * 1024))
+    caller.stdin.flush()
+    assert wait_until(lambda: served.config.log_text().count(SERVED) == 2), served.config.log_text()[-2000:]
+    busy = assert_ok(served.plugin.run("fork-server-status")).stdout.decode()
+    assert config + "1 busy with a call\n" in busy, busy
+    assert _calls_served(busy) == _calls_served(idle) + 1  # asking is not a call
+    end_input(caller)
+    _out, err = caller.communicate(timeout=RUN_TIMEOUT)
+    assert caller.returncode == 0, err
+
+
+def test_fork_server_status_says_so_when_none_runs_and_names_another_installs_server(served: Served) -> None:
+    assert assert_ok(served.plugin.run("fork-server-status")).stdout == b"no fork server is running\n"
+
+    # A server of other code (an upgrade's predecessor): only its lock, held, with its pid in it. It would not
+    # understand the question, so none is asked.
+    served.socket_dir.mkdir(mode=0o700, exist_ok=True)
+    lock = os.open(served.socket_dir / "0.0.1-0badc0de.sock.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.write(lock, f"{os.getpid()}\n".encode())
+        shown = assert_ok(served.plugin.run("fork-server-status")).stdout.decode()
+    finally:
+        os.close(lock)
+    assert shown == (f"fork server pid {os.getpid()}: another installed copy or version of the plugin "
+                     "(0.0.1-0badc0de); stop-fork-server stops it\n")
+
+
 def test_a_call_still_running_does_not_keep_a_stopped_servers_place(served: Served, backup: LocalBackup) -> None:
     # The server's lock must not live on in its workers: a long backup_data would
     # keep any new server from starting, and stop-fork-server would name a dead pid.
