@@ -100,6 +100,9 @@ DECLINES = b"N"
 # Client -> server, in place of a call's route: how it stands (server_status, for stop-fork-server's sibling
 # fork-server-status). No call sends it, since a route's adler32 is never 0. The answer: a JSON report, then EOF.
 STATUS = _ROUTE.pack(0, 0, 0)
+# Slot -> server, as the slot's first call starts: what its route is, that call's working directory and argv (never its
+# environment), for the status report (STATUS). A longer one than TEMPLATE_LIMIT is not sent.
+ABOUT = b"M"
 # A request larger than this (an environment of that size) is not offered: its route gets no spare slots.
 TEMPLATE_LIMIT = 64 * 1024
 # How long a call that found every slot of its route busy waits for one of them or a spare to be idle before
@@ -727,6 +730,7 @@ class _Dispatcher:
         self.retiring: set[socket.socket] = set()  # spare slots whose route retired meanwhile: they end once idle
         self.spare_calls: dict[socket.socket, int] = {}  # our end of each spare's request -> its liveness pipe
         self.declined: set[bytes] = set()  # routes whose calls run in their own process (DECLINES)
+        self.about: dict[bytes, dict[str, object]] = {}  # route -> a call's cwd and argv (ABOUT), while it has slots
         self.started = time.time()  # for the status report (STATUS)
         self.calls = 0
         self.refused = 0  # calls of a declined route, refused at once
@@ -837,21 +841,15 @@ class _Dispatcher:
         }
 
     def _route_report(self, route: bytes) -> dict[str, object]:
-        """One route's part of the report. What the route is, the server knows only by a call of it that left
-        its worker warm (its template): that call's argv and working directory, for the reader to make sense of
-        (never its environment, which may hold what the caller keeps to itself)."""
+        """One route's part of the report. What the route is, the server knows only from its slots (ABOUT): a
+        call's argv and working directory, for the reader to make sense of."""
         slots = [slot for slot, its in self.slots.items() if its == route]
         idle = len(self.idle.get(route, []))
         starting = sum(1 for slot in slots if slot in self.warming)
-        template = self.templates.get(route)
-        call = None
-        if template is not None:
-            request = _decode_request(template)
-            call = {"argv": request.argv, "cwd": request.cwd}
         return {
             "workers": len(slots), "idle": idle, "starting": starting, "busy": len(slots) - idle - starting,
             "waiting": len(self.parked.get(route, [])), "cap": self.caps.get(route),
-            "sent_back": route in self.declined, "call": call,
+            "sent_back": route in self.declined, "call": self.about.get(route),
         }
 
     def _dispatch(self, conn: socket.socket, route: bytes) -> None:
@@ -1022,6 +1020,9 @@ class _Dispatcher:
             self._learn_cap(route, message)
         elif message == DECLINES:
             self.declined.add(route)
+        elif message[:1] == ABOUT:
+            cwd, *argv = (os.fsdecode(field) for field in message[1:].split(b"\0"))
+            self.about[route] = {"argv": argv, "cwd": cwd}
         elif message[:1] == IDLE:
             self._learn_cap(route, message)
             self.warming.discard(slot)
@@ -1067,6 +1068,8 @@ class _Dispatcher:
         route = self.slots.pop(slot, None)
         if route is not None and slot in self.idle.get(route, []):
             self.idle[route].remove(slot)
+        if route is not None and route not in self.slots.values():
+            self.about.pop(route, None)
         self.warming.discard(slot)
         self.retiring.discard(slot)
         slot.close()
@@ -1268,8 +1271,10 @@ def _slot(ctrl: socket.socket, conn: socket.socket, digest: str, own: dict[str, 
         _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)  # we wait for our worker ourselves
         for sig in FORWARDED_SIGNALS:  # stopping the server does not stop the calls in flight
             _signal.signal(sig, _signal.SIG_IGN)
+        first = True
         while True:
-            worker, retire, template = _monitor_call(ctrl, conn, worker, digest, own, calls)
+            worker, retire, template = _monitor_call(ctrl, conn, worker, digest, own, calls, first)
+            first = False
             conn.close()
             if template is not None and not offered and len(template) <= TEMPLATE_LIMIT:
                 ctrl.send(TEMPLATE + template)
@@ -1346,10 +1351,11 @@ def _next_call(ctrl: socket.socket, worker: _Worker) -> socket.socket | None:
 
 
 def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | None, digest: str,  # noqa: PLR0913
-                  own: dict[str, str], calls: Calls) -> tuple[_Worker | None, bool, bytes | None]:
+                  own: dict[str, str], calls: Calls, first: bool) -> tuple[_Worker | None, bool, bytes | None]:
     """One call: check the caller, receive it, hand it to the worker (a new one if need be), forward
     signals, report the end. The worker that may serve the next call, whether the route retires, and
     the request if it was a client's call that left the worker warm (the server's template of the route).
+    The slot's `first` call, once started, also tells the server what the route is (ABOUT).
 
     A request from the server itself (our parent) is a spare's: the worker only warms up for it."""
     import socket
@@ -1407,6 +1413,8 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
     conn.settimeout(None)
     worker.sock.settimeout(None)
     conn.sendall(STARTED + _INT.pack(worker.pid))
+    if first and task == _RUN:
+        _tell_about(ctrl, request)
     reply = _await_reply(conn, worker)
     slots = None
     if len(reply) == _REPLY.size:
@@ -1423,6 +1431,16 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
     _report_end(ctrl, worker, slots)
     conn.sendall(ENDED + _INT.pack(status))
     return worker, bool(flags & _RETIRE), payload if worker is not None and task == _RUN else None
+
+
+def _tell_about(ctrl: socket.socket, request: Request) -> None:
+    """Tell the server what this slot's route is (ABOUT): the call's working directory and argv."""
+    message = ABOUT + b"\0".join(os.fsencode(field) for field in [request.cwd, *request.argv])
+    if len(message) <= 1 + TEMPLATE_LIMIT:
+        try:
+            ctrl.send(message)
+        except OSError:
+            pass  # the server is gone: this slot ends after the call
 
 
 def _await_reply(conn: socket.socket, worker: _Worker) -> bytes:

@@ -624,30 +624,24 @@ def _calls_served(status: str) -> int:
     return int(match.group(1))
 
 
-def test_fork_server_status_shows_a_configs_worker_idle_with_its_session_then_busy(served: Served,
-                                                                                     backup: LocalBackup) -> None:
-    served.start_server(backup)
+def test_fork_server_status_shows_a_configs_worker_busy_with_its_first_call_then_idle_keeping_its_session(
+        served: Served, backup: LocalBackup) -> None:
+    upload = _start_served_upload(served, backup, "gpbackup_0_status")  # the first call of a new worker
     (pid,) = served.server_pids()
-    assert_ok(served.plugin.run("backup_data", served.config.path, backup.file("gpbackup_0_first"), stdin=b"x"))
     config = (f"  config {served.config.path} (backup host {served.config.server.options()['username']}"
               f"@127.0.0.1:{served.config.server.port}): 1 worker: ")
 
-    idle = assert_ok(served.plugin.run("fork-server-status")).stdout.decode()
-    assert idle.startswith(f"fork server pid {pid}, up "), idle
-    assert config + "1 idle, keeping its SSH session\n" in idle, idle
-
-    caller = served.plugin.popen("backup_data", served.config.path, backup.file("gpbackup_0_long"),
-                                 stdin=subprocess.PIPE)
-    assert caller.stdin is not None
-    caller.stdin.write(os.urandom(64 * 1024))
-    caller.stdin.flush()
-    assert wait_until(lambda: served.config.log_text().count(SERVED) == 2), served.config.log_text()[-2000:]
     busy = assert_ok(served.plugin.run("fork-server-status")).stdout.decode()
+    assert busy.startswith(f"fork server pid {pid}, up "), busy
     assert config + "1 busy with a call\n" in busy, busy
-    assert _calls_served(busy) == _calls_served(idle) + 1  # asking is not a call
-    end_input(caller)
-    _out, err = caller.communicate(timeout=RUN_TIMEOUT)
-    assert caller.returncode == 0, err
+
+    end_input(upload.caller)
+    _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)
+    assert upload.caller.returncode == 0, err
+    idle = assert_ok(served.plugin.run("fork-server-status")).stdout.decode()
+    assert config + "1 idle, keeping its SSH session\n" in idle, idle
+    assert _calls_served(idle) == _calls_served(busy)  # asking is not a call
+    assert served.server_pids() == [pid]
 
 
 def test_fork_server_status_says_so_when_none_runs_and_names_another_installs_server(served: Served) -> None:

@@ -112,7 +112,7 @@ def _count(number: int, thing: str) -> str:
 def _config_of(call: dict | None) -> str:
     """The config a route's calls name, with the backup host it says now; what the server could not tell."""
     if not call or len(call.get("argv") or []) < 2:
-        return "a config none of whose calls has ended yet"  # the server learns a route's argv from one
+        return "a config none of whose calls has started yet"  # a slot tells the server as its first call starts
     from sftp_plugin.config import load_config
     from sftp_plugin.errors import PluginError
 
