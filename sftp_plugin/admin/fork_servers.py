@@ -71,7 +71,7 @@ def _show() -> None:
         for route in routes:
             print("  " + _route_line(route))
         if not routes:
-            print("  no worker: every session it kept has closed; the server exits after a minute without calls")
+            print("  no worker now, so no session kept; the server exits after a minute without calls")
 
 
 def _server_line(report: dict) -> str:
