@@ -820,12 +820,16 @@ class _Dispatcher:
 
     def _answer_status(self, conn: socket.socket) -> None:
         """Send an administrator's client (server_status) the report, then hang up. The report is small; a
-        client that does not read it within a second loses it, and the calls of others go on."""
+        client that does not read it within a second loses it, and the calls of others go on. A client the
+        server would not serve a call of (refusal: other credentials or namespaces) gets no report either."""
         import json
 
+        why = refusal(peer_credentials(conn)[0], self.own)
+        if why is not None:
+            self.log.warning("refused a status request: %s", why)
         conn.settimeout(1.0)
         try:
-            conn.sendall(json.dumps(self.report()).encode())
+            conn.sendall(REFUSED if why is not None else json.dumps(self.report()).encode())
         except OSError:
             pass
         conn.close()
@@ -1137,7 +1141,8 @@ def running_servers() -> list[tuple[str, int, bool]]:
 
 def server_status(path: str) -> dict[str, object] | None:
     """The report (_Dispatcher.report) of the server listening on `path`; None if none of ours answers.
-    Only a server of this code understands STATUS: ask no other (running_servers says which)."""
+    Only a server of this code understands STATUS: ask no other (running_servers says which). Raises
+    PermissionError when the server refuses us, as it would refuse our calls (refusal)."""
     import json
 
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -1154,6 +1159,8 @@ def server_status(path: str) -> dict[str, object] | None:
         return None
     finally:
         conn.close()
+    if data == REFUSED:
+        raise PermissionError("its credentials or namespaces differ from this process's")
     try:
         report = json.loads(data)
     except ValueError:

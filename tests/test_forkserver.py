@@ -644,6 +644,24 @@ def test_fork_server_status_shows_a_configs_worker_busy_with_its_first_call_then
     assert served.server_pids() == [pid]
 
 
+def test_fork_server_status_tells_a_caller_it_would_refuse_nothing(served: Served, backup: LocalBackup) -> None:
+    field, prefix, _options = CALLER_DIFFERENCES["no_new_privs set"]
+    if not _can_run(*prefix):
+        pytest.skip(f"{' '.join(prefix)} is not permitted here")
+    served.start_server(backup)
+    (pid,) = served.server_pids()
+    assert_ok(served.plugin.run("backup_data", served.config.path, backup.file("gpbackup_0_seen"), stdin=b"x"))
+    assert f"config {served.config.path}" in assert_ok(served.plugin.run("fork-server-status")).stdout.decode()
+
+    result = subprocess.run([*prefix, *served.plugin.argv("fork-server-status")], capture_output=True,
+                            env=served.plugin.env(), timeout=RUN_TIMEOUT, check=False)
+    shown = assert_ok(result).stdout.decode()
+    assert shown.startswith(f"fork server pid {pid}: tells this process nothing: "), shown
+    assert "config" not in shown, shown
+    refused = [line for line in served.config.log_text().splitlines() if "refused a status request" in line]
+    assert len(refused) == 1 and field in refused[0], refused
+
+
 def test_fork_server_status_says_so_when_none_runs_and_names_another_installs_server(served: Served) -> None:
     assert assert_ok(served.plugin.run("fork-server-status")).stdout == b"no fork server is running\n"
 

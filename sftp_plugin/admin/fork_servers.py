@@ -62,7 +62,11 @@ def _show() -> None:
             print(f"fork server pid {pid}: another installed copy or version of the plugin "
                   f"({os.path.basename(path).removesuffix('.sock')}); stop-fork-server stops it")
             continue
-        report = forkserver.server_status(path)
+        try:
+            report = forkserver.server_status(path)
+        except PermissionError as err:  # as it would refuse this process's calls
+            print(f"fork server pid {pid}: tells this process nothing: {err} (its log says how)")
+            continue
         if report is None:
             print(f"fork server pid {pid}: did not answer (starting, or stopping)")
             continue
