@@ -7,6 +7,7 @@ started itself; teardown stops that server (the log names its pid).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import signal
@@ -643,6 +644,14 @@ def test_fork_server_status_shows_a_configs_worker_busy_with_its_first_call_then
     assert _calls_served(idle) == _calls_served(busy)  # asking is not a call
     assert served.server_pids() == [pid]
 
+    (server,) = json.loads(assert_ok(served.plugin.run("fork-server-status", "--json")).stdout)["fork_servers"]
+    assert (server["pid"], server["answer"], server["calls"]) == (pid, "answered", _calls_served(idle))
+    assert server["configs"] == [{
+        "config": str(served.config.path), "problem": None, "fork_server": True, "max_connections": None,
+        "backup_host": f"{served.config.server.options()['username']}@127.0.0.1:{served.config.server.port}",
+        "workers": 1, "idle": 1, "busy": 0, "starting": 0, "waiting": 0,
+    }]
+
 
 def test_fork_server_status_tells_a_caller_it_would_refuse_nothing(served: Served, backup: LocalBackup) -> None:
     field, prefix, _options = CALLER_DIFFERENCES["no_new_privs set"]
@@ -664,6 +673,7 @@ def test_fork_server_status_tells_a_caller_it_would_refuse_nothing(served: Serve
 
 def test_fork_server_status_says_so_when_none_runs_and_names_another_installs_server(served: Served) -> None:
     assert assert_ok(served.plugin.run("fork-server-status")).stdout == b"no fork server is running\n"
+    assert json.loads(assert_ok(served.plugin.run("fork-server-status", "--json")).stdout) == {"fork_servers": []}
 
     # A server of other code (an upgrade's predecessor): only its lock, held, with its pid in it. It would not
     # understand the question, so none is asked.
@@ -673,8 +683,10 @@ def test_fork_server_status_says_so_when_none_runs_and_names_another_installs_se
         fcntl.flock(lock, fcntl.LOCK_EX)
         os.write(lock, f"{os.getpid()}\n".encode())
         shown = assert_ok(served.plugin.run("fork-server-status")).stdout.decode()
+        listed = json.loads(assert_ok(served.plugin.run("fork-server-status", "--json")).stdout)
     finally:
         os.close(lock)
+    assert listed == {"fork_servers": [{"pid": os.getpid(), "version": "0.0.1-0badc0de", "answer": "other code"}]}
     assert shown == (f"fork server pid {os.getpid()}: another installed copy or version of the plugin "
                      "(0.0.1-0badc0de); stop-fork-server stops it\n")
 
