@@ -362,6 +362,20 @@ def test_max_connections_makes_a_call_wait_for_a_busy_session_past_the_client_st
     assert warm.restored(backup.file("gpbackup_0_waiting"), config=path) == b"w" * 1000
 
 
+def test_fork_server_status_shows_a_call_waiting_at_max_connections(warm: Warm, backup: LocalBackup) -> None:
+    path = warm.config.write("capped.yaml", max_connections=1)
+    warm.start_server(backup, path)
+    warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)
+    with warm.busy_and_waiting(backup, path, "it may have no more (1)") as (busy, waiting):
+        shown = assert_ok(warm.plugin.run("fork-server-status", env_extra=socket_dir_env(warm.tmpdir))).stdout.decode()
+        finish(busy, b"b" * 1000)
+        finish(waiting, b"w" * 1000)
+    host = f"{warm.server.options()['username']}@127.0.0.1:{warm.server.port}"
+    assert (f"  config {path} (backup host {host}): 1 worker: 1 busy with a call; 1 call waiting for one "
+            "(max_connections 1)\n") in shown, shown
+    assert "; 1 call waited at max_connections" in shown.splitlines()[0], shown
+
+
 def test_max_connections_holds_from_the_fork_servers_start_for_the_config_that_started_it(
         warm: Warm, backup: LocalBackup) -> None:
     # A nightly backup finds no fork server: its first call (a setup, no session kept) starts one, and
