@@ -117,6 +117,9 @@ ACCEPTED, DECLINED = b"A", b"D"
 # Worker -> monitor: exit code, flags, the most slots the route may have (Ending.slots).
 _REPLY = struct.Struct("!iii")
 _STAY, _RETIRE = 1, 2
+# What the server, a slot's monitor and its worker are called in ps -e, top and pgrep (/proc/<pid>/comm, at most
+# 15 characters): all three are otherwise "python3", like any other Python program on the host.
+PROCESS_NAMES = {"server": "gpsftp-server", "monitor": "gpsftp-monitor", "worker": "gpsftp-worker"}
 # struct ucred, as SO_PEERCRED returns it: pid, uid, gid.
 _PEERCRED = struct.Struct("3i")
 
@@ -634,6 +637,7 @@ def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECO
     os.ftruncate(lock, 0)
     os.write(lock, f"{os.getpid()}\n".encode())  # who holds it, for whoever wants to stop us
     setup_logging(log_dir, "info", "fork-server", [])
+    _name_process("server")
     log = logging.getLogger("gpbackup_sftp_plugin.forkserver")
     for module in PRELOAD:  # sftp_plugin.cli first: it keeps paramiko from importing invoke
         importlib.import_module(module)
@@ -1275,6 +1279,7 @@ def _slot(ctrl: socket.socket, conn: socket.socket, digest: str, own: dict[str, 
     worker: _Worker | None = None
     offered = False  # our template (TEMPLATE): once per slot is enough for the server
     try:
+        _name_process("monitor")
         _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)  # we wait for our worker ourselves
         for sig in FORWARDED_SIGNALS:  # stopping the server does not stop the calls in flight
             _signal.signal(sig, _signal.SIG_IGN)
@@ -1500,6 +1505,7 @@ def _worker(sock: socket.socket, calls: Calls) -> None:
 
     code = 1
     try:
+        _name_process("worker")
         _quiet_between_calls()
         while True:
             # Idle: the monitor's next call, or once a second the question whether to stay.
@@ -1540,6 +1546,16 @@ def _worker(sock: socket.socket, calls: Calls) -> None:
 
             logging.shutdown()
             os._exit(code)
+
+
+def _name_process(role: str) -> None:
+    """Name this process after its role (PROCESS_NAMES): threads it starts later take the name too. Where /proc
+    does not let us, it keeps its name; nothing else depends on it."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(PROCESS_NAMES[role])
+    except OSError:
+        pass
 
 
 def _quiet_between_calls() -> None:

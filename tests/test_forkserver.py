@@ -619,6 +619,21 @@ def test_stop_fork_server_says_so_when_none_runs(served: Served) -> None:
     assert assert_ok(served.plugin.run("stop-fork-server")).stdout == b"no fork server was running\n"
 
 
+def test_the_server_its_monitors_and_workers_are_named_for_ps_and_top(served: Served, backup: LocalBackup) -> None:
+    upload = _start_served_upload(served, backup, "gpbackup_0_named")
+    try:
+        (server,) = served.server_pids()
+        names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in (server, upload.monitor, upload.worker)}
+        assert names == {server: "gpsftp-server", upload.monitor: "gpsftp-monitor", upload.worker: "gpsftp-worker"}
+        # The transport thread the worker started for its session is named as the worker.
+        assert {Path(task, "comm").read_text().strip() for task in Path(f"/proc/{upload.worker}/task").iterdir()} == {
+            "gpsftp-worker"}
+    finally:
+        end_input(upload.caller)
+        upload.caller.communicate(timeout=RUN_TIMEOUT)
+    assert upload.caller.returncode == 0
+
+
 def _calls_served(status: str) -> int:
     match = re.search(r"^fork server pid \d+, up \S+: (\d+) calls?,", status, re.MULTILINE)
     assert match, status
