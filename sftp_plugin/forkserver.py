@@ -1112,23 +1112,16 @@ def stop_servers() -> list[int]:
     and the benchmark, which must leave nothing running. Calls in flight are
     not touched; a lock nobody holds is a leftover and is removed.
     """
-    directory = runtime_dir()
-    if directory is None:
-        return []
     stopped = []
-    for name in sorted(os.listdir(directory)):
-        if not name.endswith(".sock.lock"):
-            continue
-        pid = _lock_holder(os.path.join(directory, name))
-        if pid:
-            os.kill(pid, _signal.SIGTERM)
-            stopped.append(pid)
+    for _sock, pid, _this_code in running_servers(tidy=True):
+        os.kill(pid, _signal.SIGTERM)
+        stopped.append(pid)
     return stopped
 
 
-def running_servers() -> list[tuple[str, int, bool]]:
+def running_servers(tidy: bool = False) -> list[tuple[str, int, bool]]:
     """This user's fork servers in the current socket directory: (socket path, pid, whether it runs this code).
-    Only looks: unlike stop_servers, leaves what no server holds where it is."""
+    With `tidy`, the lock files and sockets no server holds are removed on the way (_lock_holder)."""
     directory = runtime_dir()
     if directory is None:
         return []
@@ -1137,7 +1130,7 @@ def running_servers() -> list[tuple[str, int, bool]]:
     for name in sorted(os.listdir(directory)):
         if name.endswith(".sock.lock"):
             sock = os.path.join(directory, name[: -len(".lock")])
-            pid = _lock_holder(sock + ".lock", tidy=False)
+            pid = _lock_holder(sock + ".lock", tidy)
             if pid:
                 servers.append((sock, pid, sock == ours))
     return servers

@@ -25,7 +25,7 @@ import stat
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paramiko
 from paramiko.sftp import (
@@ -481,11 +481,15 @@ def _collect_quietly(pipe: Pipeline, sent: Sequence[int]) -> None:
 class LateCompanion:
     """A companion stored only with a stream longer than ``after`` bytes (its block digests): its file is
     opened once the stream gets that far, behind the writes (no round trip of its own), and ``data`` gives
-    its contents once the stream has ended."""
+    its contents once the stream has ended. Every attempt writes it through the same temporary name."""
 
     final_path: str
     after: int
     data: Callable[[], bytes]
+    temp_path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temp_path", paths.temp_name_for(self.final_path))  # frozen: set once, here
 
 
 class ResumableUpload:
@@ -532,8 +536,7 @@ class ResumableUpload:
         self.also = also  # requests sent with the stream's fsync and CLOSE (PipelinedWriter.sync_and_close)
         self.sync = sync  # whether the server flushes the files to disk before they are renamed into place
         self.late = late
-        self.late_temp = paths.temp_name_for(late.final_path) if late is not None else ""
-        self._late_open: int | None = None  # this attempt's OPEN of late_temp, sent and not yet taken
+        self._late_open: int | None = None  # this attempt's OPEN of the late companion's file, not yet taken
         self._late_bytes: bytes | None = None  # the late companion's contents, once stored
         self.confirmed = 0  # bytes acknowledged by the server
         self._buffer: deque[bytes] = deque()  # unacknowledged bytes, starting at offset self._buffer_start
@@ -603,7 +606,7 @@ class ResumableUpload:
         (``end``: where the stream is about to get to), before the bytes that take it there: its reply comes
         back while they go out."""
         if self.late is not None and self._late_open is None and end > self.late.after:
-            self._late_open = writer.send_create_private(self.late_temp)
+            self._late_open = writer.send_create_private(self.late.temp_path)
 
     def _take_from_source(self) -> bytes:
         """The source's next chunk (b"" at its end), kept for a resend before any request can fail:
@@ -672,14 +675,14 @@ class ResumableUpload:
         sizes = [len(data) for data in self._companion_bytes or []]
         moves = [(temp, final, size) for (final, temp), size in zip(self.companions, sizes)]
         if self.late is not None and self._late_bytes is not None:
-            moves.insert(0, (self.late_temp, self.late.final_path, len(self._late_bytes)))
+            moves.insert(0, (self.late.temp_path, self.late.final_path, len(self._late_bytes)))
         rename_together(sftp, [*moves, (self.temp_path, self.final_path, self.confirmed)])
 
     def abandon(self, sftp: paramiko.SFTPClient) -> None:
         spare, self.spare = self.spare, None
         if spare is not None:  # failed before its first attempt took them
             spare.release(sftp)
-        late = [self.late_temp] if self.late is not None else []
+        late = [self.late.temp_path] if self.late is not None else []
         for temp in [self.temp_path, *(temp for _, temp in self.companions), *late]:
             remove_quietly(sftp, temp)
 
