@@ -184,14 +184,16 @@ class _WorkerCalls:
         sessions.set_connection_cap(None)
         code = main(argv, served_by=monitor)
         return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(),
-                                 retire_route=ends_backup(argv[0], argv[2:]), slots=sessions.connection_cap())
+                                 retire_route=ends_backup(argv[0], argv[2:]), slots=sessions.connection_cap(),
+                                 pool=sessions.connection_pool())
 
     def warm(self, argv: list[str], monitor: int) -> forkserver.Ending:
         from sftp_plugin import forkserver, sessions
 
         sessions.set_connection_cap(None)
         code = open_spare_session(argv, served_by=monitor)
-        return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(), slots=sessions.connection_cap())
+        return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(), slots=sessions.connection_cap(),
+                                 pool=sessions.connection_pool())
 
     def still_warm(self) -> bool:
         from sftp_plugin import sessions
@@ -333,11 +335,14 @@ def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str, key: str,
 
 
 def _note_connection_cap(cfg: PluginConfig) -> None:
-    """Tell the fork server, through the call's end (forkserver.Ending.slots), how many sessions the
-    config allows: every call of it does, with or without a session of its own."""
+    """Tell the fork server, through the call's end (forkserver.Ending.slots and .pool), how many sessions
+    the config allows and to which backup host: every call of it does, with or without a session of its
+    own. The host is the config's hostname and port (22 when it names none), not what ~/.ssh/config makes
+    of them: resolving that would cost calls that never connect, and two configs that name one host
+    differently only keep their caps apart."""
     from sftp_plugin import sessions
 
-    sessions.set_connection_cap(cfg.max_connections)
+    sessions.set_connection_cap(cfg.max_connections, f"{cfg.hostname.lower()}:{cfg.port or 22}")
 
 
 def open_spare_session(argv: list[str], served_by: int) -> int:

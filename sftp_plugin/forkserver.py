@@ -114,8 +114,11 @@ _RUN, _WARM = 0, 1
 # Worker -> monitor: the call was taken (before it runs anything), then _REPLY; or it was declined
 # (Calls.admits), and its client runs it in its own process.
 ACCEPTED, DECLINED = b"A", b"D"
-# Worker -> monitor: exit code, flags, the most slots the route may have (Ending.slots).
-_REPLY = struct.Struct("!iii")
+# Worker -> monitor: exit code, flags, the most slots the route may have (Ending.slots), the length of the
+# route's pool (Ending.pool), which follows.
+_REPLY = struct.Struct("!iiiH")
+# The longest pool a worker may report (Ending.pool): a host name and port, with room to spare.
+POOL_LIMIT = 1024
 _STAY, _RETIRE = 1, 2
 # What the server, a slot's monitor and its worker are called in ps -e, top and pgrep (/proc/<pid>/comm, at most
 # 15 characters): all three are otherwise "python3", like any other Python program on the host.
@@ -573,9 +576,10 @@ def _take_lock(path: str) -> int | None:
 class Ending:
     """How a call ended, as the code the server runs reports it (a plain class: the client imports nothing heavy)."""
 
-    __slots__ = ("code", "retire_route", "slots", "stay")
+    __slots__ = ("code", "pool", "retire_route", "slots", "stay")
 
-    def __init__(self, code: int, stay: bool = False, retire_route: bool = False, slots: int | None = None) -> None:
+    def __init__(self, code: int, stay: bool = False, retire_route: bool = False, slots: int | None = None,
+                 pool: bytes | None = None) -> None:
         self.code = code  # the exit code
         # The worker keeps what it holds (a warm SSH session) and may serve the next call of the
         # same route: only after a call that succeeded and was not signalled.
@@ -585,6 +589,10 @@ class Ending:
         # The most slots (each with what its worker keeps) the route may have at once, 0 for no cap,
         # None when the call did not learn it: beyond it, a call waits for one of them to be free (QUEUED).
         self.slots = slots
+        # What the route's slots share that cap with (the code's choice, at most POOL_LIMIT bytes; the plugin:
+        # its backup host): routes reporting the same pool count each other's slots against their own cap,
+        # and a call at its cap may take the place of another route's idle slot. None: the route alone.
+        self.pool = pool
 
 
 if TYPE_CHECKING:
@@ -714,6 +722,9 @@ class _Dispatcher:
     A route may also be capped (Ending.slots, as its idle slots last reported
     it): once it has that many slots, a call beyond waits, told QUEUED so that
     its client stops timing the start, until one of them is idle or ends.
+    Routes that reported the same pool (Ending.pool) count each other's slots
+    against their caps, and a call at its cap whose route has no slot takes
+    the place of another route's idle slot of the pool (which ends).
     """
 
     def __init__(self, listener: socket.socket, lock: int, digest: str, own: dict[str, str], calls: Calls,
@@ -728,13 +739,14 @@ class _Dispatcher:
         self.templates: dict[bytes, bytes] = {}  # route -> the request of a call that left its worker warm
         self.parked: dict[bytes, list[tuple[socket.socket, float]]] = {}  # route -> calls waiting, oldest first
         self.caps: dict[bytes, int] = {}  # route -> the most slots it may have (absent: no cap)
+        self.pools: dict[bytes, bytes] = {}  # route -> the pool whose slots count against its cap (absent: alone)
         self.queued: set[socket.socket] = set()  # parked calls told QUEUED
         self.capped_waits = 0  # calls that waited at their route's cap
         self.warming: set[socket.socket] = set()  # spare slots not idle yet
         self.retiring: set[socket.socket] = set()  # spare slots whose route retired meanwhile: they end once idle
         self.spare_calls: dict[socket.socket, int] = {}  # our end of each spare's request -> its liveness pipe
         self.declined: set[bytes] = set()  # routes whose calls run in their own process (DECLINES)
-        self.about: dict[bytes, dict[str, object]] = {}  # route -> a call's cwd and argv (ABOUT), while it has slots
+        self.about: dict[bytes, dict[str, object]] = {}  # route -> a call's cwd and argv (ABOUT), till it retires
         self.started = time.time()  # for the status report (STATUS)
         self.calls = 0
         self.refused = 0  # calls of a declined route, refused at once
@@ -854,9 +866,11 @@ class _Dispatcher:
         slots = [slot for slot, its in self.slots.items() if its == route]
         idle = len(self.idle.get(route, []))
         starting = sum(1 for slot in slots if slot in self.warming)
+        others = self._sharing(route) - {route}
         return {
             "workers": len(slots), "idle": idle, "starting": starting, "busy": len(slots) - idle - starting,
             "waiting": len(self.parked.get(route, [])), "cap": self.caps.get(route),
+            "pool_workers": sum(1 for its in self.slots.values() if its in others),
             "sent_back": route in self.declined, "call": self.about.get(route),
         }
 
@@ -873,15 +887,55 @@ class _Dispatcher:
         while idle:
             if self._give(idle.pop(), conn):
                 return
-        # All busy: wait for one (or a spare), or, where the route has all the slots it may, only for one.
-        if route in self.slots.values() and (route in self.templates or self._at_cap(route)):
+        # All busy: wait for one (or a spare), or, where the route (with its pool) has all the slots it may
+        # and none of them is another route's idle one to take the place of, only for one.
+        if self._at_cap(route) and not self._make_room(route):
+            self._park(conn, route)
+            return
+        if route in self.slots.values() and route in self.templates:
             self._park(conn, route)
             return
         self._new_slot(conn, route)
 
+    def _sharing(self, route: bytes) -> set[bytes]:
+        """The routes whose slots count against `route`'s cap: itself and those of its pool."""
+        pool = self.pools.get(route)
+        return {route} if pool is None else {route, *(its for its, their in self.pools.items() if their == pool)}
+
     def _at_cap(self, route: bytes) -> bool:
         cap = self.caps.get(route)
-        return cap is not None and sum(1 for its in self.slots.values() if its == route) >= cap
+        sharing = self._sharing(route)
+        return cap is not None and sum(1 for its in self.slots.values() if its in sharing) >= cap
+
+    def _make_room(self, route: bytes) -> bool:
+        """End an idle slot of another route of `route`'s pool, to make room for a slot of `route`; False if
+        none is idle, or if `route` has a slot of its own: its calls wait for that one rather than take turns
+        with the other route's calls, each turn a login."""
+        if route in self.slots.values() or not self._end_idle_other(route):
+            return False
+        self.log.info("a call takes the place of an idle worker of another config to the same backup host: "
+                      "with it, its config may have no more (%d)", self.caps[route])
+        return True
+
+    def _end_idle_other(self, route: bytes) -> bool:
+        """End an idle slot of another route of `route`'s pool (that route's longest idle); False if none is."""
+        others = [slot for its in self._sharing(route) - {route} for slot in self.idle.get(its, [])[:1]]
+        if not others:
+            return False
+        self._forget(others[0])  # its monitor reads EOF and ends, and its worker with the session it kept
+        return True
+
+    def _trim_pool(self, route: bytes) -> None:
+        """`route`'s pool has more slots than its cap allows (its first call, or the pool's first, came before
+        the server knew them): end idle slots of the pool's other routes, down to the cap."""
+        while self._over_cap(route) and self._end_idle_other(route):
+            self.log.info("ended an idle worker of another config to the same backup host: with it, a config "
+                          "there had more than it may have (%d)", self.caps[route])
+
+    def _over_cap(self, route: bytes) -> bool:
+        cap = self.caps.get(route)
+        sharing = self._sharing(route)
+        return cap is not None and sum(1 for its in self.slots.values() if its in sharing) > cap
 
     def _tell_queued(self, conn: socket.socket) -> None:
         """Tell a parked call's client, once, that it waits for as long as it takes (QUEUED)."""
@@ -931,7 +985,8 @@ class _Dispatcher:
         queue.append((conn, time.monotonic()))
         if self._at_cap(route):
             if not self.capped_waits:  # once: a capped storm parks most of its calls (the exit line counts them)
-                self.log.info("calls wait: every worker of their config is busy, and it may have no more (%d)",
+                self.log.info("calls wait: every worker of their config%s is busy, and it may have no more (%d)",
+                              "" if self._sharing(route) == {route} else " and of others to the same backup host",
                               self.caps[route])
             self.capped_waits += 1
             self._tell_queued(conn)
@@ -1042,11 +1097,15 @@ class _Dispatcher:
                 self._forget(slot)
             else:
                 self.idle.setdefault(route, []).append(slot)
+                self._trim_pool(route)
+                self._serve_pool(route)
         elif message == RETIRE:
             for other in self.idle.pop(route, []):
                 self._forget(other)
             self._forget(slot)
             self.templates.pop(route, None)
+            if route not in self.slots.values():  # kept till now: a route's calls may wait with no slot (pools)
+                self.about.pop(route, None)
             self.retiring.update(other for other in self.warming if self.slots.get(other) == route)
             self._replace_ended(route)
         else:  # EOF: the slot ended
@@ -1054,30 +1113,51 @@ class _Dispatcher:
             self._replace_ended(route)
 
     def _learn_cap(self, route: bytes, message: bytes) -> None:
-        """The cap a slot's message (IDLE, CAP) carries for its route, if any: 0 means none."""
-        if len(message) != 1 + _INT.size:
+        """The cap a slot's message (IDLE, CAP) carries for its route, if any (0 means none), and its pool."""
+        if len(message) < 1 + _INT.size:
             return
-        cap = _INT.unpack(message[1:])[0]
+        cap = _INT.unpack_from(message, 1)[0]
         if cap > 0:
             self.caps[route] = cap
         else:
             self.caps.pop(route, None)
+        pool = message[1 + _INT.size:]
+        if pool:
+            self.pools[route] = pool
+        else:
+            self.pools.pop(route, None)
+
+    def _waiting_in_pool(self, route: bytes) -> list[bytes]:
+        """The routes of `route`'s pool with calls waiting, the longest-waiting call's first."""
+        waiting = [its for its in self._sharing(route) if self.parked.get(its)]
+        return sorted(waiting, key=lambda its: self.parked[its][0][1])
+
+    def _serve_pool(self, route: bytes) -> None:
+        """A slot of `route` is idle and no call of its own waits: a call of another route of the pool waiting
+        at its cap takes its place."""
+        for its in self._waiting_in_pool(route):
+            if self._at_cap(its) and self._make_room(its):
+                conn = self._unpark(its)
+                if conn is not None:
+                    self._new_slot(conn, its)
+                return
 
     def _replace_ended(self, route: bytes) -> None:
         """A slot of `route` ended: a call that waited for it (a spare that failed to log in, a capped
-        route's busy slot whose call retired the route) gets a slot of its own."""
-        if self.parked.get(route) and not self._at_cap(route):
-            conn = self._unpark(route)
-            if conn is not None:
-                self.log.info("a waiting call gets a worker of its own: another worker of its config ended")
-                self._new_slot(conn, route)
+        route's busy slot whose call retired the route, a slot of the pool) gets a slot of its own."""
+        for its in self._waiting_in_pool(route):
+            if not self._at_cap(its):
+                conn = self._unpark(its)
+                if conn is not None:
+                    self.log.info("a waiting call gets a worker of its own: another worker of its config%s ended",
+                                  "" if its == route else " or of another to the same backup host")
+                    self._new_slot(conn, its)
+                return
 
     def _forget(self, slot: socket.socket) -> None:
         route = self.slots.pop(slot, None)
         if route is not None and slot in self.idle.get(route, []):
             self.idle[route].remove(slot)
-        if route is not None and route not in self.slots.values():
-            self.about.pop(route, None)
         self.warming.discard(slot)
         self.retiring.discard(slot)
         slot.close()
@@ -1421,10 +1501,11 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
     if first and task == _RUN:
         _tell_about(ctrl, request)
     reply = _await_reply(conn, worker)
-    slots = None
-    if len(reply) == _REPLY.size:
-        code, flags, reported = _REPLY.unpack(reply)
+    slots = pool = None
+    if len(reply) >= _REPLY.size:
+        code, flags, reported, _pool_length = _REPLY.unpack_from(reply)
         slots = reported if reported >= 0 else None
+        pool = reply[_REPLY.size:] or None
         status = (code & 0xFF) << 8  # as waitpid reports an exit with that code
         if not flags & _STAY:
             status = worker.reap()  # it exits by itself, with the same code
@@ -1433,7 +1514,7 @@ def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | No
         flags = 0
         status = worker.reap()
         worker = None
-    _report_end(ctrl, worker, slots)
+    _report_end(ctrl, worker, slots, pool)
     conn.sendall(ENDED + _INT.pack(status))
     return worker, bool(flags & _RETIRE), payload if worker is not None and task == _RUN else None
 
@@ -1449,7 +1530,7 @@ def _tell_about(ctrl: socket.socket, request: Request) -> None:
 
 
 def _await_reply(conn: socket.socket, worker: _Worker) -> bytes:
-    """The worker's reply to the call (short if it died), passing on meanwhile each signal the client
+    """The worker's reply to the call with its pool (short if it died), passing on meanwhile each signal the client
     forwards: each byte from the client is one; EOF means the client died, and its worker must not
     outlive it. One thread watches both, the worker first: once its reply is in, the client's
     EOF is no news for the worker, which may stay for the next call."""
@@ -1459,7 +1540,12 @@ def _await_reply(conn: socket.socket, worker: _Worker) -> bytes:
     while True:
         readable = select.select(watched, [], [])[0]
         if worker.sock in readable:
-            return _recv_exact(worker.sock, _REPLY.size)
+            reply = _recv_exact(worker.sock, _REPLY.size)
+            if len(reply) < _REPLY.size:
+                return reply
+            pool_length = _REPLY.unpack(reply)[3]
+            pool = _recv_exact(worker.sock, pool_length)
+            return reply + pool if len(pool) == pool_length else b""  # cut short: it died mid-reply
         try:
             data = conn.recv(16)
         except OSError:
@@ -1470,15 +1556,16 @@ def _await_reply(conn: socket.socket, worker: _Worker) -> bytes:
             watched = [worker.sock]  # the client is gone: only the worker's end is left to hear
 
 
-def _report_end(ctrl: socket.socket, worker: _Worker | None, slots: int | None = None) -> None:
+def _report_end(ctrl: socket.socket, worker: _Worker | None, slots: int | None = None,
+                pool: bytes | None = None) -> None:
     """Tell the server a call ended: a slot whose worker stays is idle (IDLE), said before the client
     hears its call's end, since the caller's next call, started the moment this one ends, must find this
     slot idle rather than open a new one (and a new SSH session). `slots`, the cap on the route's slots
-    the call's worker reported (None: no call ran, or it did not learn it), goes with IDLE, or alone
-    (CAP) from a slot about to end: it still counts for the route's other slots. A server already gone
-    hears nothing: the slot ends after the call (its next read of `ctrl` is EOF), and the call's end is
-    still the client's to hear."""
-    cap = b"" if slots is None else _INT.pack(slots)
+    the call's worker reported (None: no call ran, or it did not learn it), and its `pool` after it, go
+    with IDLE, or alone (CAP) from a slot about to end: they still count for the route's other slots. A
+    server already gone hears nothing: the slot ends after the call (its next read of `ctrl` is EOF), and
+    the call's end is still the client's to hear."""
+    cap = b"" if slots is None else _INT.pack(slots) + (pool or b"")
     if worker is not None:
         message = IDLE + cap
     elif cap:
@@ -1522,7 +1609,8 @@ def _worker(sock: socket.socket, calls: Calls) -> None:
             ending = _run_call(fds, request, calls.warm if task == _WARM else calls.run)
             code = ending.code
             flags = (_STAY if ending.stay else 0) | (_RETIRE if ending.retire_route else 0)
-            sock.sendall(_REPLY.pack(code, flags, -1 if ending.slots is None else ending.slots))
+            pool = (ending.pool or b"")[:POOL_LIMIT]
+            sock.sendall(_REPLY.pack(code, flags, -1 if ending.slots is None else ending.slots, len(pool)) + pool)
             if not ending.stay:
                 return
     except Exception:  # a bug of ours: the monitor reads EOF and reports our wait status; the log says why

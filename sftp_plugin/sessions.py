@@ -36,6 +36,8 @@ _kept: _Kept | None = None
 # How many sessions like the current call's may be kept at once (its config's max_connections, 0: no
 # cap), for whoever hands out the calls; None until the call has loaded its config.
 _cap: int | None = None
+# The backup host that cap is about, as the call's config names it: sessions of other configs to it count too.
+_pool: str | None = None
 
 
 def take(key: str) -> Session | None:
@@ -67,15 +69,21 @@ def is_kept() -> bool:
     return _kept is not None
 
 
-def set_connection_cap(cap: int | None) -> None:
-    """What the current call's config says of its sessions (max_connections); None at a call's start."""
-    global _cap
-    _cap = cap
+def set_connection_cap(cap: int | None, backup_host: str | None = None) -> None:
+    """What the current call's config says of its sessions (max_connections) and where they go (the
+    backup host's name and port, as the config gives them); None at a call's start."""
+    global _cap, _pool
+    _cap, _pool = cap, backup_host
 
 
 def connection_cap() -> int | None:
     """The current call's cap (set_connection_cap); None if it never loaded its config."""
     return _cap
+
+
+def connection_pool() -> bytes | None:
+    """What the current call's cap is shared with (set_connection_cap): its backup host; None if unknown."""
+    return None if _pool is None else _pool.encode()
 
 
 def still_warm() -> bool:

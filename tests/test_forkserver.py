@@ -664,7 +664,7 @@ def test_fork_server_status_shows_a_configs_worker_busy_with_its_first_call_then
     assert server["configs"] == [{
         "config": str(served.config.path), "problem": None, "fork_server": True, "max_connections": None,
         "backup_host": f"{served.config.server.options()['username']}@127.0.0.1:{served.config.server.port}",
-        "workers": 1, "idle": 1, "busy": 0, "starting": 0, "waiting": 0,
+        "workers": 1, "idle": 1, "busy": 0, "starting": 0, "waiting": 0, "other_configs_workers": 0,
     }]
 
 

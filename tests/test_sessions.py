@@ -94,6 +94,16 @@ class Warm:
                 if call.poll() is None:
                     call.kill()
 
+    def two_runs(self, backup: LocalBackup, max_connections: int) -> tuple[Path, Path]:
+        """Two configs to this backup host (two runs' copies of one), the first's call starting the server,
+        then one upload through each."""
+        first = self.config.write("run_a.yaml", max_connections=max_connections)
+        second = self.config.write("run_b.yaml", max_connections=max_connections)
+        self.start_server(backup, first)
+        self.store(backup, "gpbackup_0_a", b"a" * 1000, config=first)
+        self.store(backup, "gpbackup_0_b", b"b" * 1000, config=second)
+        return first, second
+
     def worker_of(self, name: str) -> int | None:
         """The pid of the worker that started the call storing `name` (the log names it), None before."""
         found = re.search(rf"\[(\d+)\] INFO backup_data: start \S*/{name}\b", self.config.log_text())
@@ -456,6 +466,92 @@ def test_a_call_that_waited_for_a_capped_session_whose_client_died_is_dropped_an
     assert warm.worker_of("gpbackup_0_after") == warm.worker_of("gpbackup_0_busy")  # the kept session served it
     assert warm.logins() == logins
     assert warm.restored(key, config=path) == b"a" * 1000
+
+
+def test_max_connections_counts_the_sessions_of_other_configs_to_the_same_backup_host(
+        warm: Warm, backup: LocalBackup) -> None:
+    # Two runs at once from a host (gpbackup and gprestore each hand the plugin their own copy of the config):
+    # with max_connections: 1 the backup host sees one session from this host, not one per run.
+    # The second config's first call logs in before the server knows its cap and backup host; once it
+    # does, at the call's end, the first config's idle session goes.
+    first, second = warm.two_runs(backup, max_connections=1)
+    # The server hears the call's end as its client does: its log line may come a moment after.
+    assert wait_until(lambda: "ended an idle worker of another config to the same backup host"
+                      in warm.config.log_text()), "the first config's idle session stayed"
+    assert wait_until(lambda: len(warm.session_children()) == 1), warm.session_children()
+    logins = warm.logins()
+    busy = warm.storing(backup, "gpbackup_0_busy", config=first)  # takes the place of the second's idle one
+    waiting: subprocess.Popen[bytes] | None = None
+    try:
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
+        waiting = warm.storing(backup, "gpbackup_0_waiting", config=second)
+        assert wait_until(lambda: "and of others to the same backup host is busy, and it may have no more (1)"
+                          in warm.config.log_text()), "the call never waited"
+        shown = assert_ok(warm.plugin.run("fork-server-status", env_extra=socket_dir_env(warm.tmpdir))).stdout.decode()
+        assert (f"  config {second} (backup host {warm.server.options()['username']}@127.0.0.1:{warm.server.port}): "
+                "no worker; 1 call waiting for one (max_connections 1, counting 1 worker of other configs to the "
+                "same backup host)\n") in shown, shown
+        assert len(warm.session_children()) == 1 and warm.worker_of("gpbackup_0_waiting") is None
+        finish(busy, b"x" * 1000)
+        finish(waiting, b"w" * 1000)
+    finally:
+        for call in (busy, waiting):
+            if call is not None and call.poll() is None:
+                call.kill()
+    assert "takes the place of an idle worker of another config" in warm.config.log_text()
+    assert warm.logins() == logins + 2  # the busy call's, and the waiting call's once the busy one's had gone
+    assert warm.worker_of("gpbackup_0_waiting") not in (None, warm.worker_of("gpbackup_0_busy"))
+    assert wait_until(lambda: len(warm.session_children()) == 1), warm.session_children()
+    for name, config, data in (("gpbackup_0_busy", first, b"x"), ("gpbackup_0_waiting", second, b"w")):
+        assert warm.restored(backup.file(name), config=config) == data * 1000
+
+
+def test_a_call_at_max_connections_waits_for_its_own_configs_session_rather_than_take_another_configs(
+        warm: Warm, backup: LocalBackup) -> None:
+    first, second = warm.two_runs(backup, max_connections=2)  # one session each: the two the cap allows
+    logins = warm.logins()
+    calls = [warm.storing(backup, "gpbackup_0_busy_a", config=first)]
+    try:
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy_a")), "the first busy call never started"
+        calls.append(warm.storing(backup, "gpbackup_0_busy_b", config=second))
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy_b")), "the second busy call never started"
+        calls.append(warm.storing(backup, "gpbackup_0_waiting", config=first))
+        assert wait_until(lambda: "it may have no more (2)" in warm.config.log_text()), "the call never waited"
+        finish(calls[1], b"y" * 1000)  # the second config's session is idle now, and stays its own
+        time.sleep(0.5)
+        assert calls[2].poll() is None and warm.worker_of("gpbackup_0_waiting") is None
+        finish(calls[0], b"x" * 1000)
+        finish(calls[2], b"w" * 1000)
+    finally:
+        for call in calls:
+            if call.poll() is None:
+                call.kill()
+    assert warm.worker_of("gpbackup_0_waiting") == warm.worker_of("gpbackup_0_busy_a")
+    assert warm.logins() == logins and "takes the place" not in warm.config.log_text()
+    assert warm.restored(backup.file("gpbackup_0_waiting"), config=first) == b"w" * 1000
+
+
+def test_configs_to_other_backup_hosts_do_not_count_against_max_connections(warm: Warm, backup: LocalBackup) -> None:
+    first = warm.config.write("capped.yaml", max_connections=1)
+    known_hosts = warm.tmpdir / "localhost_known_hosts"
+    known_hosts.write_text(known_hosts_line(warm.server.server_dir, "localhost", warm.server.port))
+    # Another name for the host: to the plugin, another backup host.
+    other = warm.config.write("other_host.yaml", max_connections=1, hostname="localhost",
+                              known_hosts_file=str(known_hosts))
+    warm.start_server(backup, first)
+    warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=first)
+    warm.store(backup, "gpbackup_0_other", b"o" * 1000, config=other)
+    busy = warm.storing(backup, "gpbackup_0_busy", config=first)
+    try:
+        assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
+        warm.store(backup, "gpbackup_0_beside", b"s" * 1000, config=other)  # at once, on its own session
+        finish(busy, b"b" * 1000)
+    finally:
+        if busy.poll() is None:
+            busy.kill()
+    assert "another config" not in warm.config.log_text() and "it may have no more" not in warm.config.log_text()
+    assert wait_until(lambda: len(warm.session_children()) == 2), warm.session_children()
+    assert warm.restored(backup.file("gpbackup_0_beside"), config=other) == b"s" * 1000
 
 
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root to act as another uid")

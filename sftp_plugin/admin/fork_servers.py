@@ -90,11 +90,12 @@ def _servers() -> list[dict[str, Any]]:
 
 def _config_entry(route: dict[str, Any]) -> dict[str, Any]:
     """One route of a report as a config: its path and backup host (None where the server could not tell), its
-    workers by what they do, the calls waiting, its cap; a config whose calls are sent back has fork_server: no."""
+    workers by what they do, the calls waiting, its cap and the workers of other configs to the same backup host
+    that count against it; a config whose calls are sent back has fork_server: no."""
     config, backup_host, problem = _config_of(route.get("call"))
     return {"config": config, "backup_host": backup_host, "problem": problem, "fork_server": not route["sent_back"],
             **{key: route[key] for key in ("workers", "idle", "busy", "starting", "waiting")},
-            "max_connections": route["cap"]}
+            "max_connections": route["cap"], "other_configs_workers": route.get("pool_workers", 0)}
 
 
 def _config_of(call: dict[str, Any] | None) -> tuple[str | None, str | None, str | None]:
@@ -163,7 +164,9 @@ def _config_line(config: dict[str, Any]) -> str:
     if config["waiting"]:
         line += f"; {_count(config['waiting'], 'call')} waiting for one"
     if config["max_connections"]:
-        line += f" (max_connections {config['max_connections']})"
+        others = config["other_configs_workers"]
+        line += f" (max_connections {config['max_connections']}" + (
+            f", counting {_count(others, 'worker')} of other configs to the same backup host)" if others else ")")
     return line
 
 
