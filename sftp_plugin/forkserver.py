@@ -904,8 +904,16 @@ class _Dispatcher:
 
     def _at_cap(self, route: bytes) -> bool:
         cap = self.caps.get(route)
+        return cap is not None and self._pool_slots(route) >= cap
+
+    def _over_cap(self, route: bytes) -> bool:
+        cap = self.caps.get(route)
+        return cap is not None and self._pool_slots(route) > cap
+
+    def _pool_slots(self, route: bytes) -> int:
+        """The slots that count against `route`'s cap: its own and those of its pool."""
         sharing = self._sharing(route)
-        return cap is not None and sum(1 for its in self.slots.values() if its in sharing) >= cap
+        return sum(1 for its in self.slots.values() if its in sharing)
 
     def _make_room(self, route: bytes) -> bool:
         """End an idle slot of another route of `route`'s pool, to make room for a slot of `route`; False if
@@ -931,11 +939,6 @@ class _Dispatcher:
         while self._over_cap(route) and self._end_idle_other(route):
             self.log.info("ended an idle worker of another config to the same backup host: with it, a config "
                           "there had more than it may have (%d)", self.caps[route])
-
-    def _over_cap(self, route: bytes) -> bool:
-        cap = self.caps.get(route)
-        sharing = self._sharing(route)
-        return cap is not None and sum(1 for its in self.slots.values() if its in sharing) > cap
 
     def _tell_queued(self, conn: socket.socket) -> None:
         """Tell a parked call's client, once, that it waits for as long as it takes (QUEUED)."""
