@@ -179,21 +179,16 @@ class _WorkerCalls:
         return self._admitted
 
     def run(self, argv: list[str], monitor: int) -> forkserver.Ending:
-        from sftp_plugin import forkserver, sessions
+        from sftp_plugin import sessions
 
         sessions.set_connection_cap(None)
-        code = main(argv, served_by=monitor)
-        return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(),
-                                 retire_route=ends_backup(argv[0], argv[2:]), slots=sessions.connection_cap(),
-                                 pool=sessions.connection_pool())
+        return _ending(main(argv, served_by=monitor), retire_route=ends_backup(argv[0], argv[2:]))
 
     def warm(self, argv: list[str], monitor: int) -> forkserver.Ending:
-        from sftp_plugin import forkserver, sessions
+        from sftp_plugin import sessions
 
         sessions.set_connection_cap(None)
-        code = open_spare_session(argv, served_by=monitor)
-        return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(), slots=sessions.connection_cap(),
-                                 pool=sessions.connection_pool())
+        return _ending(open_spare_session(argv, served_by=monitor))
 
     def still_warm(self) -> bool:
         from sftp_plugin import sessions
@@ -334,6 +329,15 @@ def _keep_session(remote: Remote, cfg: PluginConfig, config_path: str, key: str,
     sessions.keep(key, session, cfg.session_idle, lambda: session_key(load_config(path)))
 
 
+def _ending(code: int, retire_route: bool = False) -> forkserver.Ending:
+    """How a worker's call ended, for the fork server: whether its worker keeps a session for the next call,
+    and what the call's config said of its sessions (_note_connection_cap)."""
+    from sftp_plugin import forkserver, sessions
+
+    return forkserver.Ending(code, stay=code == 0 and sessions.is_kept(), retire_route=retire_route,
+                             slots=sessions.connection_cap(), pool=sessions.connection_pool())
+
+
 def _note_connection_cap(cfg: PluginConfig) -> None:
     """Tell the fork server, through the call's end (forkserver.Ending.slots and .pool), how many sessions
     the config allows and to which backup host: every call of it does, with or without a session of its
@@ -341,8 +345,9 @@ def _note_connection_cap(cfg: PluginConfig) -> None:
     of them: resolving that would cost calls that never connect, and two configs that name one host
     differently only keep their caps apart."""
     from sftp_plugin import sessions
+    from sftp_plugin.config import DEFAULT_PORT
 
-    sessions.set_connection_cap(cfg.max_connections, f"{cfg.hostname.lower()}:{cfg.port or 22}")
+    sessions.set_connection_cap(cfg.max_connections, f"{cfg.hostname.lower()}:{cfg.port or DEFAULT_PORT}")
 
 
 def open_spare_session(argv: list[str], served_by: int) -> int:

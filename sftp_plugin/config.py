@@ -30,6 +30,8 @@ from sftp_plugin.errors import ConfigError
 STRICT_CHOICES = ("yes", "accept-new", "no")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 COMPRESSIONS = ("none", "zstd")
+# The port of a config (or ~/.ssh/config entry) that names none: SSH's.
+DEFAULT_PORT = 22
 # Keys gpbackup/gprestore write into the per-host copy of the config; never ours to reject.
 GPBACKUP_KEYS = frozenset({"pgport", "backup_plugin_version"})
 FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}=?")

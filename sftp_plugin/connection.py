@@ -22,7 +22,7 @@ from typing import Protocol
 import paramiko
 
 from sftp_plugin import fastpath, hostkeys, keys, proxy
-from sftp_plugin.config import PluginConfig
+from sftp_plugin.config import DEFAULT_PORT, PluginConfig
 from sftp_plugin.errors import AuthError, ConfigError, ConnectError, HostKeyError
 from sftp_plugin.fastpath.negotiation import OfferRecordingTransport, mismatch
 
@@ -50,7 +50,6 @@ KEEPALIVE_INTERVAL = 15
 DISCONNECT_WAIT = 2.0
 SSH_CONFIG_PATH = "~/.ssh/config"
 DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
-DEFAULT_PORT = 22
 
 
 @dataclass(frozen=True)

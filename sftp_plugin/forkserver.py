@@ -292,11 +292,8 @@ def delegate(argv: list[str], route: bytes = b"") -> int | None:
         path = socket_path()
         if path is None:
             return None
-        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        conn.settimeout(START_TIMEOUT)
-        conn.connect(path)
-        if peer_credentials(conn)[1] != os.getuid():
-            conn.close()  # not our server: it gets nothing of ours, not even the request
+        conn = _connect_to_own(path)
+        if conn is None:
             return None
         conn.sendall(route_of(route))
         payload = _encode_request(argv)
@@ -349,6 +346,22 @@ def delegate(argv: list[str], route: bytes = b"") -> int | None:
         # have been ended by it, so it is: a signalled call never reports success.
         _signal.raise_signal(first_signal)  # SIGINT raises KeyboardInterrupt; the others end us
     return exit_code_of(status)
+
+
+def _connect_to_own(path: str) -> socket.socket | None:
+    """A connection to the server listening on `path`, if it runs as our uid (SO_PEERCRED); None, closed, if
+    not: a server of another user gets nothing of ours, not even a request. OSError if none answers."""
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        conn.settimeout(START_TIMEOUT)
+        conn.connect(path)
+        if peer_credentials(conn)[1] == os.getuid():
+            return conn
+    except OSError:
+        conn.close()
+        raise
+    conn.close()
+    return None
 
 
 def worker_lost() -> WorkerLost:
@@ -866,11 +879,10 @@ class _Dispatcher:
         slots = [slot for slot, its in self.slots.items() if its == route]
         idle = len(self.idle.get(route, []))
         starting = sum(1 for slot in slots if slot in self.warming)
-        others = self._sharing(route) - {route}
         return {
             "workers": len(slots), "idle": idle, "starting": starting, "busy": len(slots) - idle - starting,
             "waiting": len(self.parked.get(route, [])), "cap": self.caps.get(route),
-            "pool_workers": sum(1 for its in self.slots.values() if its in others),
+            "pool_workers": self._pool_slots(route) - len(slots),
             "sent_back": route in self.declined, "call": self.about.get(route),
         }
 
@@ -1225,12 +1237,13 @@ def server_status(path: str) -> dict[str, object] | None:
     PermissionError when the server refuses us, as it would refuse our calls (refusal)."""
     import json
 
-    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        conn.settimeout(START_TIMEOUT)
-        conn.connect(path)
-        if peer_credentials(conn)[1] != os.getuid():
-            return None
+        conn = _connect_to_own(path)
+    except OSError:
+        return None
+    if conn is None:
+        return None
+    try:
         conn.sendall(STATUS)
         data = b""
         while chunk := conn.recv(1 << 16):
