@@ -338,16 +338,27 @@ def _ending(code: int, retire_route: bool = False) -> forkserver.Ending:
                              slots=sessions.connection_cap(), pool=sessions.connection_pool())
 
 
-def _note_connection_cap(cfg: PluginConfig) -> None:
+def _note_connection_cap(cfg: PluginConfig, served_by: int | None) -> None:
     """Tell the fork server, through the call's end (forkserver.Ending.slots and .pool), how many sessions
     the config allows and to which backup host: every call of it does, with or without a session of its
-    own. The host is the config's hostname and port (22 when it names none), not what ~/.ssh/config makes
-    of them: resolving that would cost calls that never connect, and two configs that name one host
-    differently only keep their caps apart."""
+    own. The host is the one `connect` reaches, after ~/.ssh/config (remembered with the session key, so a
+    warm call resolves nothing again): two configs that name it by an alias and by its HostName count
+    together. Names are not looked up in DNS: a name and its address count apart. Only a worker's call
+    reports it; a config ~/.ssh/config cannot resolve falls back to its own hostname and port, and its call
+    fails later, where it connects, saying why."""
     from sftp_plugin import sessions
     from sftp_plugin.config import DEFAULT_PORT
+    from sftp_plugin.errors import PluginError
 
-    sessions.set_connection_cap(cfg.max_connections, f"{cfg.hostname.lower()}:{cfg.port or DEFAULT_PORT}")
+    named = f"{cfg.hostname.lower()}:{cfg.port or DEFAULT_PORT}"
+    if served_by is not None:
+        from sftp_plugin.connection import backup_host
+
+        try:
+            named = backup_host(cfg)
+        except (PluginError, OSError):
+            pass
+    sessions.set_connection_cap(cfg.max_connections, named)
 
 
 def open_spare_session(argv: list[str], served_by: int) -> int:
@@ -366,7 +377,7 @@ def open_spare_session(argv: list[str], served_by: int) -> int:
     config_path = argv[1]
     try:
         cfg = load_config(config_path)
-        _note_connection_cap(cfg)
+        _note_connection_cap(cfg, served_by)
         setup_logging(cfg.log_dir, cfg.log_level, "spare_session", cfg.secrets())
         known_hosts = _known_hosts_state(cfg)  # before the key, which reads the file
         key = _session_key(cfg, served_by)
@@ -404,7 +415,7 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         cfg = load_config(config_path)
     except PluginError as err:
         return fail(command, str(err), err.exit_code)
-    _note_connection_cap(cfg)
+    _note_connection_cap(cfg, served_by)
     try:
         log_path = setup_logging(cfg.log_dir, cfg.log_level, command, cfg.secrets())
     except OSError as err:

@@ -178,10 +178,12 @@ MATCH_EXEC_RE = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILIN
 
 @dataclass(frozen=True)
 class _KeyMemo:
-    """A session key and what it was computed from: the files it read or looked for, by stat."""
+    """A session key, the backup host it connects to, and what they were computed from: the files read or
+    looked for, by stat."""
 
     files: tuple[tuple[str, tuple[int, ...] | None], ...]
     key: str
+    backup_host: str
 
 
 _key_memo: dict[tuple[str, tuple[str | None, ...]], _KeyMemo] = {}
@@ -197,7 +199,19 @@ def _stat_signature(path: str) -> tuple[int, ...] | None:
 
 
 def session_key(cfg: PluginConfig) -> str:
-    """A digest of everything that decides where, how and as whom `connect` connects (sessions.py).
+    """A digest of everything that decides where, how and as whom `connect` connects (sessions.py): see _keyed."""
+    return _keyed(cfg).key
+
+
+def backup_host(cfg: PluginConfig) -> str:
+    """The backup host as `connect` reaches it, ``host:port`` after ~/.ssh/config (the host in lower case):
+    what max_connections counts sessions to (sessions.set_connection_cap). Remembered with the session key."""
+    return _keyed(cfg).backup_host
+
+
+def _keyed(cfg: PluginConfig) -> _KeyMemo:
+    """The session key, a digest of everything that decides where, how and as whom `connect` connects
+    (sessions.py), with the backup host it names.
 
     Every option (a changed one means a new session, whatever it is), the
     endpoint after ~/.ssh/config (so a changed HostName, User or ProxyJump
@@ -213,7 +227,7 @@ def session_key(cfg: PluginConfig) -> str:
     memo_key = (options, tuple(os.environ.get(name) for name in KEY_ENVIRONMENT))
     memo = _key_memo.get(memo_key)
     if memo is not None and all(_stat_signature(path) == signature for path, signature in memo.files):
-        return memo.key
+        return memo
     ssh_config = os.path.expanduser(SSH_CONFIG_PATH)
     before = {ssh_config: _stat_signature(ssh_config)}
     looked_at: list[str] = []
@@ -242,12 +256,12 @@ def session_key(cfg: PluginConfig) -> str:
         signature = before.setdefault(path, _stat_signature(path))
         # resolve_endpoint looked for it before this stat: remembered only if it still finds what it found then
         rememberable &= (signature is not None and os.path.isfile(path)) == (path in used)
-    key = digest.hexdigest()
+    keyed = _KeyMemo(tuple(before.items()), digest.hexdigest(), f"{endpoint.host.lower()}:{endpoint.port}")
     if rememberable:
         if len(_key_memo) >= KEY_MEMO_SIZE:
             _key_memo.clear()
-        _key_memo[memo_key] = _KeyMemo(tuple(before.items()), key)
-    return key
+        _key_memo[memo_key] = keyed
+    return keyed
 
 
 def fingerprint(key: paramiko.PKey) -> str:

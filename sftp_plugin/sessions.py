@@ -71,7 +71,7 @@ def is_kept() -> bool:
 
 def set_connection_cap(cap: int | None, backup_host: str | None = None) -> None:
     """What the current call's config says of its sessions (max_connections) and where they go (the
-    backup host's name and port, as the config gives them); None at a call's start."""
+    backup host's name and port, after ~/.ssh/config in a worker); None at a call's start."""
     global _cap, _pool
     _cap, _pool = cap, backup_host
 

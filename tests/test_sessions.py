@@ -531,6 +531,23 @@ def test_a_call_at_max_connections_waits_for_its_own_configs_session_rather_than
     assert warm.restored(backup.file("gpbackup_0_waiting"), config=first) == b"w" * 1000
 
 
+def test_max_connections_counts_a_config_naming_the_backup_host_by_an_ssh_config_alias_with_one_naming_it(
+        warm: Warm, backup: LocalBackup) -> None:
+    ssh_dir = warm.plugin.home / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "config").write_text("Host backup-alias\n  HostName 127.0.0.1\n")
+    first = warm.config.write("by_address.yaml", max_connections=1)
+    second = warm.config.write("by_alias.yaml", max_connections=1, hostname="backup-alias")
+    warm.start_server(backup, first)
+    warm.store(backup, "gpbackup_0_by_address", b"a" * 1000, config=first)
+    warm.store(backup, "gpbackup_0_by_alias", b"b" * 1000, config=second)
+    # The same host once ~/.ssh/config is applied: one session between them, as for two configs naming it alike.
+    assert wait_until(lambda: "ended an idle worker of another config to the same backup host"
+                      in warm.config.log_text()), "the first config's idle session stayed"
+    assert wait_until(lambda: len(warm.session_children()) == 1), warm.session_children()
+    assert warm.restored(backup.file("gpbackup_0_by_alias"), config=second) == b"b" * 1000
+
+
 def test_configs_to_other_backup_hosts_do_not_count_against_max_connections(warm: Warm, backup: LocalBackup) -> None:
     first = warm.config.write("capped.yaml", max_connections=1)
     known_hosts = warm.tmpdir / "localhost_known_hosts"
