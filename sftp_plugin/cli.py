@@ -20,6 +20,8 @@ from sftp_plugin.stderr import fail
 # typing.TYPE_CHECKING without importing typing, which would cost every call's start-up.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sftp_plugin import forkserver
     from sftp_plugin.config import PluginConfig
     from sftp_plugin.store import Remote
@@ -344,14 +346,15 @@ def _note_connection_cap(cfg: PluginConfig, served_by: int | None) -> None:
     own. The host is the one `connect` reaches, after ~/.ssh/config (remembered with the session key, so a
     warm call resolves nothing again): two configs that name it by an alias and by its HostName count
     together. Names are not looked up in DNS: a name and its address count apart. Only a worker's call
-    reports it; a config ~/.ssh/config cannot resolve falls back to its own hostname and port, and its call
-    fails later, where it connects, saying why."""
+    reports it, and a capped call in its own process takes a slot of it; a config ~/.ssh/config cannot
+    resolve falls back to its own hostname and port, and its call fails later, where it connects, saying
+    why."""
     from sftp_plugin import sessions
     from sftp_plugin.config import DEFAULT_PORT
     from sftp_plugin.errors import PluginError
 
     named = f"{cfg.hostname.lower()}:{cfg.port or DEFAULT_PORT}"
-    if served_by is not None:
+    if served_by is not None or cfg.max_connections:  # a call in its own process counts itself (_slot_taker)
         from sftp_plugin.connection import backup_host
 
         try:
@@ -359,6 +362,43 @@ def _note_connection_cap(cfg: PluginConfig, served_by: int | None) -> None:
         except (PluginError, OSError):
             pass
     sessions.set_connection_cap(cfg.max_connections, named)
+
+
+def _slot_taker(cfg: PluginConfig) -> Callable[[], Callable[[], None]] | None:
+    """For a call that runs in its own process, under max_connections: what takes one of this host's
+    connection slots to the backup host (host_slots, in the fork server's private runtime directory)
+    before the call logs in, and returns how to let it go. Such calls count among themselves: the fork
+    server's workers count theirs apart. None when uncapped, or with no private directory to count in."""
+    import logging
+
+    from sftp_plugin import forkserver, host_slots, sessions
+
+    pool, cap = sessions.connection_pool(), cfg.max_connections
+    if not cap or pool is None:
+        return None
+    log = logging.getLogger("gpbackup_sftp_plugin")
+    directory = forkserver.runtime_dir()
+    if directory is None:
+        log.warning("max_connections is not applied to this call: no private runtime directory to count "
+                    "its connection in (XDG_RUNTIME_DIR, TMPDIR or /tmp, and every directory above it, must "
+                    "be writable by this user and root only)")
+        return None
+
+    def take() -> Callable[[], None]:
+        started = time.monotonic()
+        waited: list[bool] = []
+
+        def on_wait() -> None:
+            waited.append(True)
+            log.info("waiting for a connection to %s: max_connections %d, all held by calls of this host that "
+                     "run in their own processes", pool.decode(), cap)
+
+        slot = host_slots.take(directory, pool.decode(), cap, on_wait)
+        if waited:
+            log.info("took connection slot %d after %.3fs", slot.index, time.monotonic() - started)
+        return slot.release
+
+    return take
 
 
 def open_spare_session(argv: list[str], served_by: int) -> int:
@@ -435,7 +475,8 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
 
         known_hosts = _known_hosts_state(cfg)  # before the key, which reads the file
         warm = _session_key(cfg, served_by)
-        remote = Remote(cfg, sessions.take(warm) if warm else None, keeps_session=bool(warm))
+        remote = Remote(cfg, sessions.take(warm) if warm else None, keeps_session=bool(warm),
+                        hold=_slot_taker(cfg) if served_by is None else None)
         with interrupt_aborts(remote.abort):
             result = getattr(commands, command)(remote, args)
             if warm and not ends_backup(command, args):

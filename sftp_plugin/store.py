@@ -67,16 +67,23 @@ class Remote:
     lost reconnects at once, without spending one of the call's attempts.
     """
 
-    def __init__(self, cfg: PluginConfig, warm: Session | None = None, keeps_session: bool = False) -> None:
+    def __init__(self, cfg: PluginConfig, warm: Session | None = None, keeps_session: bool = False,
+                 hold: Callable[[], Callable[[], None]] | None = None) -> None:
         self.cfg = cfg
         self._session: Session | None = warm
         self._unproven = warm is not None  # a kept session no step has used yet in this call
         # The session may serve a later call (a fork-server worker keeps it): worth opening files ahead for.
         self.keeps_session = keeps_session
+        # What the call takes before its first login and lets go when it closes (cli.py: a connection slot
+        # under max_connections), kept across reconnects: `hold` returns how to let go.
+        self._hold = hold
+        self._let_go: Callable[[], None] | None = None
 
     @property
     def session(self) -> Session:
         if self._session is None:
+            if self._hold is not None and self._let_go is None:
+                self._let_go = self._hold()
             self._session = connect(self.cfg)
         return self._session
 
@@ -133,9 +140,14 @@ class Remote:
             session.transport.close()
 
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        try:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+        finally:
+            let_go, self._let_go = self._let_go, None
+            if let_go is not None:
+                let_go()
 
     def abort(self) -> None:
         """Shut the open session down at once (see Session.abort); for cli.py's interrupt handler."""

@@ -125,6 +125,18 @@ class Warm:
         return children
 
 
+@contextlib.contextmanager
+def killed_at_the_end() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """A list for the calls a test starts; any still running when the block ends is killed."""
+    calls: list[subprocess.Popen[bytes]] = []
+    try:
+        yield calls
+    finally:
+        for call in calls:
+            if call.poll() is None:
+                call.kill()
+
+
 @pytest.fixture
 def warm(plugin: Plugin, fresh_config: SiteConfig, fresh_sshd: SshServer) -> Iterator[Warm]:
     with own_fork_server(fresh_config, "gpsftp-ws.") as tmpdir:
@@ -480,11 +492,12 @@ def test_max_connections_counts_the_sessions_of_other_configs_to_the_same_backup
                       in warm.config.log_text()), "the first config's idle session stayed"
     assert wait_until(lambda: len(warm.session_children()) == 1), warm.session_children()
     logins = warm.logins()
-    busy = warm.storing(backup, "gpbackup_0_busy", config=first)  # takes the place of the second's idle one
-    waiting: subprocess.Popen[bytes] | None = None
-    try:
+    with killed_at_the_end() as calls:
+        busy = warm.storing(backup, "gpbackup_0_busy", config=first)  # takes the place of the second's idle one
+        calls.append(busy)
         assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
         waiting = warm.storing(backup, "gpbackup_0_waiting", config=second)
+        calls.append(waiting)
         assert wait_until(lambda: "and of others to the same backup host is busy, and it may have no more (1)"
                           in warm.config.log_text()), "the call never waited"
         shown = assert_ok(warm.plugin.run("fork-server-status", env_extra=socket_dir_env(warm.tmpdir))).stdout.decode()
@@ -494,10 +507,6 @@ def test_max_connections_counts_the_sessions_of_other_configs_to_the_same_backup
         assert len(warm.session_children()) == 1 and warm.worker_of("gpbackup_0_waiting") is None
         finish(busy, b"x" * 1000)
         finish(waiting, b"w" * 1000)
-    finally:
-        for call in (busy, waiting):
-            if call is not None and call.poll() is None:
-                call.kill()
     assert "takes the place of an idle worker of another config" in warm.config.log_text()
     assert warm.logins() == logins + 2  # the busy call's, and the waiting call's once the busy one's had gone
     assert warm.worker_of("gpbackup_0_waiting") not in (None, warm.worker_of("gpbackup_0_busy"))
@@ -510,8 +519,8 @@ def test_a_call_at_max_connections_waits_for_its_own_configs_session_rather_than
         warm: Warm, backup: LocalBackup) -> None:
     first, second = warm.two_runs(backup, max_connections=2)  # one session each: the two the cap allows
     logins = warm.logins()
-    calls = [warm.storing(backup, "gpbackup_0_busy_a", config=first)]
-    try:
+    with killed_at_the_end() as calls:
+        calls.append(warm.storing(backup, "gpbackup_0_busy_a", config=first))
         assert wait_until(lambda: warm.worker_of("gpbackup_0_busy_a")), "the first busy call never started"
         calls.append(warm.storing(backup, "gpbackup_0_busy_b", config=second))
         assert wait_until(lambda: warm.worker_of("gpbackup_0_busy_b")), "the second busy call never started"
@@ -522,10 +531,6 @@ def test_a_call_at_max_connections_waits_for_its_own_configs_session_rather_than
         assert calls[2].poll() is None and warm.worker_of("gpbackup_0_waiting") is None
         finish(calls[0], b"x" * 1000)
         finish(calls[2], b"w" * 1000)
-    finally:
-        for call in calls:
-            if call.poll() is None:
-                call.kill()
     assert warm.worker_of("gpbackup_0_waiting") == warm.worker_of("gpbackup_0_busy_a")
     assert warm.logins() == logins and "takes the place" not in warm.config.log_text()
     assert warm.restored(backup.file("gpbackup_0_waiting"), config=first) == b"w" * 1000
@@ -759,3 +764,32 @@ def test_spare_files_go_when_their_session_ends(warm: Warm, backup: LocalBackup,
         spare_files(directory)
     assert sorted(p.name for p in directory.iterdir()) == ["gpbackup_0_kept", "gpbackup_0_kept.sha256"]
     assert sha256(warm.restored(key, config=path)) == sha256(data)
+
+
+def test_calls_in_their_own_processes_wait_for_a_connection_under_max_connections(
+        warm: Warm, backup: LocalBackup) -> None:
+    path = warm.config.write("own_process.yaml", fork_server=False, max_connections=1)
+    with killed_at_the_end() as calls:
+        calls.append(warm.storing(backup, "gpbackup_0_busy", config=path))
+        assert wait_until(lambda: len(warm.session_children()) == 1), "the busy call never logged in"
+        calls.append(warm.storing(backup, "gpbackup_0_waiting", config=path))
+        assert wait_until(lambda: "waiting for a connection to 127.0.0.1:" in warm.config.log_text()), \
+            "the call never waited"
+        time.sleep(0.3)
+        assert len(warm.session_children()) == 1 and calls[1].poll() is None
+        finish(calls[0], b"b" * 1000)
+        finish(calls[1], b"w" * 1000)
+    assert "took connection slot 0 after" in warm.config.log_text()
+    for name, data in (("gpbackup_0_busy", b"b"), ("gpbackup_0_waiting", b"w")):
+        assert warm.restored(backup.file(name), config=path) == data * 1000
+
+
+def test_a_killed_call_in_its_own_process_lets_go_of_its_connection(warm: Warm, backup: LocalBackup) -> None:
+    path = warm.config.write("own_process.yaml", fork_server=False, max_connections=1)
+    with killed_at_the_end() as calls:
+        calls.append(warm.storing(backup, "gpbackup_0_killed", config=path))
+        assert wait_until(lambda: len(warm.session_children()) == 1), "the busy call never logged in"
+        calls[0].kill()  # gpbackup gone: no cleanup of its own runs
+        calls[0].wait()
+    warm.store(backup, "gpbackup_0_after", b"a" * 1000, config=path)  # RUN_TIMEOUT bounds a wait for good
+    assert warm.restored(backup.file("gpbackup_0_after"), config=path) == b"a" * 1000
