@@ -52,6 +52,8 @@ def _try(directory: str, pool: str, index: int) -> Slot | None:
     except BaseException:
         os.close(fd)
         raise
+    if os.fstat(fd).st_size == 0:  # its pool, for whoever lists the slots held (held); the name is a digest
+        os.write(fd, pool.encode() + b"\n")
     return Slot(fd, index)
 
 
@@ -68,3 +70,35 @@ def take(directory: str, pool: str, slots: int, on_wait: Callable[[], object] = 
             waited = True
             on_wait()
         time.sleep(POLL_SECONDS)
+
+
+def held(directory: str) -> dict[str, list[int]]:
+    """The pools with slots held now in `directory`, each with the pids holding them (0 for one /proc/locks
+    gives no pid for, as from another pid namespace). Read from /proc/locks: nothing is taken to ask."""
+    holders: dict[tuple[int, int, int], int] = {}
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 2337 fd:01:1311804 0 EOF"; a waiter's line has "->" after the id
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE":
+                    major, minor, inode = fields[5].split(":")
+                    holders[(int(major, 16), int(minor, 16), int(inode))] = int(fields[4])
+    except (OSError, ValueError):
+        return {}
+    pools: dict[str, list[int]] = {}
+    for name in sorted(os.listdir(directory)):
+        if not name.startswith("slot-"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            info = os.stat(path, follow_symlinks=False)
+            pid = holders.get((os.major(info.st_dev), os.minor(info.st_dev), info.st_ino))
+            if pid is None:
+                continue
+            with open(path, "rb") as handle:
+                pool = handle.readline().decode(errors="replace").strip() or name
+        except OSError:
+            continue  # let go and removed meanwhile
+        pools.setdefault(pool, []).append(pid)
+    return pools

@@ -688,7 +688,8 @@ def test_fork_server_status_tells_a_caller_it_would_refuse_nothing(served: Serve
 
 def test_fork_server_status_says_so_when_none_runs_and_names_another_installs_server(served: Served) -> None:
     assert assert_ok(served.plugin.run("fork-server-status")).stdout == b"no fork server is running\n"
-    assert json.loads(assert_ok(served.plugin.run("fork-server-status", "--json")).stdout) == {"fork_servers": []}
+    assert json.loads(assert_ok(served.plugin.run("fork-server-status", "--json")).stdout) == {
+        "fork_servers": [], "own_process_connections": []}
 
     # A server of other code (an upgrade's predecessor): only its lock, held, with its pid in it. It would not
     # understand the question, so none is asked.
@@ -701,7 +702,8 @@ def test_fork_server_status_says_so_when_none_runs_and_names_another_installs_se
         listed = json.loads(assert_ok(served.plugin.run("fork-server-status", "--json")).stdout)
     finally:
         os.close(lock)
-    assert listed == {"fork_servers": [{"pid": os.getpid(), "version": "0.0.1-0badc0de", "answer": "other code"}]}
+    assert listed == {"fork_servers": [{"pid": os.getpid(), "version": "0.0.1-0badc0de", "answer": "other code"}],
+                      "own_process_connections": []}
     assert shown == (f"fork server pid {os.getpid()}: another installed copy or version of the plugin "
                      "(0.0.1-0badc0de); stop-fork-server stops it\n")
 

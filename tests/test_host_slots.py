@@ -5,6 +5,7 @@ Plain files in a temporary directory and child processes; no network.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -97,3 +98,20 @@ def test_the_wait_calls_on_wait_once_and_ends_with_the_exception_of_a_signal(tmp
         signal.signal(signal.SIGALRM, previous)
     assert calls == [1]
     held.release()
+
+
+def test_held_lists_each_pool_with_the_pids_holding_its_slots_taking_nothing(tmp_path: Path) -> None:
+    assert host_slots.held(str(tmp_path)) == {}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"0\n"
+        mine = host_slots.take(str(tmp_path), "other:2222", 1)
+        assert host_slots.held(str(tmp_path)) == {"backup:22": [holder.pid], "other:2222": [os.getpid()]}
+        beside = take_within(10, tmp_path)
+        assert beside.index == 1  # asking took no slot of the holder's pool
+        for slot in (beside, mine):
+            slot.release()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert host_slots.held(str(tmp_path)) == {}  # the files stay; no one holds them

@@ -8,6 +8,7 @@ from user"). Each test has its own sshd and its own fork server.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -777,6 +778,12 @@ def test_calls_in_their_own_processes_wait_for_a_connection_under_max_connection
             "the call never waited"
         time.sleep(0.3)
         assert len(warm.session_children()) == 1 and calls[1].poll() is None
+        status = warm.plugin.run("fork-server-status", "--json", env_extra=socket_dir_env(warm.tmpdir))
+        (held,) = json.loads(assert_ok(status).stdout)["own_process_connections"]
+        assert held["backup_host"] == f"127.0.0.1:{warm.server.port}" and held["connections"] == 1, held
+        shown = assert_ok(warm.plugin.run("fork-server-status", env_extra=socket_dir_env(warm.tmpdir))).stdout.decode()
+        assert (f"calls in their own process hold 1 connection to backup host 127.0.0.1:{warm.server.port} under "
+                f"max_connections (pid {held['pids'][0]})\n") in shown, shown
         finish(calls[0], b"b" * 1000)
         finish(calls[1], b"w" * 1000)
     assert "took connection slot 0 after" in warm.config.log_text()

@@ -27,10 +27,11 @@ def fork_server_status(argv: list[str]) -> int:
     """``fork-server-status [--json]``: each fork server of this user, and per config its workers and sessions."""
     parser = command_parser("fork-server-status", "Show the current user's plugin fork servers on this host: for "
                             "each config, how many workers it has, which of them are idle keeping an SSH session to "
-                            "the backup host, busy with a call, or logging in, and how many calls wait for one. "
-                            "Changes nothing.", config_help=None)
+                            "the backup host, busy with a call, or logging in, and how many calls wait for one; "
+                            "then the connections that calls running in their own process hold under "
+                            "max_connections. Changes nothing.", config_help=None)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of lines")
-    return _run(parser, argv, lambda args: _show(_servers(), args.json))
+    return _run(parser, argv, lambda args: _show(_servers(), _own_process_connections(), args.json))
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str], action: Callable[[argparse.Namespace], None]) -> int:
@@ -88,6 +89,16 @@ def _servers() -> list[dict[str, Any]]:
     return servers
 
 
+def _own_process_connections() -> list[dict[str, Any]]:
+    """Per backup host, the connections that calls running in their own process hold under max_connections
+    (host_slots, in the fork server's directory), with their pids."""
+    from sftp_plugin import forkserver, host_slots
+
+    directory = forkserver.runtime_dir()
+    pools = host_slots.held(directory) if directory is not None else {}
+    return [{"backup_host": pool, "connections": len(pids), "pids": pids} for pool, pids in pools.items()]
+
+
 def _config_entry(route: dict[str, Any]) -> dict[str, Any]:
     """One route of a report as a config: its path and backup host (None where the server could not tell), its
     workers by what they do, the calls waiting, its cap and the workers of other configs to the same backup host
@@ -114,15 +125,19 @@ def _config_of(call: dict[str, Any] | None) -> tuple[str | None, str | None, str
     return path, host if cfg.username is None else f"{cfg.username}@{host}", None
 
 
-def _show(servers: list[dict[str, Any]], as_json: bool) -> None:
+def _show(servers: list[dict[str, Any]], own_process: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"fork_servers": servers}, indent=2))
+        print(json.dumps({"fork_servers": servers, "own_process_connections": own_process}, indent=2))
         return
     if not servers:
         print("no fork server is running")
     for server in servers:
         for line in _server_lines(server):
             print(line)
+    for host in own_process:
+        pids = ", ".join(str(pid) for pid in host["pids"] if pid)
+        print(f"calls in their own process hold {_count(host['connections'], 'connection')} to backup host "
+              f"{host['backup_host']} under max_connections" + (f" (pid {pids})" if pids else ""))
 
 
 def _server_lines(server: dict[str, Any]) -> list[str]:
