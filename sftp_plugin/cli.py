@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from sftp_plugin import forkserver
     from sftp_plugin.config import PluginConfig
+    from sftp_plugin.connection import ConnectionKey
     from sftp_plugin.store import Remote
 
 # Keep paramiko from importing `invoke`, which it needs only for ssh_config
@@ -290,13 +291,33 @@ def ends_backup(command: str, args: list[str]) -> bool:
     return command.startswith("cleanup_plugin_for_") and args[1:2] != [] and args[1] in ENDING_SCOPES
 
 
-def _session_key(cfg: PluginConfig, served_by: int | None) -> str | None:
+def _connection_key(cfg: PluginConfig, served_by: int | None) -> ConnectionKey | None:
+    """The call's connection key (connection.connection_key: its session key and backup host), computed
+    once per call where it is used: by a fork-server worker (its warm session, and the host its cap
+    counts against) and by a capped call in its own process (the host whose slots it takes). None for
+    any other call, and when ~/.ssh/config cannot be read: the call counts against its config's own
+    hostname and port, and fails where it would have used the key (_session_key) or connects, saying why."""
+    if served_by is None and not cfg.max_connections:
+        return None
+    from sftp_plugin.connection import connection_key
+    from sftp_plugin.errors import PluginError
+
+    try:
+        return connection_key(cfg)
+    except (PluginError, OSError):
+        return None
+
+
+def _session_key(cfg: PluginConfig, served_by: int | None, keyed: ConnectionKey | None) -> str | None:
     """The key under which this call may use and keep a warm session (sessions.py); None: neither.
 
-    Only a fork-server worker keeps one, and only when the config allows it.
+    Only a fork-server worker keeps one, and only when the config allows it. The key is `keyed`'s, the
+    call's (_connection_key); without it, computed here, to raise what kept it from being computed.
     """
     if served_by is None or not cfg.fork_server or cfg.session_idle == 0:
         return None
+    if keyed is not None:
+        return keyed.key
     from sftp_plugin.connection import session_key
 
     return session_key(cfg)
@@ -340,42 +361,33 @@ def _ending(code: int, retire_route: bool = False) -> forkserver.Ending:
                              slots=sessions.connection_cap(), pool=sessions.connection_pool())
 
 
-def _note_connection_cap(cfg: PluginConfig, served_by: int | None) -> None:
+def _note_connection_cap(cfg: PluginConfig, keyed: ConnectionKey | None) -> str:
     """Tell the fork server, through the call's end (forkserver.Ending.slots and .pool), how many sessions
     the config allows and to which backup host: every call of it does, with or without a session of its
-    own. The host is the one `connect` reaches, after ~/.ssh/config (remembered with the session key, so a
-    warm call resolves nothing again): two configs that name it by an alias and by its HostName count
-    together. Names are not looked up in DNS: a name and its address count apart. Only a worker's call
-    reports it, and a capped call in its own process takes a slot of it; a config ~/.ssh/config cannot
-    resolve falls back to its own hostname and port, and its call fails later, where it connects, saying
-    why."""
+    own. Returns that host. It is the one `connect` reaches, after ~/.ssh/config (`keyed`, remembered with
+    the session key, so a warm call resolves nothing again): two configs that name it by an alias and by
+    its HostName count together. Names are not looked up in DNS: a name and its address count apart.
+    Without `keyed` (_connection_key), the config's own hostname and port."""
     from sftp_plugin import sessions
     from sftp_plugin.config import DEFAULT_PORT
-    from sftp_plugin.errors import PluginError
 
-    named = f"{cfg.hostname.lower()}:{cfg.port or DEFAULT_PORT}"
-    if served_by is not None or cfg.max_connections:  # a call in its own process counts itself (_slot_taker)
-        from sftp_plugin.connection import backup_host
-
-        try:
-            named = backup_host(cfg)
-        except (PluginError, OSError):
-            pass
-    sessions.set_connection_cap(cfg.max_connections, named)
+    pool = keyed.backup_host if keyed is not None else f"{cfg.hostname.lower()}:{cfg.port or DEFAULT_PORT}"
+    sessions.set_connection_cap(cfg.max_connections, pool)
+    return pool
 
 
-def _slot_taker(cfg: PluginConfig) -> Callable[[], Callable[[], None]] | None:
+def _slot_taker(cfg: PluginConfig, pool: str) -> Callable[[], Callable[[], None]] | None:
     """For a call that runs in its own process, under max_connections: what takes one of this host's
-    connection slots to the backup host (host_slots, in the fork server's private runtime directory)
+    connection slots to the backup host `pool` (host_slots, in the fork server's private runtime directory)
     before the call logs in, and returns how to let it go. Such calls count among themselves: the fork
     server's workers count theirs apart. None when uncapped, or with no private directory to count in."""
+    cap = cfg.max_connections
+    if not cap:
+        return None
     import logging
 
-    from sftp_plugin import forkserver, host_slots, sessions
+    from sftp_plugin import forkserver, host_slots
 
-    pool, cap = sessions.connection_pool(), cfg.max_connections
-    if not cap or pool is None:
-        return None
     log = logging.getLogger("gpbackup_sftp_plugin")
     directory = forkserver.runtime_dir()
     if directory is None:
@@ -391,9 +403,9 @@ def _slot_taker(cfg: PluginConfig) -> Callable[[], Callable[[], None]] | None:
         def on_wait() -> None:
             waited.append(True)
             log.info("waiting for a connection to %s: max_connections %d, all held by calls of this host that "
-                     "run in their own processes", pool.decode(), cap)
+                     "run in their own processes", pool, cap)
 
-        slot = host_slots.take(directory, pool.decode(), cap, on_wait)
+        slot = host_slots.take(directory, pool, cap, on_wait)
         if waited:
             log.info("took connection slot %d after %.3fs", slot.index, time.monotonic() - started)
         return slot.release
@@ -417,10 +429,11 @@ def open_spare_session(argv: list[str], served_by: int) -> int:
     config_path = argv[1]
     try:
         cfg = load_config(config_path)
-        _note_connection_cap(cfg, served_by)
-        setup_logging(cfg.log_dir, cfg.log_level, "spare_session", cfg.secrets())
         known_hosts = _known_hosts_state(cfg)  # before the key, which reads the file
-        key = _session_key(cfg, served_by)
+        keyed = _connection_key(cfg, served_by)
+        _note_connection_cap(cfg, keyed)
+        setup_logging(cfg.log_dir, cfg.log_level, "spare_session", cfg.secrets())
+        key = _session_key(cfg, served_by, keyed)
     except (PluginError, OSError):
         return 1
     if key is None:
@@ -455,7 +468,9 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         cfg = load_config(config_path)
     except PluginError as err:
         return fail(command, str(err), err.exit_code)
-    _note_connection_cap(cfg, served_by)
+    known_hosts = _known_hosts_state(cfg)  # before the key, which reads the file
+    keyed = _connection_key(cfg, served_by)
+    pool = _note_connection_cap(cfg, keyed)
     try:
         log_path = setup_logging(cfg.log_dir, cfg.log_level, command, cfg.secrets())
     except OSError as err:
@@ -473,10 +488,9 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         from sftp_plugin.interrupts import interrupt_aborts
         from sftp_plugin.store import Remote
 
-        known_hosts = _known_hosts_state(cfg)  # before the key, which reads the file
-        warm = _session_key(cfg, served_by)
+        warm = _session_key(cfg, served_by, keyed)
         remote = Remote(cfg, sessions.take(warm) if warm else None, keeps_session=bool(warm),
-                        hold=_slot_taker(cfg) if served_by is None else None)
+                        hold=_slot_taker(cfg, pool) if served_by is None else None)
         with interrupt_aborts(remote.abort):
             result = getattr(commands, command)(remote, args)
             if warm and not ends_backup(command, args):

@@ -177,13 +177,19 @@ MATCH_EXEC_RE = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILIN
 
 
 @dataclass(frozen=True)
+class ConnectionKey:
+    """What decides a call's connection (connection_key): its session key, and the backup host it reaches."""
+
+    key: str  # a digest of everything that decides where, how and as whom `connect` connects (sessions.py)
+    backup_host: str  # ``host:port`` after ~/.ssh/config, the host in lower case: what max_connections counts
+
+
+@dataclass(frozen=True)
 class _KeyMemo:
-    """A session key, the backup host it connects to, and what they were computed from: the files read or
-    looked for, by stat."""
+    """A connection key and what it was computed from: the files read or looked for, by stat."""
 
     files: tuple[tuple[str, tuple[int, ...] | None], ...]
-    key: str
-    backup_host: str
+    keyed: ConnectionKey
 
 
 _key_memo: dict[tuple[str, tuple[str | None, ...]], _KeyMemo] = {}
@@ -199,19 +205,13 @@ def _stat_signature(path: str) -> tuple[int, ...] | None:
 
 
 def session_key(cfg: PluginConfig) -> str:
-    """A digest of everything that decides where, how and as whom `connect` connects (sessions.py): see _keyed."""
-    return _keyed(cfg).key
+    """A digest of everything that decides where, how and as whom `connect` connects (connection_key)."""
+    return connection_key(cfg).key
 
 
-def backup_host(cfg: PluginConfig) -> str:
-    """The backup host as `connect` reaches it, ``host:port`` after ~/.ssh/config (the host in lower case):
-    what max_connections counts sessions to (sessions.set_connection_cap). Remembered with the session key."""
-    return _keyed(cfg).backup_host
-
-
-def _keyed(cfg: PluginConfig) -> _KeyMemo:
+def connection_key(cfg: PluginConfig) -> ConnectionKey:
     """The session key, a digest of everything that decides where, how and as whom `connect` connects
-    (sessions.py), with the backup host it names.
+    (sessions.py), with the backup host it reaches (what max_connections counts sessions to).
 
     Every option (a changed one means a new session, whatever it is), the
     endpoint after ~/.ssh/config (so a changed HostName, User or ProxyJump
@@ -227,7 +227,7 @@ def _keyed(cfg: PluginConfig) -> _KeyMemo:
     memo_key = (options, tuple(os.environ.get(name) for name in KEY_ENVIRONMENT))
     memo = _key_memo.get(memo_key)
     if memo is not None and all(_stat_signature(path) == signature for path, signature in memo.files):
-        return memo
+        return memo.keyed
     ssh_config = os.path.expanduser(SSH_CONFIG_PATH)
     before = {ssh_config: _stat_signature(ssh_config)}
     looked_at: list[str] = []
@@ -256,11 +256,11 @@ def _keyed(cfg: PluginConfig) -> _KeyMemo:
         signature = before.setdefault(path, _stat_signature(path))
         # resolve_endpoint looked for it before this stat: remembered only if it still finds what it found then
         rememberable &= (signature is not None and os.path.isfile(path)) == (path in used)
-    keyed = _KeyMemo(tuple(before.items()), digest.hexdigest(), f"{endpoint.host.lower()}:{endpoint.port}")
+    keyed = ConnectionKey(digest.hexdigest(), f"{endpoint.host.lower()}:{endpoint.port}")
     if rememberable:
         if len(_key_memo) >= KEY_MEMO_SIZE:
             _key_memo.clear()
-        _key_memo[memo_key] = keyed
+        _key_memo[memo_key] = _KeyMemo(tuple(before.items()), keyed)
     return keyed
 
 

@@ -123,8 +123,8 @@ def test_an_ssh_config_with_match_exec_is_resolved_at_every_call(site: Site) -> 
 
 
 def test_the_backup_host_is_the_one_ssh_config_resolves_to_and_is_remembered_with_the_key(site: Site) -> None:
-    assert connection.backup_host(site.cfg()) == "192.0.2.10:22"
+    assert connection.connection_key(site.cfg()).backup_host == "192.0.2.10:22"
     connection.session_key(site.cfg())
-    assert connection.backup_host(site.cfg(hostname="192.0.2.10")) == "192.0.2.10:22"
-    assert connection.backup_host(site.cfg(hostname="Other.Example", port=2222)) == "other.example:2222"
+    assert connection.connection_key(site.cfg(hostname="192.0.2.10")).backup_host == "192.0.2.10:22"
+    assert connection.connection_key(site.cfg(hostname="Other.Example", port=2222)).backup_host == "other.example:2222"
     assert site.resolved == 3  # once per config: the key of the first came with its backup host
