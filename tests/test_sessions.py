@@ -422,7 +422,9 @@ def test_max_connections_caps_the_calls_at_once_of_a_config_that_keeps_no_sessio
     assert_ok(warm.run("setup_plugin_for_backup", backup.path, "segment_host", "0", config=path))
     logins = warm.logins()
     with warm.busy_and_waiting(backup, path, "it may have no more (1)") as (busy, waiting):
-        assert warm.logins() == logins + 1 and warm.worker_of("gpbackup_0_waiting") is None
+        # The server parks the second call as soon as the first has its worker, which may still be logging in.
+        assert wait_until(lambda: warm.logins() == logins + 1), "the busy call never logged in"
+        assert warm.worker_of("gpbackup_0_waiting") is None
         finish(busy, b"b" * 1000)
         finish(waiting, b"w" * 1000)
     assert warm.logins() == logins + 2  # one after the other: each call its own login, never two at once
@@ -505,7 +507,10 @@ def test_max_connections_counts_the_sessions_of_other_configs_to_the_same_backup
         assert (f"  config {second} (backup host {warm.server.options()['username']}@127.0.0.1:{warm.server.port}): "
                 "no worker; 1 call waiting for one (max_connections 1, counting 1 worker of other configs to the "
                 "same backup host)\n") in shown, shown
-        assert len(warm.session_children()) == 1 and warm.worker_of("gpbackup_0_waiting") is None
+        # The busy call's worker may still be logging in, and the idle session it replaced still closing.
+        assert wait_until(lambda: warm.logins() == logins + 1), "the busy call never logged in"
+        assert wait_until(lambda: len(warm.session_children()) == 1), warm.session_children()
+        assert warm.worker_of("gpbackup_0_waiting") is None
         finish(busy, b"x" * 1000)
         finish(waiting, b"w" * 1000)
     assert "takes the place of an idle worker of another config" in warm.config.log_text()
