@@ -396,18 +396,14 @@ def _slot_taker(cfg: PluginConfig, pool: str) -> Callable[[], Callable[[], None]
                     "be writable by this user and root only)")
         return None
 
+    def on_wait() -> None:
+        log.info("waiting for a connection to %s: max_connections %d, all held by calls of this host that "
+                 "run in their own processes", pool, cap)
+
     def take() -> Callable[[], None]:
-        started = time.monotonic()
-        waited: list[bool] = []
-
-        def on_wait() -> None:
-            waited.append(True)
-            log.info("waiting for a connection to %s: max_connections %d, all held by calls of this host that "
-                     "run in their own processes", pool, cap)
-
         slot = host_slots.take(directory, pool, cap, on_wait)
-        if waited:
-            log.info("took connection slot %d after %.3fs", slot.index, time.monotonic() - started)
+        if slot.waited is not None:
+            log.info("took connection slot %d after %.3fs", slot.index, slot.waited)
         return slot.release
 
     return take

@@ -24,11 +24,13 @@ POLL_SECONDS = 0.05
 
 
 class Slot:
-    """One held slot: its lock file's descriptor, closed (the lock let go) by release."""
+    """One held slot: its lock file's descriptor, closed (the lock let go) by release, and how long `take`
+    waited for it (None: it was free at once)."""
 
     def __init__(self, fd: int, index: int) -> None:
         self._fd: int | None = fd
         self.index = index
+        self.waited: float | None = None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -59,15 +61,17 @@ def _try(directory: str, pool: str, index: int) -> Slot | None:
 
 def take(directory: str, pool: str, slots: int, on_wait: Callable[[], object] = lambda: None) -> Slot:
     """One of the `slots` slots of `pool` (lock files in `directory`, which must be private to this user);
-    when all are held, calls `on_wait` once and waits for one, polling. A signal's exception ends the wait."""
-    waited = False
+    when all are held, calls `on_wait` once and waits for one, polling (Slot.waited says how long). A
+    signal's exception ends the wait."""
+    started: float | None = None
     while True:
         for index in range(slots):
             slot = _try(directory, pool, index)
             if slot is not None:
+                slot.waited = None if started is None else time.monotonic() - started
                 return slot
-        if not waited:
-            waited = True
+        if started is None:
+            started = time.monotonic()
             on_wait()
         time.sleep(POLL_SECONDS)
 

@@ -84,16 +84,12 @@ class Warm:
                          waited: str) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
         """A call that holds its worker (gpbackup_0_busy, its input open) and, once it runs, a second one
         (gpbackup_0_waiting), yielded when the log says `waited`; either still running at the end is killed."""
-        calls = [self.storing(backup, "gpbackup_0_busy", config=config)]
-        try:
+        with killed_at_the_end() as calls:
+            calls.append(self.storing(backup, "gpbackup_0_busy", config=config))
             assert wait_until(lambda: self.worker_of("gpbackup_0_busy")), "the busy call never started"
             calls.append(self.storing(backup, "gpbackup_0_waiting", config=config))
             assert wait_until(lambda: waited in self.config.log_text()), "the call never waited"
             yield calls[0], calls[1]
-        finally:
-            for call in calls:
-                if call.poll() is None:
-                    call.kill()
 
     def two_runs(self, backup: LocalBackup, max_connections: int) -> tuple[Path, Path]:
         """Two configs to this backup host (two runs' copies of one), the first's call starting the server,
@@ -439,21 +435,18 @@ def test_a_call_that_waited_for_a_capped_session_whose_call_ended_the_backup_get
         path = warm.slow_link_config(proxy, "slow_capped.yaml", max_connections=1)
         warm.start_server(backup, path)
         warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)
-        cleanup = warm.plugin.popen("cleanup_plugin_for_backup", path, backup.path, "coordinator", "-1",
-                                    env_extra=socket_dir_env(warm.tmpdir))
-        waiting: subprocess.Popen[bytes] | None = None
-        try:
+        with killed_at_the_end() as calls:
+            cleanup = warm.plugin.popen("cleanup_plugin_for_backup", path, backup.path, "coordinator", "-1",
+                                        env_extra=socket_dir_env(warm.tmpdir))
+            calls.append(cleanup)
             assert wait_until(lambda: "cleanup_plugin_for_backup: start" in warm.config.log_text())
             waiting = warm.storing(backup, "gpbackup_0_waiting", config=path)
+            calls.append(waiting)
             assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
             assert cleanup.poll() is None, "the cleanup ended before the call waited for its session"
             _, err = cleanup.communicate(timeout=RUN_TIMEOUT)
             assert cleanup.returncode == 0 and err == b"", err
             finish(waiting, b"w" * 1000)
-        finally:
-            for call in (cleanup, waiting):
-                if call is not None and call.poll() is None:
-                    call.kill()
         log = warm.config.log_text()
         assert "another worker of its config ended" in log and f"waited {forkserver.PARK_LIMIT:g} s" not in log
         assert warm.restored(backup.file("gpbackup_0_waiting"), config=path) == b"w" * 1000
@@ -465,17 +458,15 @@ def test_a_call_that_waited_for_a_capped_session_whose_client_died_is_dropped_an
     warm.start_server(backup, path)
     warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=path)
     logins = warm.logins()
-    busy = warm.storing(backup, "gpbackup_0_busy", config=path)
-    try:
+    with killed_at_the_end() as calls:
+        busy = warm.storing(backup, "gpbackup_0_busy", config=path)
+        calls.append(busy)
         assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
         gone = warm.storing(backup, "gpbackup_0_gone", config=path)
         assert wait_until(lambda: "it may have no more (1)" in warm.config.log_text()), "the call never waited"
         gone.kill()  # gpbackup killed while its call waited
         gone.wait()
         finish(busy, b"b" * 1000)
-    finally:
-        if busy.poll() is None:
-            busy.kill()
     key = warm.store(backup, "gpbackup_0_after", b"a" * 1000, config=path)
     assert warm.worker_of("gpbackup_0_gone") is None
     assert warm.worker_of("gpbackup_0_after") == warm.worker_of("gpbackup_0_busy")  # the kept session served it
@@ -569,14 +560,12 @@ def test_configs_to_other_backup_hosts_do_not_count_against_max_connections(warm
     warm.start_server(backup, first)
     warm.store(backup, "gpbackup_0_first", b"f" * 1000, config=first)
     warm.store(backup, "gpbackup_0_other", b"o" * 1000, config=other)
-    busy = warm.storing(backup, "gpbackup_0_busy", config=first)
-    try:
+    with killed_at_the_end() as calls:
+        busy = warm.storing(backup, "gpbackup_0_busy", config=first)
+        calls.append(busy)
         assert wait_until(lambda: warm.worker_of("gpbackup_0_busy")), "the busy call never started"
         warm.store(backup, "gpbackup_0_beside", b"s" * 1000, config=other)  # at once, on its own session
         finish(busy, b"b" * 1000)
-    finally:
-        if busy.poll() is None:
-            busy.kill()
     assert "another config" not in warm.config.log_text() and "it may have no more" not in warm.config.log_text()
     assert wait_until(lambda: len(warm.session_children()) == 2), warm.session_children()
     assert warm.restored(backup.file("gpbackup_0_beside"), config=other) == b"s" * 1000
