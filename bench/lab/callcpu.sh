@@ -22,7 +22,7 @@ mkdir -p "$WORK"
 install -m 755 "$HERE/floor_plugin.sh" "$WORK/floor_plugin.sh"
 printf 'executablepath: %s\noptions:\n  note: the floor plugin takes no options\n' "$WORK/floor_plugin.sh" > "$WORK/floor.yaml"
 SOURCE=$WORK/callcpu-source.txt
-# One segment's rows of one table, as COPY writes them (~62 KB; ~22 KB once gzipped).
+# One segment's rows of one table, as COPY writes them (~70 KB; ~27 KB once gzipped).
 psql -At -d gplab_pt -c "copy (select * from t1 where gp_segment_id = 0) to stdout" > "$SOURCE"
 TS=$(date +%Y%m%d%H%M%S)
 DIR=$WORK/callcpu/backups/${TS:0:8}/$TS  # gpbackup's layout: the plugins map it onto their own

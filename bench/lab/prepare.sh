@@ -2,11 +2,12 @@
 # Make a lab cluster (../shared/greenplum-lab, built and started by its setup.sh) ready for the lab scripts
 # beside this one: this source tree's plugin installed where the cluster user can run it, a plugin config
 # for the lab's own sshd as the backup host, and the per-table database of bench/RESULTS.md. Each run
-# reinstalls the plugin (to measure a change: edit, run this again); the rest is made only where missing.
+# reinstalls the plugin from the tracked files as they are in the working tree (to measure a change: edit,
+# `git add` any new file, run this again); the rest is made only where missing.
 #
 #   sudo bash bench/lab/prepare.sh [lab prefix, default /opt/gplab]
 #
-# Writes, under the lab's work directory ($PREFIX/work):
+# Writes, under the lab's work directory (<lab prefix>/work):
 #   sftp.yaml     the default config: 127.0.0.1 as the cluster user, with the lab's key and known_hosts
 #   sftp-store/   its remote_dir; sftp-logs/ its log_dir
 #   bench-lab/    these scripts, where the cluster user can read them
