@@ -16,11 +16,9 @@ set -euo pipefail
 CFG=$(readlink -f "${1:?usage: callcpu.sh <plugin config> [calls]}")
 N=${2:-300}
 WORK=${WORK:-$(dirname "$CFG")/lab-rounds}
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PLUGIN=$(awk '/^executablepath:/ {print $2}' "$CFG")
-mkdir -p "$WORK"
-install -m 755 "$HERE/floor_plugin.sh" "$WORK/floor_plugin.sh"
-printf 'executablepath: %s\noptions:\n  note: the floor plugin takes no options\n' "$WORK/floor_plugin.sh" > "$WORK/floor.yaml"
+. "$(dirname "${BASH_SOURCE[0]}")/lab.sh"
+PLUGIN=$(executable_of "$CFG")
+floor_in "$WORK"
 SOURCE=$WORK/callcpu-source.txt
 # One segment's rows of one table, as COPY writes them (~70 KB; ~27 KB once gzipped).
 psql -At -d gplab_pt -c "copy (select * from t1 where gp_segment_id = 0) to stdout" > "$SOURCE"
@@ -31,11 +29,12 @@ mkdir -p "$DIR"
 "$WORK/floor_plugin.sh" setup_plugin_for_backup "$WORK/floor.yaml" "$DIR" master 0
 
 ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }  # user nice system irq softirq
-# The CPU of this shell's ended children (bash's `times`, second line), in ms. `times` must run in this
-# shell, not in a $(...) subshell (which has no children): its output goes through a file.
+# CHILDREN_MS: the CPU of this shell's ended children (bash's `times`, second line), whole ms. `times` must
+# run in this shell, not in a $(...) subshell (which has no children): its output goes through a file.
 children_ms() {
     times > "$WORK/callcpu-times"
-    awk 'NR == 2 { split($0, t, /[ms ]+/); print (t[1] * 60 + t[2] + t[3] * 60 + t[4]) * 1000 }' "$WORK/callcpu-times"
+    CHILDREN_MS=$(awk 'NR == 2 { split($0, t, /[ms ]+/); printf "%d", (t[1] * 60 + t[2] + t[3] * 60 + t[4]) * 1000 + 0.5 }' \
+        "$WORK/callcpu-times")
 }
 # Each process of this user whose name is one of ours or the backup host's: "pid name ticks".
 kept() {
@@ -52,21 +51,20 @@ kept() {
 }
 # run <label> <config or "-"> : N calls; prints wall, machine CPU and callers' CPU per call.
 run() {
-    local label=$1 config=$2 exe start end t0 t1 c0 c1 i
-    exe=$(awk '/^executablepath:/ {print $2}' "$config" 2>/dev/null || true)
-    children_ms > "$WORK/callcpu-c0"; t0=$(ticks); start=$(date +%s%N)
+    local label=$1 config=$2 exe="" start end t0 t1 c0 i
+    [ "$config" = - ] || exe=$(executable_of "$config")
+    children_ms; c0=$CHILDREN_MS; t0=$(ticks); start=$(date +%s%N)
     for i in $(seq 1 "$N"); do
-        if [ "$config" = - ]; then
+        if [ -z "$exe" ]; then
             gzip -1 < "$SOURCE" > /dev/null
         else
             gzip -1 < "$SOURCE" | "$exe" backup_data "$config" "$DIR/gpbackup_0_${TS}_${label}_$i.gz"
         fi
     done
-    end=$(date +%s%N); t1=$(ticks); children_ms > "$WORK/callcpu-c1"
-    c0=$(cat "$WORK/callcpu-c0"); c1=$(cat "$WORK/callcpu-c1")
-    awk -v l="$label" -v w=$((end - start)) -v t=$((t1 - t0)) -v c="$c1" -v c0="$c0" -v n="$N" \
+    end=$(date +%s%N); t1=$(ticks); children_ms
+    awk -v l="$label" -v w=$((end - start)) -v t=$((t1 - t0)) -v c=$((CHILDREN_MS - c0)) -v n="$N" \
         -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%-6s wall %.2f ms, machine CPU %.2f ms, callers %.2f ms per call\n",
-        l, w / 1e6 / n, t * 1000 / hz / n, (c - c0) / n }'
+        l, w / 1e6 / n, t * 1000 / hz / n, c / n }'
 }
 
 for i in 1 2 3; do gzip -1 < "$SOURCE" | "$PLUGIN" backup_data "$CFG" "$DIR/gpbackup_0_${TS}_warm_$i.gz"; done
@@ -79,4 +77,4 @@ after=$(kept)
 join <(echo "$before") <(echo "$after") | awk -v n="$N" -v hz="$(getconf CLK_TCK)" '
     { t[$2] += $5 - $3 } END { for (p in t) printf "  ours: %-14s %.2f ms per call\n", p, t[p] * 1000 / hz / n }' | sort
 "$PLUGIN" delete_backup "$CFG" "$TS" > /dev/null
-rm -rf "$WORK/callcpu" "$WORK/floor-store/${TS:0:8}/$TS" "$SOURCE" "$WORK"/callcpu-times "$WORK"/callcpu-c[01]
+rm -rf "$WORK/callcpu" "$WORK/floor-store/${TS:0:8}/$TS" "$SOURCE" "$WORK/callcpu-times"

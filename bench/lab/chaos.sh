@@ -20,7 +20,8 @@ INTERVAL=0.3
 if [ $# -gt 0 ] && [ "$1" != -- ]; then INTERVAL=$1; shift; fi
 [ "${1:-}" = -- ] && shift
 FLAGS=("$@")
-PLUGIN=$(awk '/^executablepath:/ {print $2}' "$CFG")
+. "$(dirname "${BASH_SOURCE[0]}")/lab.sh"
+PLUGIN=$(executable_of "$CFG")
 WORK=$(mktemp -d)
 trap 'touch "$WORK/stop"; wait; rm -rf "$WORK"' EXIT
 # What runs on the backup host each interval: kill each SFTP session of this user, print how many.
@@ -56,8 +57,6 @@ under_fire() {
     awk -v ns=$((end - start)) -v k="$(cat "$WORK/killed")" -v what="$name" \
         'BEGIN { printf "%s: %.2f s, %d sessions killed, succeeded\n", what, ns / 1e9, k }'
 }
-
-. "$(dirname "${BASH_SOURCE[0]}")/fingerprint.sh"
 
 echo "database $DB, plugin $PLUGIN, sessions killed every ${INTERVAL} s, gpbackup flags: ${FLAGS[*]:-none}"
 under_fire gpbackup gpbackup --dbname "$DB" --plugin-config "$CFG" "${FLAGS[@]}"

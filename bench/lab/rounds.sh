@@ -14,11 +14,10 @@ CFG=$(readlink -f "${1:?usage: rounds.sh <plugin config> <database> [rounds]}")
 DB=${2:?usage: rounds.sh <plugin config> <database> [rounds]}
 ROUNDS=${3:-3}
 WORK=${WORK:-$(dirname "$CFG")/lab-rounds}
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PLUGIN=$(awk '/^executablepath:/ {print $2}' "$CFG")
+. "$(dirname "${BASH_SOURCE[0]}")/lab.sh"
+PLUGIN=$(executable_of "$CFG")
 mkdir -p "$WORK/local"
-install -m 755 "$HERE/floor_plugin.sh" "$WORK/floor_plugin.sh"
-printf 'executablepath: %s\noptions:\n  note: the floor plugin takes no options\n' "$WORK/floor_plugin.sh" > "$WORK/floor.yaml"
+floor_in "$WORK"
 LOG=$WORK/last.log
 
 # seconds <command...>: run it, its output to $LOG; print the wall time in seconds.
@@ -30,8 +29,6 @@ seconds() {
     awk -v ns=$((end - start)) 'BEGIN { printf "%.2f", ns / 1e9 }'
 }
 timestamp() { grep -o 'Backup Timestamp = [0-9]*' "$LOG" | grep -o '[0-9]*$'; }
-
-. "$(dirname "${BASH_SOURCE[0]}")/fingerprint.sh"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
 

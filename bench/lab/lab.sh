@@ -1,4 +1,16 @@
-# Sourced by the lab scripts (rounds.sh, chaos.sh).
+# Sourced by the lab scripts (rounds.sh, chaos.sh, callcpu.sh): what more than one of them needs.
+
+# executable_of <plugin config>: its executablepath.
+executable_of() { awk '/^executablepath:/ { print $2 }' "$1"; }
+
+# floor_in <work dir>: put the floor plugin (floor_plugin.sh, beside this file) and its config there;
+# the config's path is $1/floor.yaml.
+floor_in() {
+    mkdir -p "$1"
+    install -m 755 "$(dirname "${BASH_SOURCE[0]}")/floor_plugin.sh" "$1/floor_plugin.sh"
+    printf 'executablepath: %s\noptions:\n  note: the floor plugin takes no options\n' "$1/floor_plugin.sh" > "$1/floor.yaml"
+}
+
 # fingerprint <database>: every user table's name, row count and md5 of its rows, one line each.
 fingerprint() {
     local tables sql="" t
