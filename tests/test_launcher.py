@@ -56,6 +56,44 @@ def test_the_built_client_agrees_with_the_python_code_on_digest_and_routes(build
     assert os.stat(output).st_mode & 0o777 == 0o755
 
 
+def _has_loader(binary: Path) -> bool:
+    """Whether the ELF file `binary` names a dynamic loader (a PT_INTERP program header)."""
+    import struct
+
+    data = binary.read_bytes()
+    assert data[:4] == ELF_MAGIC and data[4] == 2  # 64-bit
+    endian = "<" if data[5] == 1 else ">"
+    offset, = struct.unpack_from(endian + "Q", data, 0x20)
+    size, count = struct.unpack_from(endian + "HH", data, 0x36)
+    return any(struct.unpack_from(endian + "I", data, offset + i * size)[0] == 3 for i in range(count))  # PT_INTERP
+
+
+def _static_libraries() -> bool:
+    compiler = shutil.which("cc") or "cc"
+    return all(os.path.isabs(subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True,
+                                            check=False).stdout.strip()) for name in ("libc.a", "libz.a"))
+
+
+@needs_compiler
+@pytest.mark.skipif(not _static_libraries(), reason="no libc.a or libz.a: the client is linked dynamically")
+def test_the_client_is_linked_without_the_dynamic_loader_where_static_libraries_are_installed(
+        build: ModuleType, tmp_path: Path) -> None:
+    output = tmp_path / "gpbackup_sftp_plugin"
+    build.build(str(output))
+    assert not _has_loader(output)
+
+
+@needs_compiler
+def test_a_toolchain_that_cannot_link_statically_still_installs_a_dynamic_client(
+        build: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "STATIC", ("-lno-such-library-for-static-linking",))
+    output = tmp_path / "gpbackup_sftp_plugin"
+    build.build(str(output))
+    assert _has_loader(output)
+    result = subprocess.run([str(output), "plugin_api_version"], capture_output=True, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{cli.API_VERSION}\n".encode(), b"")
+
+
 @needs_compiler
 def test_a_client_that_would_route_differently_is_not_installed(build: ModuleType, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
