@@ -584,20 +584,21 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++)
         if (caught[i])
             sigaction(forwarded[i], &previous[i], NULL);
-    if (!ended) {
-        fprintf(stderr, "%s %s: %s\n", PLUGIN_NAME, command, WORKER_LOST_MESSAGE);
-        return WORKER_LOST_EXIT_CODE;
-    }
-    int status = be32(reply + 1);
-    if (g_first_signal != 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-        /* The worker finished before our signal reached it. Run here, the call would have been
-         * ended by it, so it is: a signalled call never reports success. */
+    int status = ended ? be32(reply + 1) : 0;
+    if (g_first_signal != 0 && (!ended || (WIFEXITED(status) && WEXITSTATUS(status) == 0))) {
+        /* Our signal ended the worker (which then says nothing more), or the worker finished before the
+         * signal reached it. Run here, the call would have been ended by it, so it is: a signalled call
+         * never reports success. */
         if (g_first_signal == SIGINT) {
             fprintf(stderr, "%s %s: %s\n", PLUGIN_NAME, command, INTERRUPTED_MESSAGE);
             return INTERRUPTED_EXIT_CODE;
         }
         signal(g_first_signal, SIG_DFL);
         raise(g_first_signal);
+    }
+    if (!ended) {
+        fprintf(stderr, "%s %s: %s\n", PLUGIN_NAME, command, WORKER_LOST_MESSAGE);
+        return WORKER_LOST_EXIT_CODE;
     }
     die_like(status);
 }

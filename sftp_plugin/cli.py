@@ -181,17 +181,17 @@ class _WorkerCalls:
                 self._admitted = True
         return self._admitted
 
-    def run(self, argv: list[str], monitor: int) -> forkserver.Ending:
+    def run(self, argv: list[str], server: int) -> forkserver.Ending:
         from sftp_plugin import sessions
 
         sessions.set_connection_cap(None)
-        return _ending(main(argv, served_by=monitor), retire_route=ends_backup(argv[0], argv[2:]))
+        return _ending(main(argv, served_by=server), retire_route=ends_backup(argv[0], argv[2:]))
 
-    def warm(self, argv: list[str], monitor: int) -> forkserver.Ending:
+    def warm(self, argv: list[str], server: int) -> forkserver.Ending:
         from sftp_plugin import sessions
 
         sessions.set_connection_cap(None)
-        return _ending(open_spare_session(argv, served_by=monitor))
+        return _ending(open_spare_session(argv, served_by=server))
 
     def still_warm(self) -> bool:
         from sftp_plugin import sessions
@@ -223,7 +223,7 @@ def route(config_path: str) -> bytes:
 
 
 def main(argv: list[str] | None = None, served_by: int | None = None, ask_server: bool = True) -> int:
-    """Run one plugin call; `served_by` is the fork server monitor's pid when this is its worker;
+    """Run one plugin call; `served_by` is the fork server's pid when this is its worker;
     `ask_server=False` runs it here at once (the compiled client, launcher/, asked the server already)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -473,7 +473,7 @@ def run(command: str, config_path: str, args: list[str], served_by: int | None =
         return fail(command, f"cannot write log file {log_file_path(cfg.log_dir)}: {err.strerror}; check log_dir", 1)
     log = logging.getLogger("gpbackup_sftp_plugin")
     started = time.monotonic()
-    log.info("start %s%s", " ".join(args), "" if served_by is None else f" (fork server worker, monitor {served_by})")
+    log.info("start %s%s", " ".join(args), "" if served_by is None else f" (fork server worker, server {served_by})")
     from sftp_plugin.permissions import exposures
 
     for exposure in exposures(config_path, cfg):  # a stat per file; names options, never their values

@@ -12,11 +12,11 @@ exits after IDLE_SECONDS without a call once no worker is left. A later call
 (the client, `delegate`) hands it, over a Unix socket in a private directory,
 a route, then its argv, environment, working directory, umask and its
 stdin/stdout/stderr themselves (SCM_RIGHTS). The server hands the call to a
-*slot*: a monitor process and the worker it forked, which runs the command
-exactly as the fresh process would have (same fds, same environment), then
-releases the caller's fds and reports the exit code, which the client exits
-with. Signals sent to the client are forwarded to the worker; a client that
-dies (even by SIGKILL) takes its worker with it.
+*slot*: a worker process it forked, which runs the command exactly as the
+fresh process would have (same fds, same environment), then releases the
+caller's fds and reports the exit code, which the client exits with. Signals
+sent to the client are forwarded to the worker; a client that dies (even by
+SIGKILL) takes its worker's call with it.
 
 A worker may stay for the next call (warm): when the code it runs says so
 (`Ending.stay`: the call succeeded, and in the plugin it keeps an SSH session,
@@ -63,13 +63,13 @@ TYPE_CHECKING = False
 # bursts seconds apart, and a minute after the last one nothing should linger.
 IDLE_SECONDS = 60
 # How long the client waits for the worker to start before running the
-# command itself: the server forks twice and does no I/O before answering, so
+# command itself: the server forks once and does no I/O before answering, so
 # anything near this means it is stuck, and running in-process costs < 1 s.
 START_TIMEOUT = 10.0
 # sun_path holds 108 bytes including the terminating NUL; a longer TMPDIR means no fork server.
 MAX_SOCKET_PATH = 107
 # Signals the client forwards to its worker while it waits (terminal and
-# supervisor signals; SIGKILL cannot be caught and is covered by the monitor).
+# supervisor signals; SIGKILL cannot be caught: the worker reads its client's end, _CallerWatch).
 FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 # Calls that may wait to be accepted: gpbackup starts one per segment at
 # once, and a connection beyond the backlog waits (up to START_TIMEOUT).
@@ -78,7 +78,7 @@ LISTEN_BACKLOG = 128
 # anyway (the socket name carries a digest of the code), this guards the rest.
 MAGIC = b"GSFP2"
 
-# Monitor -> client replies: the worker started (pid follows), the worker
+# Worker -> client replies: the worker started (its pid follows), the call
 # ended (raw wait status follows), the request was refused (run it yourself).
 STARTED, ENDED, REFUSED = b"P", b"S", b"R"
 # Server -> client, before STARTED: the call waits for a slot of its route to be free (its route has as
@@ -108,21 +108,11 @@ TEMPLATE_LIMIT = 64 * 1024
 # How long a call that found every slot of its route busy waits for one of them or a spare to be idle before
 # it gets a new slot of its own: longer than a login normally takes, well within the client's START_TIMEOUT.
 PARK_LIMIT = START_TIMEOUT / 2
-# Monitor -> worker: a request's length and what to do with it: run it, or open what it would use (Calls.warm).
-_TASK = struct.Struct("!iB")
-_RUN, _WARM = 0, 1
-# Worker -> monitor: the call was taken (before it runs anything), then _REPLY; or it was declined
-# (Calls.admits), and its client runs it in its own process.
-ACCEPTED, DECLINED = b"A", b"D"
-# Worker -> monitor: exit code, flags, the most slots the route may have (Ending.slots), the length of the
-# route's pool (Ending.pool), which follows.
-_REPLY = struct.Struct("!iiiH")
 # The longest pool a worker may report (Ending.pool): a host name and port, with room to spare.
 POOL_LIMIT = 1024
-_STAY, _RETIRE = 1, 2
-# What the server, a slot's monitor and its worker are called in ps -e, top and pgrep (/proc/<pid>/comm, at most
-# 15 characters): all three are otherwise "python3", like any other Python program on the host.
-PROCESS_NAMES = {"server": "gpsftp-server", "monitor": "gpsftp-monitor", "worker": "gpsftp-worker"}
+# What the server and its workers are called in ps -e, top and pgrep (/proc/<pid>/comm, at most 15
+# characters): both are otherwise "python3", like any other Python program on the host.
+PROCESS_NAMES = {"server": "gpsftp-server", "worker": "gpsftp-worker"}
 # struct ucred, as SO_PEERCRED returns it: pid, uid, gid.
 _PEERCRED = struct.Struct("3i")
 
@@ -325,7 +315,7 @@ def delegate(argv: list[str], route: bytes = b"") -> int | None:
             try:
                 os.write(alive_write, bytes([signum]))  # before forwarding: see act_on_caller_news
             except OSError:
-                pass  # the worker and its monitor are gone: the reply says how it ended
+                pass  # the worker is gone: we end the way the signal ends us
         _forward(conn, signum)
 
     # A signal ignored here stays ignored, as it would be by the plugin running here.
@@ -339,6 +329,8 @@ def delegate(argv: list[str], route: bytes = b"") -> int | None:
         for sig, handler in previous.items():
             _signal.signal(sig, handler)
     if reply[:1] != ENDED:
+        if first_signal is not None:  # our signal ended the worker (SIGINT raises KeyboardInterrupt here)
+            _signal.raise_signal(first_signal)
         raise worker_lost()
     status = _INT.unpack(reply[1:])[0]
     if first_signal is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
@@ -378,8 +370,8 @@ def act_on_caller_news() -> None:
     """In a worker, just before an upload is committed: act on what became of the client.
 
     Run in its own process, the plugin commits nothing once a signal has ended
-    it or it was killed. A worker learns of either one hop later, through its
-    monitor, and could meanwhile read the end of a stream cut short (gpbackup_helper
+    it or it was killed. A worker learns of either a moment later, through its
+    connection (_CallerWatch), and could meanwhile read the end of a stream cut short (gpbackup_helper
     closing the pipe as it goes down) and commit it. So the client writes the first
     signal it receives into the liveness pipe before forwarding it, and the pipe
     reads EOF once the client is dead: a signal is acted on here, as if it had just
@@ -423,11 +415,11 @@ def _forward(conn: socket.socket, signum: int) -> None:
     try:
         conn.sendall(bytes([signum]))
     except OSError:
-        pass  # the monitor is gone; its worker went with it
+        pass  # the worker is gone: the end of the call says how
 
 
 def _send_request(conn: socket.socket, payload: bytes, fds: list[int]) -> None:
-    """A request as a monitor reads it: its length with the call's stdin, stdout, stderr and liveness
+    """A request as a worker reads it: its length with the call's stdin, stdout, stderr and liveness
     pipe (SCM_RIGHTS), then the request itself (_encode_request)."""
     conn.sendmsg([_INT.pack(len(payload))],
                  [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
@@ -619,10 +611,10 @@ if TYPE_CHECKING:
     class Calls(Protocol):
         """What the server runs, handed to `serve`: this module knows nothing of the commands."""
 
-        def run(self, argv: list[str], monitor: int) -> Ending:
+        def run(self, argv: list[str], server: int) -> Ending:
             """Run one call in this (worker) process, whose fds, environment and cwd are the caller's."""
 
-        def warm(self, argv: list[str], monitor: int) -> Ending:
+        def warm(self, argv: list[str], server: int) -> Ending:
             """Open, and keep for the next call, what a call of `argv` would use, without running it (a spare
             worker: its std fds are /dev/null, its environment and cwd those of an earlier call of the route)."""
 
@@ -717,12 +709,12 @@ def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECO
 class _Dispatcher:
     """The server's loop: accept a call, read its route, hand it to an idle slot of that route or a new one.
 
-    A slot is a monitor process (a child of the server) with its worker (the
-    monitor's child). The monitor tells the server over its control socket
-    when the slot is idle (IDLE) or retires its route (RETIRE); the server
-    hands an idle slot a call by passing the connection's fd (CALL). One
-    process only ever decides, so no call is lost between them: a call passed
-    to a slot that is ending is closed unread, and its client runs it itself.
+    A slot is a worker process (a child of the server). It tells the server
+    over its control socket when it is idle (IDLE) or retires its route
+    (RETIRE); the server hands an idle slot a call by passing the connection's
+    fd (CALL). One process only ever decides, so no call is lost between
+    them: a slot that leaves shuts its control socket for reading first, so a
+    call passed to it fails to send and goes to another slot.
 
     A call that finds every slot of its route busy is parked, and a spare slot
     starts for it: a worker that logs in for the route (Calls.warm) with the
@@ -942,7 +934,7 @@ class _Dispatcher:
         others = [slot for its in self._sharing(route) - {route} for slot in self.idle.get(its, [])[:1]]
         if not others:
             return False
-        self._forget(others[0])  # its monitor reads EOF and ends, and its worker with the session it kept
+        self._forget(others[0])  # its worker reads EOF and ends, with the session it kept
         return True
 
     def _trim_pool(self, route: bytes) -> None:
@@ -1363,273 +1355,33 @@ def refusal(caller_pid: int, own: dict[str, str]) -> str | None:
 
 
 def _slot(ctrl: socket.socket, conn: socket.socket, digest: str, own: dict[str, str], calls: Calls) -> None:
-    """A slot's monitor: serve `conn`, then each call the server passes while the worker stays; never returns."""
-
-    worker: _Worker | None = None
+    """A slot: this process serves `conn`, then each call the server passes while it stays warm (what its
+    calls keep, an SSH session, lives here between them); never returns. It is the worker itself: there is no
+    process between the server and the call, and none between the call and its client (_CallerWatch)."""
     offered = False  # our template (TEMPLATE): once per slot is enough for the server
     try:
-        _name_process("monitor")
-        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)  # we wait for our worker ourselves
-        for sig in FORWARDED_SIGNALS:  # stopping the server does not stop the calls in flight
-            _signal.signal(sig, _signal.SIG_IGN)
+        _name_process("worker")
+        # A call's own children (a ProxyCommand) are waited for; the server lets the kernel reap its slots.
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        _signal.signal(_signal.SIGIO, _signal.SIG_IGN)  # its default would end us: only a call's watch takes it
+        _quiet_between_calls()  # stopping the server does not stop the call in flight
         first = True
         while True:
-            worker, retire, template = _monitor_call(ctrl, conn, worker, digest, own, calls, first)
+            stay, retire, template = _serve_call(ctrl, conn, digest, own, calls, first)
             first = False
             conn.close()
             if template is not None and not offered and len(template) <= TEMPLATE_LIMIT:
-                ctrl.send(TEMPLATE + template)
+                _tell(ctrl, TEMPLATE + template)
                 offered = True
-            if worker is None:
+            if not stay:
                 if retire:
-                    ctrl.send(RETIRE)
+                    _tell(ctrl, RETIRE)
                 break
-            next_conn = _next_call(ctrl, worker)
+            next_conn = _next_call(ctrl, calls)
             if next_conn is None:
                 break
             conn = next_conn
-    except BaseException:  # noqa: BLE001 - a monitor reports by closing; the client says so
-        pass
-    finally:
-        # Closing the worker's socket ends an idle worker (it closes its session and exits).
-        os._exit(0)
-
-
-class _Worker:
-    """A slot's worker process, as its monitor sees it: pid and the socket calls go over."""
-
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid, self.sock = pid, sock
-
-    def reap(self) -> int:
-        """Wait for the worker to end (it has, or is about to); its raw wait status."""
-        self.sock.close()
-        return os.waitpid(self.pid, 0)[1]
-
-
-def _start_worker(calls: Calls, monitors: list[socket.socket], fds: list[int]) -> _Worker:
-    """Fork the worker. It must hold nothing of the monitor's: not its sockets (the server reads a
-    slot's end as EOF on its control socket, a client's death as EOF on its), nor the call's fds it
-    received (a copy of the caller's stdout would keep gpbackup waiting for EOF past the call)."""
-    import socket
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            ours.close()
-            for sock in monitors:
-                sock.close()
-            for fd in fds:
-                os.close(fd)
-            _worker(theirs, calls)  # never returns
-        finally:
-            os._exit(1)
-    theirs.close()
-    return _Worker(pid, ours)
-
-
-def _next_call(ctrl: socket.socket, worker: _Worker) -> socket.socket | None:
-    """Wait, idle, for the server's next call (its connection); None when the slot should end.
-
-    The slot ends when the server closes our control socket (it retired us, or
-    exits) or when the worker leaves (idle too long, its config changed).
-    """
-    import select
-    import socket
-
-    while True:
-        readable = select.select([ctrl, worker.sock], [], [])[0]
-        if worker.sock in readable:
-            return None  # the worker said nothing between calls: it is leaving (EOF)
-        message, fds, _flags, _addr = socket.recv_fds(ctrl, 16, 1)
-        if message == CALL and len(fds) == 1:
-            return socket.socket(fileno=fds[0])
-        for fd in fds:
-            os.close(fd)
-        if not message:
-            return None
-
-
-def _monitor_call(ctrl: socket.socket, conn: socket.socket, worker: _Worker | None, digest: str,  # noqa: PLR0913
-                  own: dict[str, str], calls: Calls, first: bool) -> tuple[_Worker | None, bool, bytes | None]:
-    """One call: check the caller, receive it, hand it to the worker (a new one if need be), forward
-    signals, report the end. The worker that may serve the next call, whether the route retires, and
-    the request if it was a client's call that left the worker warm (the server's template of the route).
-    The slot's `first` call, once started, also tells the server what the route is (ABOUT).
-
-    A request from the server itself (our parent) is a spare's: the worker only warms up for it."""
-    import socket
-
-    caller_pid = peer_credentials(conn)[0]
-    task = _WARM if caller_pid == os.getppid() else _RUN
-    why = refusal(caller_pid, own)
-    if why is not None:  # before reading anything of the call: it runs in its own process
-        import logging
-
-        logging.getLogger("gpbackup_sftp_plugin.forkserver").warning(
-            "refused the call of pid %d, which runs in its own process: %s", caller_pid, why)
-        _report_end(ctrl, worker)
-        conn.sendall(REFUSED + _INT.pack(0))
-        return worker, False, None
-    conn.settimeout(START_TIMEOUT)
-    head, fds, _flags, _addr = socket.recv_fds(conn, _INT.size, 4)
-    try:
-        if len(head) != _INT.size or len(fds) != 4:
-            raise OSError("malformed request")
-        payload = _recv_exact(conn, _INT.unpack(head)[0])
-        request = _decode_request(payload)
-        if request.magic != MAGIC or request.digest != digest:
-            _report_end(ctrl, worker)
-            conn.sendall(REFUSED + _INT.pack(0))
-            return worker, False, None
-        # A warm worker may have left between its last call and this one (idle, config changed):
-        # it then never accepts, and a new worker takes the call. Nothing ran before "accepted".
-        for _attempt in range(2):
-            if worker is None:
-                worker = _start_worker(calls, [ctrl, conn], fds)
-            try:
-                socket.send_fds(worker.sock, [_TASK.pack(len(payload), task)], fds)
-                worker.sock.sendall(payload)
-                worker.sock.settimeout(START_TIMEOUT)
-                answer = _recv_exact(worker.sock, 1)
-            except OSError:
-                answer = b""
-            if answer == ACCEPTED:
-                break
-            worker.reap()
-            worker = None
-            if answer == DECLINED:  # another worker would decline it too, and this route's next calls
-                try:
-                    ctrl.send(DECLINES)
-                except OSError:
-                    pass  # the server is gone: this slot ends anyway
-                break
-        if worker is None:  # not taken: the client runs it in its own process
-            conn.sendall(REFUSED + _INT.pack(0))
-            return None, False, None
-    finally:
-        for fd in fds:
-            os.close(fd)
-    conn.settimeout(None)
-    worker.sock.settimeout(None)
-    conn.sendall(STARTED + _INT.pack(worker.pid))
-    if first and task == _RUN:
-        _tell_about(ctrl, request)
-    reply = _await_reply(conn, worker)
-    slots = pool = None
-    if len(reply) >= _REPLY.size:
-        code, flags, reported, _pool_length = _REPLY.unpack_from(reply)
-        slots = reported if reported >= 0 else None
-        pool = reply[_REPLY.size:] or None
-        status = (code & 0xFF) << 8  # as waitpid reports an exit with that code
-        if not flags & _STAY:
-            status = worker.reap()  # it exits by itself, with the same code
-            worker = None
-    else:  # the worker died during the call: its wait status says how
-        flags = 0
-        status = worker.reap()
-        worker = None
-    _report_end(ctrl, worker, slots, pool)
-    conn.sendall(ENDED + _INT.pack(status))
-    return worker, bool(flags & _RETIRE), payload if worker is not None and task == _RUN else None
-
-
-def _tell_about(ctrl: socket.socket, request: Request) -> None:
-    """Tell the server what this slot's route is (ABOUT): the call's working directory and argv."""
-    message = ABOUT + b"\0".join(os.fsencode(field) for field in [request.cwd, *request.argv])
-    if len(message) <= 1 + TEMPLATE_LIMIT:
-        try:
-            ctrl.send(message)
-        except OSError:
-            pass  # the server is gone: this slot ends after the call
-
-
-def _await_reply(conn: socket.socket, worker: _Worker) -> bytes:
-    """The worker's reply to the call with its pool (short if it died), passing on meanwhile each signal the client
-    forwards: each byte from the client is one; EOF means the client died, and its worker must not
-    outlive it. One thread watches both, the worker first: once its reply is in, the client's
-    EOF is no news for the worker, which may stay for the next call."""
-    import select
-
-    watched = [worker.sock, conn]
-    while True:
-        readable = select.select(watched, [], [])[0]
-        if worker.sock in readable:
-            reply = _recv_exact(worker.sock, _REPLY.size)
-            if len(reply) < _REPLY.size:
-                return reply
-            pool_length = _REPLY.unpack(reply)[3]
-            pool = _recv_exact(worker.sock, pool_length)
-            return reply + pool if len(pool) == pool_length else b""  # cut short: it died mid-reply
-        try:
-            data = conn.recv(16)
-        except OSError:
-            data = b""
-        for sig in data or [_signal.SIGKILL]:
-            os.kill(worker.pid, sig)
-        if not data:
-            watched = [worker.sock]  # the client is gone: only the worker's end is left to hear
-
-
-def _report_end(ctrl: socket.socket, worker: _Worker | None, slots: int | None = None,
-                pool: bytes | None = None) -> None:
-    """Tell the server a call ended: a slot whose worker stays is idle (IDLE), said before the client
-    hears its call's end, since the caller's next call, started the moment this one ends, must find this
-    slot idle rather than open a new one (and a new SSH session). `slots`, the cap on the route's slots
-    the call's worker reported (None: no call ran, or it did not learn it), and its `pool` after it, go
-    with IDLE, or alone (CAP) from a slot about to end: they still count for the route's other slots. A
-    server already gone hears nothing: the slot ends after the call (its next read of `ctrl` is EOF), and
-    the call's end is still the client's to hear."""
-    cap = b"" if slots is None else _INT.pack(slots) + (pool or b"")
-    if worker is not None:
-        message = IDLE + cap
-    elif cap:
-        message = CAP + cap
-    else:
-        return
-    try:
-        ctrl.send(message)
-    except OSError:
-        pass
-
-
-def _worker(sock: socket.socket, calls: Calls) -> None:
-    """A worker: take calls from the monitor one after another while `calls` wants to stay warm."""
-    import select
-    import socket
-
-    code = 1
-    try:
-        _name_process("worker")
-        _quiet_between_calls()
-        while True:
-            # Idle: the monitor's next call, or once a second the question whether to stay.
-            while not select.select([sock], [], [], 1.0)[0]:
-                if not calls.still_warm():
-                    return
-            head, fds, _flags, _addr = socket.recv_fds(sock, _TASK.size, 4)
-            if len(head) != _TASK.size or len(fds) != 4:
-                for fd in fds:
-                    os.close(fd)
-                return  # EOF: the slot ended
-            length, task = _TASK.unpack(head)
-            request = _decode_request(_recv_exact(sock, length))
-            if not calls.admits(request.argv, request.cwd):
-                for fd in fds:
-                    os.close(fd)
-                sock.sendall(DECLINED)
-                return
-            sock.sendall(ACCEPTED)
-            code = 1  # until the call says otherwise
-            ending = _run_call(fds, request, calls.warm if task == _WARM else calls.run)
-            code = ending.code
-            flags = (_STAY if ending.stay else 0) | (_RETIRE if ending.retire_route else 0)
-            pool = (ending.pool or b"")[:POOL_LIMIT]
-            sock.sendall(_REPLY.pack(code, flags, -1 if ending.slots is None else ending.slots, len(pool)) + pool)
-            if not ending.stay:
-                return
-    except Exception:  # a bug of ours: the monitor reads EOF and reports our wait status; the log says why
+    except Exception:  # a bug of ours: the client reads EOF and says its worker was lost; the log says why
         import logging
 
         logging.getLogger("gpbackup_sftp_plugin.forkserver").exception("fork server worker %d failed", os.getpid())
@@ -1642,7 +1394,183 @@ def _worker(sock: socket.socket, calls: Calls) -> None:
             import logging
 
             logging.shutdown()
-            os._exit(code)
+            os._exit(0)
+
+
+def _tell(ctrl: socket.socket, message: bytes) -> None:
+    """Send the server `message`; a server already gone hears nothing, and this slot ends at its next read."""
+    try:
+        ctrl.send(message)
+    except OSError:
+        pass
+
+
+def _next_call(ctrl: socket.socket, calls: Calls) -> socket.socket | None:
+    """Wait, idle, for the server's next call (its connection); None when the slot should end: the server
+    closed our control socket (it retired us, or exits), or, asked about once a second, `calls` no longer
+    wants to stay warm (idle too long, its config changed).
+
+    Leaving, the slot first shuts its control socket for reading, so that the server's next CALL fails at
+    once (the server then hands it to another slot), and still serves a call the server sent before that:
+    a call passed to a slot that ends unread would have run in its client's own process."""
+    import select
+    import socket
+
+    while True:
+        if not select.select([ctrl], [], [], 1.0)[0]:
+            if calls.still_warm():
+                continue
+            ctrl.shutdown(socket.SHUT_RD)  # from here on a read returns what was sent before, then EOF
+        message, fds, _flags, _addr = socket.recv_fds(ctrl, 16, 1)
+        if message == CALL and len(fds) == 1:
+            return socket.socket(fileno=fds[0])
+        for fd in fds:
+            os.close(fd)
+        if not message:
+            return None
+
+
+def _serve_call(ctrl: socket.socket, conn: socket.socket, digest: str,  # noqa: PLR0913
+                own: dict[str, str], calls: Calls, first: bool) -> tuple[bool, bool, bytes | None]:
+    """One call: check the caller, receive it, run it here, report its end. Whether this slot stays for the
+    next call, whether its route retires, and the request if it was a client's call that left us warm (the
+    server's template of the route). The slot's `first` call, once started, also tells the server what the
+    route is (ABOUT). A request from the server itself (our parent) is a spare's: we only warm up for it.
+    A call that is not run (refused, declined) leaves the slot as it was: warm if it was, else ending."""
+    import socket
+
+    caller_pid = peer_credentials(conn)[0]
+    task = calls.warm if caller_pid == os.getppid() else calls.run
+    why = refusal(caller_pid, own)
+    if why is not None:  # before reading anything of the call: it runs in its own process
+        import logging
+
+        logging.getLogger("gpbackup_sftp_plugin.forkserver").warning(
+            "refused the call of pid %d, which runs in its own process: %s", caller_pid, why)
+        return _refuse(ctrl, conn, warm=not first)
+    conn.settimeout(START_TIMEOUT)
+    head, fds, _flags, _addr = socket.recv_fds(conn, _INT.size, 4)
+    taken = False
+    try:
+        if len(head) != _INT.size or len(fds) != 4:
+            raise OSError("malformed request")
+        payload = _recv_exact(conn, _INT.unpack(head)[0])
+        request = _decode_request(payload)
+        if request.magic != MAGIC or request.digest != digest:
+            return _refuse(ctrl, conn, warm=not first)
+        if not calls.admits(request.argv, request.cwd):
+            # Another worker would decline it too, and this route's next calls: the server sends them back.
+            _tell(ctrl, DECLINES)
+            _refuse(ctrl, conn, warm=False)
+            return False, False, None
+        conn.settimeout(None)
+        conn.sendall(STARTED + _INT.pack(os.getpid()))
+        taken = True
+    finally:
+        if not taken:
+            for fd in fds:
+                os.close(fd)
+    if first and task == calls.run:
+        _tell_about(ctrl, request)
+    ending = _run_call(fds, request, task, conn)
+    pool = (ending.pool or b"")[:POOL_LIMIT]
+    _report_end(ctrl, ending.stay, ending.slots, pool)
+    try:
+        conn.sendall(ENDED + _INT.pack((ending.code & 0xFF) << 8))  # as waitpid reports an exit with that code
+    except OSError:
+        pass  # the client died as its call ended: nothing of the call is left to tell, and we stay as we are
+    return ending.stay, ending.retire_route, payload if ending.stay and task == calls.run else None
+
+
+def _refuse(ctrl: socket.socket, conn: socket.socket, warm: bool) -> tuple[bool, bool, None]:
+    """Send the client back to run its call in its own process; a `warm` slot is idle again (IDLE)."""
+    if warm:
+        _tell(ctrl, IDLE)
+    try:
+        conn.sendall(REFUSED + _INT.pack(0))
+    except OSError:
+        pass  # the client is gone
+    return warm, False, None
+
+
+def _tell_about(ctrl: socket.socket, request: Request) -> None:
+    """Tell the server what this slot's route is (ABOUT): the call's working directory and argv."""
+    message = ABOUT + b"\0".join(os.fsencode(field) for field in [request.cwd, *request.argv])
+    if len(message) <= 1 + TEMPLATE_LIMIT:
+        _tell(ctrl, message)
+
+
+def _report_end(ctrl: socket.socket, stays: bool, slots: int | None = None, pool: bytes | None = None) -> None:
+    """Tell the server a call ended: a slot that stays is idle (IDLE), said before the client hears its call's
+    end, since the caller's next call, started the moment this one ends, must find this slot idle rather than
+    open a new one (and a new SSH session). `slots`, the cap on the route's slots the call reported (None: it
+    did not learn it), and its `pool` after it, go with IDLE, or alone (CAP) from a slot about to end: they
+    still count for the route's other slots."""
+    cap = b"" if slots is None else _INT.pack(slots) + (pool or b"")
+    if stays:
+        _tell(ctrl, IDLE + cap)
+    elif cap:
+        _tell(ctrl, CAP + cap)
+
+
+class _CallerWatch:
+    """While a call runs in this process, what its client sends it: each byte is a signal the client
+    received and forwards, raised here; EOF means the client died (even by SIGKILL), and the call must not
+    outlive it. The kernel tells us with SIGIO when the connection has news (O_ASYNC): no thread or process
+    waits on it between two signals. Python runs the handler in the main thread, between two bytecodes or as
+    a blocking call of that thread is interrupted by the signal.
+
+    A signal raised here between `start` and the call's own handlers, or after the call's end quieted them,
+    is ignored: the liveness pipe (act_on_caller_news) still keeps such a call from committing, and a
+    signalled call from staying warm."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+
+    def start(self) -> None:
+        import fcntl
+
+        fd = self.conn.fileno()
+        _signal.signal(_signal.SIGIO, self._on_news)
+        try:  # to this thread (the main one, whose blocking calls the signal must interrupt), not any thread
+            fcntl.fcntl(fd, _F_SETOWN_EX, _OWNER.pack(_F_OWNER_TID, _native_thread_id()))
+        except OSError:  # a kernel without F_SETOWN_EX (before 2.6.32): the process, whose main thread it prefers
+            fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        self._on_news()  # what came before O_ASYNC was set raised no SIGIO
+
+    def stop(self) -> None:
+        import fcntl
+
+        fd = self.conn.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_ASYNC)
+        _signal.signal(_signal.SIGIO, _signal.SIG_IGN)  # a SIGIO still pending is dropped
+
+    def _on_news(self, *_args: object) -> None:
+        import socket
+
+        while True:
+            try:
+                data = self.conn.recv(16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return  # SIGIO also says the connection may be written to: nothing to read
+            except OSError:
+                data = b""
+            for sig in data or [_signal.SIGKILL]:
+                _signal.raise_signal(sig)
+            if not data:
+                return
+
+
+# fcntl's F_SETOWN_EX and its struct f_owner_ex (Linux; Python's fcntl module does not name them): SIGIO to one thread.
+_F_SETOWN_EX, _F_OWNER_TID = 15, 0
+_OWNER = struct.Struct("ii")
+
+
+def _native_thread_id() -> int:
+    import threading
+
+    return threading.get_native_id()
 
 
 def _name_process(role: str) -> None:
@@ -1688,12 +1616,14 @@ def _take_environment(env: dict[bytes, bytes]) -> None:
             current[key] = value
 
 
-def _run_call(fds: list[int], request: Request, task: Callable[[list[str], int], Ending]) -> Ending:
-    """Become the process the client would have been, run the command (`task`: Calls.run, or Calls.warm
-    for a spare), become nobody's again."""
+def _run_call(fds: list[int], request: Request, task: Callable[[list[str], int], Ending],
+              conn: socket.socket) -> Ending:
+    """Become the process the client on `conn` would have been, run the command (`task`: Calls.run, or
+    Calls.warm for a spare) with the client's signals and death watched, become nobody's again."""
     global _caller_pipe
     ending = Ending(1)
     *std, _caller_pipe = fds
+    watch = _CallerWatch(conn)
     try:
         from sftp_plugin import caller
 
@@ -1706,6 +1636,7 @@ def _run_call(fds: list[int], request: Request, task: Callable[[list[str], int],
         _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         for sig in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT):
             _signal.signal(sig, _signal.SIG_DFL)
+        watch.start()  # once the call's handlers are set: a forwarded signal now acts as it would on it
         _take_environment(request.env)
         import time
 
@@ -1717,6 +1648,7 @@ def _run_call(fds: list[int], request: Request, task: Callable[[list[str], int],
         ending = Ending(stop.code if isinstance(stop.code, int) else 1)
     except KeyboardInterrupt:
         ending = Ending(130)
+    watch.stop()  # the call has ended: the client's news from now on is the caller pipe's to tell
     _quiet_between_calls()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -140,17 +140,28 @@ class ServedUpload:
 
     caller: subprocess.Popen[bytes]
     worker: int
-    monitor: int
+    server: int
 
 
-def _start_served_upload(served: Served, backup: LocalBackup, name: str) -> ServedUpload:
+# A client that keeps its signals to itself: it tells its worker only through the liveness pipe, as a client
+# does in the moment between receiving a signal and forwarding it (forkserver.delegate, act_on_caller_news).
+SILENT_CLIENT = ("import sys\nfrom sftp_plugin import cli, forkserver\n"
+                 "forkserver._forward = lambda conn, signum: None\nsys.exit(cli.main(sys.argv[1:]))\n")
+
+
+def _start_served_upload(served: Served, backup: LocalBackup, name: str, silent: bool = False) -> ServedUpload:
     served.start_server(backup)
-    process = served.plugin.popen("backup_data", served.config.path, backup.file(name), stdin=subprocess.PIPE)
+    if silent:
+        process = subprocess.Popen([sys.executable, "-I", "-c", SILENT_CLIENT, "backup_data", str(served.config.path),
+                                    str(backup.file(name))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=served.plugin.env())
+    else:
+        process = served.plugin.popen("backup_data", served.config.path, backup.file(name), stdin=subprocess.PIPE)
     assert process.stdin is not None
     process.stdin.write(os.urandom(1024 * 1024))
     process.stdin.flush()
     pattern = re.compile(r"\[(\d+)\] INFO backup_data: start " + re.escape(str(backup.file(name))) + " " +
-                         re.escape(SERVED) + r", monitor (\d+)\)")
+                         re.escape(SERVED) + r", server (\d+)\)")
     assert wait_until(lambda: pattern.search(served.config.log_text())), served.config.log_text()[-2000:]
     match = pattern.search(served.config.log_text())
     assert match is not None
@@ -159,7 +170,7 @@ def _start_served_upload(served: Served, backup: LocalBackup, name: str) -> Serv
 
 @contextmanager
 def stopped(pid: int) -> Iterator[None]:
-    """`pid` stopped (SIGSTOP) while inside: a monitor that forwards and reports nothing meanwhile."""
+    """`pid` stopped (SIGSTOP) while inside: a caller that handles no signal and reads no reply meanwhile."""
     os.kill(pid, signal.SIGSTOP)
     try:
         yield
@@ -228,6 +239,20 @@ def test_killing_the_caller_kills_its_worker_and_nothing_is_stored(served: Serve
     assert not backup.remote(served.config.remote_dir, name).exists()
 
 
+def test_killing_the_caller_kills_its_worker_even_while_its_input_stays_open(served: Served,
+                                                                            backup: LocalBackup) -> None:
+    # The worker waits for input that does not come: only its client's end can tell it to stop.
+    name = "gpbackup_0_killed_input_open"
+    upload = _start_served_upload(served, backup, name)
+    upload.caller.kill()
+    upload.caller.wait(RUN_TIMEOUT)
+    try:
+        assert wait_until(lambda: not alive(upload.worker)), "the worker outlived its killed caller"
+    finally:
+        end_input(upload.caller)
+    assert not backup.remote(served.config.remote_dir, name).exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_caller_reaches_its_worker_and_the_caller_ends_the_same_way(
         served: Served, backup: LocalBackup, sig: signal.Signals) -> None:
@@ -244,15 +269,14 @@ def test_a_signal_to_the_caller_reaches_its_worker_and_the_caller_ends_the_same_
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_end_of_input_after_a_signal_to_the_caller_commits_nothing_even_before_the_signal_reaches_the_worker(
         served: Served, backup: LocalBackup, sig: signal.Signals) -> None:
-    # As when gpbackup_helper is stopped: the plugin is signalled and its input pipe closes.
-    # The monitor is held stopped, so the forwarded signal cannot overtake the end of input.
+    # As when gpbackup_helper is stopped: the plugin is signalled and its input pipe closes. The caller
+    # never forwards the signal, so it cannot overtake the end of input: only the liveness pipe tells.
     name = f"gpbackup_0_eof_after_{sig.name}"
-    upload = _start_served_upload(served, backup, name)
-    with stopped(upload.monitor):
-        upload.caller.send_signal(sig)
-        assert wait_until(lambda: caller_has_told_its_worker(upload)), "the caller never told its worker"
-        end_input(upload.caller)
-        assert wait_until(lambda: not alive(upload.worker)), "the worker neither committed nor stopped"
+    upload = _start_served_upload(served, backup, name, silent=True)
+    upload.caller.send_signal(sig)
+    assert wait_until(lambda: caller_has_told_its_worker(upload)), "the caller never told its worker"
+    end_input(upload.caller)
+    assert wait_until(lambda: not alive(upload.worker)), "the worker neither committed nor stopped"
     _out, err = upload.caller.communicate(timeout=RUN_TIMEOUT)
     assert not backup.remote(served.config.remote_dir, name).exists()
     assert_ended_as_the_signal_ends_a_plugin_in_process(upload.caller, sig, err)
@@ -282,7 +306,7 @@ def test_a_signalled_caller_never_reports_success_even_when_its_worker_finished_
         served: Served, backup: LocalBackup, sig: signal.Signals) -> None:
     name = f"gpbackup_0_done_before_{sig.name}"
     upload = _start_served_upload(served, backup, name)
-    with stopped(upload.monitor):  # the worker's success cannot reach the caller before the signal
+    with stopped(upload.caller.pid):  # the worker's success cannot reach the caller before the signal
         end_input(upload.caller)
         # The worker stays (warm) after a call that succeeded: its log line says it finished.
         assert wait_until(lambda: f"ok bytes={1024 * 1024}" in served.config.log_text()), "the worker never finished"
@@ -619,12 +643,15 @@ def test_stop_fork_server_says_so_when_none_runs(served: Served) -> None:
     assert assert_ok(served.plugin.run("stop-fork-server")).stdout == b"no fork server was running\n"
 
 
-def test_the_server_its_monitors_and_workers_are_named_for_ps_and_top(served: Served, backup: LocalBackup) -> None:
+def test_the_server_and_its_workers_are_named_for_ps_and_top(served: Served, backup: LocalBackup) -> None:
     upload = _start_served_upload(served, backup, "gpbackup_0_named")
     try:
         (server,) = served.server_pids()
-        names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in (server, upload.monitor, upload.worker)}
-        assert names == {server: "gpsftp-server", upload.monitor: "gpsftp-monitor", upload.worker: "gpsftp-worker"}
+        assert upload.server == server
+        names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in (server, upload.worker)}
+        assert names == {server: "gpsftp-server", upload.worker: "gpsftp-worker"}
+        # Nothing stands between them: the worker is the server's child.
+        assert Path(f"/proc/{upload.worker}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(server)
         # The transport thread the worker started for its session is named as the worker.
         assert {Path(task, "comm").read_text().strip() for task in Path(f"/proc/{upload.worker}/task").iterdir()} == {
             "gpsftp-worker"}

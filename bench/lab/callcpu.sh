@@ -3,8 +3,9 @@
 # backup_data` of one segment's share of a gplab_pt table (as a per-table gpbackup runs it), three ways:
 # gzip alone into /dev/null, the floor plugin (floor_plugin.sh: cat into a local directory) and ours.
 # For each: wall time and machine CPU (/proc/stat) per call; for ours also the CPU per call of each
-# process it keeps (fork server, monitor, worker; and on the lab, which is its own backup host, sshd and
-# sftp-server), from /proc/<pid>/stat, and of the callers (gzip and the plugin's client, bash's `times`).
+# process it keeps (fork server and worker, and a slot's monitor before 2026-12-02; on the lab, which is
+# its own backup host, sshd and sftp-server), from /proc/<pid>/stat, and of the callers (gzip and the
+# plugin's client, bash's `times`).
 #
 #   . /opt/gplab/env.sh   # as the cluster user, the cluster idle
 #   bash bench/lab/callcpu.sh <our plugin config.yaml> [calls, default 300]
