@@ -149,12 +149,20 @@ SILENT_CLIENT = ("import sys\nfrom sftp_plugin import cli, forkserver\n"
                  "forkserver._forward = lambda conn, signum: None\nsys.exit(cli.main(sys.argv[1:]))\n")
 
 
+def _plugin_python(plugin: Plugin) -> str:
+    """The interpreter the plugin's calls run on, which names its fork server (forkserver.code_digest): a
+    Python client's shebang; for the compiled one, the interpreter it was built for (this one)."""
+    with open(plugin.exe, "rb") as handle:
+        first = handle.readline()
+    return first[2:].decode().split()[0] if first.startswith(b"#!") else sys.executable
+
+
 def _start_served_upload(served: Served, backup: LocalBackup, name: str, silent: bool = False) -> ServedUpload:
     served.start_server(backup)
     if silent:
-        process = subprocess.Popen([sys.executable, "-I", "-c", SILENT_CLIENT, "backup_data", str(served.config.path),
-                                    str(backup.file(name))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, env=served.plugin.env())
+        process = subprocess.Popen([_plugin_python(served.plugin), "-I", "-c", SILENT_CLIENT, "backup_data",
+                                    str(served.config.path), str(backup.file(name))], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=served.plugin.env())
     else:
         process = served.plugin.popen("backup_data", served.config.path, backup.file(name), stdin=subprocess.PIPE)
     assert process.stdin is not None
