@@ -1440,7 +1440,7 @@ def _serve_call(ctrl: socket.socket, conn: socket.socket, digest: str,  # noqa: 
     import socket
 
     caller_pid = peer_credentials(conn)[0]
-    task = calls.warm if caller_pid == os.getppid() else calls.run
+    spare = caller_pid == os.getppid()
     why = refusal(caller_pid, own)
     if why is not None:  # before reading anything of the call: it runs in its own process
         import logging
@@ -1461,8 +1461,7 @@ def _serve_call(ctrl: socket.socket, conn: socket.socket, digest: str,  # noqa: 
         if not calls.admits(request.argv, request.cwd):
             # Another worker would decline it too, and this route's next calls: the server sends them back.
             _tell(ctrl, DECLINES)
-            _refuse(ctrl, conn, warm=False)
-            return False, False, None
+            return _refuse(ctrl, conn, warm=False)
         conn.settimeout(None)
         conn.sendall(STARTED + _INT.pack(os.getpid()))
         taken = True
@@ -1470,16 +1469,16 @@ def _serve_call(ctrl: socket.socket, conn: socket.socket, digest: str,  # noqa: 
         if not taken:
             for fd in fds:
                 os.close(fd)
-    if first and task == calls.run:
+    if first and not spare:
         _tell_about(ctrl, request)
-    ending = _run_call(fds, request, task, conn)
+    ending = _run_call(fds, request, calls.warm if spare else calls.run, conn)
     pool = (ending.pool or b"")[:POOL_LIMIT]
     _report_end(ctrl, ending.stay, ending.slots, pool)
     try:
         conn.sendall(ENDED + _INT.pack((ending.code & 0xFF) << 8))  # as waitpid reports an exit with that code
     except OSError:
         pass  # the client died as its call ended: nothing of the call is left to tell, and we stay as we are
-    return ending.stay, ending.retire_route, payload if ending.stay and task == calls.run else None
+    return ending.stay, ending.retire_route, payload if ending.stay and not spare else None
 
 
 def _refuse(ctrl: socket.socket, conn: socket.socket, warm: bool) -> tuple[bool, bool, None]:
@@ -1529,13 +1528,12 @@ class _CallerWatch:
 
     def start(self) -> None:
         import fcntl
+        import threading
 
         fd = self.conn.fileno()
         _signal.signal(_signal.SIGIO, self._on_news)
-        try:  # to this thread (the main one, whose blocking calls the signal must interrupt), not any thread
-            fcntl.fcntl(fd, _F_SETOWN_EX, _OWNER.pack(_F_OWNER_TID, _native_thread_id()))
-        except OSError:  # a kernel without F_SETOWN_EX (before 2.6.32): the process, whose main thread it prefers
-            fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        # To this thread (the main one, whose blocking calls the signal must interrupt), not to any thread.
+        fcntl.fcntl(fd, _F_SETOWN_EX, _OWNER.pack(_F_OWNER_TID, threading.get_native_id()))
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
         self._on_news()  # what came before O_ASYNC was set raised no SIGIO
 
@@ -1565,12 +1563,6 @@ class _CallerWatch:
 # fcntl's F_SETOWN_EX and its struct f_owner_ex (Linux; Python's fcntl module does not name them): SIGIO to one thread.
 _F_SETOWN_EX, _F_OWNER_TID = 15, 0
 _OWNER = struct.Struct("ii")
-
-
-def _native_thread_id() -> int:
-    import threading
-
-    return threading.get_native_id()
 
 
 def _name_process(role: str) -> None:
