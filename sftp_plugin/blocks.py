@@ -198,9 +198,12 @@ class VerifiedOutput:
     requested parts of each block once it has matched its digest.
 
     Hashing and writing run on a thread of their own (hashlib and the write
-    release the GIL), beside the thread that receives from SSH. On a mismatch
-    nothing of that block or any later one is written; ``feed`` and ``finish``
-    raise the first error (BlockMismatch, or whatever ``out`` raised).
+    release the GIL), beside the thread that receives from SSH, from the second
+    block on: a restore of one block (a table's file of a per-table backup) has
+    nothing to overlap, and is checked and written by ``finish`` on the caller's
+    thread, without starting, waking and joining one. On a mismatch nothing of
+    that block or any later one is written; ``feed`` and ``finish`` raise the
+    first error (BlockMismatch, or whatever ``out`` raised).
     """
 
     def __init__(self, index: BlockIndex, steps: list[Step], out: Callable[[memoryview], object]) -> None:
@@ -213,8 +216,8 @@ class VerifiedOutput:
         self._blocks: queue.Queue[tuple[int, bytes | bytearray] | None] = queue.Queue(QUEUED_BLOCKS)
         self._error: BaseException | None = None
         self.delivered = 0  # bytes written to out
-        self._thread = threading.Thread(target=self._deliver, name="verify", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started when a second block comes
+        self._queued = 0  # blocks handed over
 
     def feed(self, data: bytes) -> None:
         self._raise_error()
@@ -236,8 +239,11 @@ class VerifiedOutput:
 
     def finish(self) -> None:
         """Wait until every verified byte is written; raise the first error."""
-        self._blocks.put(None)
-        self._thread.join()
+        self._blocks.put(None)  # room for it: no thread means at most one block queued
+        if self._thread is None:
+            self._deliver()
+        else:
+            self._thread.join()
         self._raise_error()
         if self._current is not None or self._pending:
             raise ValueError("the stored bytes ended before the planned blocks")
@@ -252,6 +258,10 @@ class VerifiedOutput:
             pass  # a thread with blocks queued looks at the error before each write
 
     def _put(self, block: int, data: bytes | bytearray) -> None:
+        self._queued += 1
+        if self._queued == 2:
+            self._thread = threading.Thread(target=self._deliver, name="verify", daemon=True)
+            self._thread.start()
         while True:
             self._raise_error()
             try:

@@ -140,16 +140,21 @@ class PipelinedWriter:
             self._set_request_size(write_request_size(max_packet, self._handle, WRITE_PACKETS_LONG, limits[1]))
 
     def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), self._request_size):
-            piece = view[start : start + self._request_size]
+        for piece in self._pieces(data):
             if len(self._pipe.pending) >= self._depth:
                 self._confirm_oldest()
             else:
                 self._confirm_arrived()
-            num = self._pipe.send_write(self._handle, self.sent, piece)
-            self._pipe.pending.append((num, self.sent, len(piece)))
-            self.sent += len(piece)
+            self._send_piece(piece)
+
+    def _pieces(self, data: bytes | memoryview) -> list[memoryview]:
+        view = memoryview(data)
+        return [view[start : start + self._request_size] for start in range(0, len(view), self._request_size)]
+
+    def _send_piece(self, piece: memoryview) -> None:
+        num = self._pipe.send_write(self._handle, self.sent, piece)
+        self._pipe.pending.append((num, self.sent, len(piece)))
+        self.sent += len(piece)
 
     def _confirm_arrived(self) -> None:
         """Take the replies that are here already, without waiting for more: ``confirmed`` then follows the
@@ -178,18 +183,27 @@ class PipelinedWriter:
             self._confirm_oldest()
 
     def sync_and_close(self, remote: paramiko.SFTPFile, companions: Sequence[tuple[paramiko.SFTPFile, bytes]] = (),
-                       also: Callable[[Pipeline], Callable[[bool], object]] | None = None) -> None:
+                       also: Callable[[Pipeline], Callable[[bool], object]] | None = None,
+                       tail: bytes | memoryview = b"") -> None:
         """Make the file durable (unless not ``sync``) and close it: fsync and CLOSE go behind the writes
         in flight and every reply is checked in order, in one round trip where drain, fsync and close took
-        three. A server without fsync@openssh.com is tolerated (sync_failed); a failed CLOSE is an error,
-        since a server may report a failed write only there. ``companions``, small files opened beside it
-        (a checksum), are written, synced and closed behind it, in the same round trip. ``also`` sends
-        more requests behind those (SpareFiles.send_open) and gives what takes their replies (never
-        raising), called once the others are checked: with True if all are fine, with False if one failed
-        on a working connection (what those requests made is undone). Not after a connection lost, where
-        it could wait for a stalled link a second time: what they made is left for the cleanup."""
+        three. ``tail``, the file's last bytes not yet written, goes out with them, in the same packets: a
+        short file's WRITE sent ahead on its own cost sshd and sftp-server one more wake-up each, and its
+        reply, back on its own, one more of our transport thread. A server without fsync@openssh.com is
+        tolerated (sync_failed); a failed CLOSE is an error, since a server may report a failed write only
+        there. ``companions``, small files opened beside it (a checksum), are written, synced and closed
+        behind it, in the same round trip. ``also`` sends more requests behind those (SpareFiles.send_open)
+        and gives what takes their replies (never raising), called once the others are checked: with True
+        if all are fine, with False if one failed on a working connection (what those requests made is
+        undone). Not after a connection lost, where it could wait for a stalled link a second time: what
+        they made is left for the cleanup."""
         writes: list[int] = []
+        pieces = self._pieces(tail)
+        while self._pipe.pending and len(self._pipe.pending) + len(pieces) > self._depth:
+            self._confirm_oldest()  # room for the tail first: nothing sent in a batch may be waited for in it
         with self._pipe.batch():
+            for piece in pieces:
+                self._send_piece(piece)
             closing = [self._pipe.send_sync_and_close(remote, self._sync)]
             for file, data in companions:
                 view = memoryview(data)
@@ -555,8 +569,8 @@ class ResumableUpload:
             writer = PipelinedWriter(sftp, remote.handle, offset=self.confirmed, sync=self.sync)
             self._late_open = None
             try:
-                self._send(writer)
-                self._open_late_if_due(writer, writer.sent)  # a retry with nothing left to resend
+                tail = self._send(writer)
+                self._open_late_if_due(writer, writer.sent + len(tail))  # also a retry with nothing to resend
                 if self._companion_bytes is None and self.companion_data is not None:
                     self._companion_bytes = self.companion_data()
                 stored = list(zip(companions, self._companion_bytes or []))
@@ -565,7 +579,7 @@ class ResumableUpload:
                     if self._late_bytes is None:
                         self._late_bytes = self.late.data()
                     stored.append((late_file, self._late_bytes))
-                writer.sync_and_close(remote, stored, self.also)
+                writer.sync_and_close(remote, stored, self.also, tail)
             finally:
                 # What the server acknowledged counts also when the connection broke: the next attempt
                 # resends only the rest, and a link that keeps resetting still gets further each time.
@@ -579,8 +593,10 @@ class ResumableUpload:
             )
         return self.confirmed
 
-    def _send(self, writer: PipelinedWriter) -> None:
-        """Resend what the server has not acknowledged, then the rest of the source."""
+    def _send(self, writer: PipelinedWriter) -> bytes:
+        """Resend what the server has not acknowledged, then the rest of the source. Returns the stream's
+        last bytes where they are still to be written: a stream that came whole in one short read, sent with
+        the fsync and CLOSE (PipelinedWriter.sync_and_close's ``tail``)."""
         for piece in unacknowledged(self._buffer, self._buffer_start, self.confirmed):
             self._open_late_if_due(writer, writer.sent + len(piece))
             writer.write(piece)
@@ -589,17 +605,29 @@ class ResumableUpload:
             if self._buffered >= self.buffer_limit:
                 writer.drain()
                 self._trim(writer.confirmed)
+            first = self._buffer_start + self._buffered == 0  # nothing taken from the source yet
             chunk = self._take_from_source()
             if not chunk:
                 break
-            if not long_writes and len(chunk) == LOCAL_CHUNK:
+            chunks = [chunk]
+            if first and len(chunk) < LOCAL_CHUNK:
+                # Short of a full chunk: from a BufferedReader (stdin, a local file), the whole stream (a table's
+                # file in a per-table backup), whose end the next read returns at once; it then goes out with
+                # the fsync and CLOSE. (A source whose reads come short before its end sends one read later.)
+                following = self._take_from_source()
+                if not following:
+                    return chunk
+                chunks.append(following)
+            if not long_writes and len(chunks[-1]) == LOCAL_CHUNK:
                 # A full chunk: a long stream, worth a round trip to the server's limits
                 # (a small file is not). Replies to writes in flight go to their _Replies.
                 writer.use_long_writes()
                 long_writes = True
-            self._open_late_if_due(writer, writer.sent + len(chunk))
-            writer.write(chunk)
+            for piece in chunks:
+                self._open_late_if_due(writer, writer.sent + len(piece))
+                writer.write(piece)
             self._trim(writer.confirmed)
+        return b""
 
     def _open_late_if_due(self, writer: PipelinedWriter, end: int) -> None:
         """Open the late companion's file, behind the writes, once the stream is to reach past its ``after``
@@ -719,9 +747,7 @@ def put_bytes(sftp: paramiko.SFTPClient, data: bytes, final_path: str, temp_path
     temporary file is rewritten, so retries leave no leftovers behind.
     """
     with create_private(sftp, temp_path) as remote:
-        writer = PipelinedWriter(sftp, remote.handle, sync=sync)
-        writer.write(data)
-        writer.sync_and_close(remote)
+        PipelinedWriter(sftp, remote.handle, sync=sync).sync_and_close(remote, tail=data)
     rename_into_place(sftp, temp_path, final_path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import pytest
 
@@ -148,3 +149,32 @@ def test_an_error_of_the_output_reaches_the_feeder() -> None:
             output.feed(data[at : at + B])
         output.finish()
     output.abandon()
+
+
+@pytest.mark.parametrize(("size", "own_thread"), [(B, False), (B - 5, False), (B + 1, True), (3 * B, True)])
+def test_one_block_is_written_on_the_callers_thread_and_more_on_a_thread_of_their_own(size: int,
+                                                                                      own_thread: bool) -> None:
+    # One block has nothing to overlap with: checked and written by finish, with no thread started and joined.
+    data = os.urandom(size)
+    writers: set[int] = set()
+    written: list[bytes] = []
+
+    def sink(view: memoryview) -> None:
+        writers.add(threading.get_ident())
+        written.append(bytes(view))
+
+    output = blocks.VerifiedOutput(index_of(data), blocks.plan([(0, size)], B), sink)
+    output.feed(data)
+    output.finish()
+    assert b"".join(written) == data
+    assert (writers != {threading.get_ident()}) is own_thread
+
+
+def test_one_block_cut_short_fails_on_the_callers_thread_with_nothing_written() -> None:
+    data = os.urandom(B)
+    written: list[bytes] = []
+    output = blocks.VerifiedOutput(index_of(data), blocks.plan([(0, B)], B), lambda view: written.append(bytes(view)))
+    output.feed(data[:-1])
+    with pytest.raises(ValueError, match="ended before the planned blocks"):
+        output.finish()
+    assert written == []

@@ -415,3 +415,31 @@ def test_a_channel_of_paramiko_own_on_our_transport_gets_its_data_as_bytes(sshd:
 def test_writes_work_on_a_transport_with_paramiko_own_packetizer(sshd: SshServer, remote_path: Path) -> None:
     transport = _transport(sshd, "aes128-gcm@openssh.com", packetizer_class=Packetizer)
     assert _uploads_byte_exact(transport, remote_path, 3 * 1024 * 1024 + 5)
+
+
+def test_a_short_stream_goes_out_with_its_fsync_close_and_checksum_file_in_one_packet(
+    sshd: SshServer, remote_path: Path
+) -> None:
+    # A table's file in a per-table backup, read from a pipe as stdin: after the OPENs of its two files (one
+    # packet), its bytes go out with their fsync and CLOSE and the checksum file's WRITE, fsync and CLOSE in one
+    # packet, not behind a WRITE of their own (one more wake-up of sshd and sftp-server, one more reply).
+    data, checksum = os.urandom(20_000), b"0" * 64 + b"  data\n"
+    sidecar = remote_path.with_name(remote_path.name + ".sha256")
+    transport = _transport(sshd, "aes128-gcm@openssh.com")
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)
+    os.close(write_end)
+    try:
+        sftp = fastpath.start_sftp(transport, connection.WINDOW_SIZE, connection.MAX_PACKET_SIZE)
+        with open(read_end, "rb") as source:
+            upload = transfer.ResumableUpload(source.read, str(remote_path), 1024 * 1024, companions=[str(sidecar)],
+                                              companion_data=lambda: [checksum])
+            before = _counters(transport.packetizer)["sent_packets"]
+            upload.attempt(sftp)
+            sent = _counters(transport.packetizer)["sent_packets"]
+            upload.finish(sftp)
+        assert sent - before == 2  # type: ignore[operator]
+        assert (remote_path.read_bytes(), sidecar.read_bytes()) == (data, checksum)
+    finally:
+        transport.close()
+        sidecar.unlink(missing_ok=True)

@@ -191,8 +191,10 @@ class FakeWriter:
     def drain(self) -> None:
         self.confirmed = self.sent
 
-    def sync_and_close(self, _remote: FakeFile, companions: object = (), also: object = None) -> None:
+    def sync_and_close(self, _remote: FakeFile, companions: object = (), also: object = None,
+                       tail: bytes | memoryview = b"") -> None:
         assert not companions and also is None
+        self.write(tail)
         self.drain()
 
     def use_long_writes(self) -> None:
