@@ -513,14 +513,16 @@ class ResumableUpload:
     reconnect, ``attempt`` truncates the temporary file to the acknowledged
     length and resends from the buffer, so a source that cannot be re-read
     (stdin) still arrives whole. Memory stays within ``buffer_limit`` plus one
-    read, whatever the stream size.
+    read (two after a first read short of a chunk, which looks for the end),
+    whatever the stream size.
 
     ``companions``: small files stored with the stream (its checksum), whose
     contents ``companion_data`` gives once the source has ended. They are opened
     with the stream's temporary file, written behind its last bytes and renamed
     into place just before it: three round trips for a short stream, where
-    storing them one by one took six. ``late``: one more, stored only with a
-    long stream, and renamed into place first.
+    storing them one by one took six; a stream that comes whole in one short
+    read goes out with their last requests (``_send``). ``late``: one more,
+    stored only with a long stream, and renamed into place first.
     """
 
     def __init__(
