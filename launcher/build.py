@@ -135,12 +135,13 @@ def build(output: str) -> None:
         with open(os.path.join(workdir, "launcher_config.h"), "w") as handle:
             handle.write(config_header())
         tester = os.path.join(workdir, "self-test")
+        self_test_flags = ("-DLAUNCHER_SELF_TEST", "-Wno-unused-function")
         link = STATIC
         try:  # the self-test is linked as the client will be, so it tests that build
-            compile_client(workdir, tester, *link, "-DLAUNCHER_SELF_TEST", "-Wno-unused-function")
+            compile_client(workdir, tester, *link, *self_test_flags)
         except BuildError:
             link = ()
-            compile_client(workdir, tester, "-DLAUNCHER_SELF_TEST", "-Wno-unused-function")
+            compile_client(workdir, tester, *self_test_flags)
         self_test(tester, workdir)
         built = os.path.join(workdir, "client")
         compile_client(workdir, built, *link)

@@ -217,7 +217,6 @@ class VerifiedOutput:
         self._error: BaseException | None = None
         self.delivered = 0  # bytes written to out
         self._thread: threading.Thread | None = None  # started when a second block comes
-        self._queued = 0  # blocks handed over
 
     def feed(self, data: bytes) -> None:
         self._raise_error()
@@ -258,8 +257,7 @@ class VerifiedOutput:
             pass  # a thread with blocks queued looks at the error before each write
 
     def _put(self, block: int, data: bytes | bytearray) -> None:
-        self._queued += 1
-        if self._queued == 2:
+        if self._thread is None and not self._blocks.empty():  # a second block: the first still waits
             self._thread = threading.Thread(target=self._deliver, name="verify", daemon=True)
             self._thread.start()
         while True:

@@ -1545,11 +1545,9 @@ class _CallerWatch:
         _signal.signal(_signal.SIGIO, _signal.SIG_IGN)  # a SIGIO still pending is dropped
 
     def _on_news(self, *_args: object) -> None:
-        import socket
-
         while True:
             try:
-                data = self.conn.recv(16, socket.MSG_DONTWAIT)
+                data = self.conn.recv(16, _socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return  # SIGIO also says the connection may be written to: nothing to read
             except OSError:

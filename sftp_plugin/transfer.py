@@ -140,16 +140,17 @@ class PipelinedWriter:
             self._set_request_size(write_request_size(max_packet, self._handle, WRITE_PACKETS_LONG, limits[1]))
 
     def write(self, data: bytes | memoryview) -> None:
-        for piece in self._pieces(data):
+        for _, piece in self._pieces(data):
             if len(self._pipe.pending) >= self._depth:
                 self._confirm_oldest()
             else:
                 self._confirm_arrived()
             self._send_piece(piece)
 
-    def _pieces(self, data: bytes | memoryview) -> list[memoryview]:
+    def _pieces(self, data: bytes | memoryview) -> list[tuple[int, memoryview]]:
+        """``data`` cut into requests: (where each starts in ``data``, its bytes)."""
         view = memoryview(data)
-        return [view[start : start + self._request_size] for start in range(0, len(view), self._request_size)]
+        return [(start, view[start : start + self._request_size]) for start in range(0, len(view), self._request_size)]
 
     def _send_piece(self, piece: memoryview) -> None:
         num = self._pipe.send_write(self._handle, self.sent, piece)
@@ -202,13 +203,11 @@ class PipelinedWriter:
         while self._pipe.pending and len(self._pipe.pending) + len(pieces) > self._depth:
             self._confirm_oldest()  # room for the tail first: nothing sent in a batch may be waited for in it
         with self._pipe.batch():
-            for piece in pieces:
+            for _, piece in pieces:
                 self._send_piece(piece)
             closing = [self._pipe.send_sync_and_close(remote, self._sync)]
             for file, data in companions:
-                view = memoryview(data)
-                for start in range(0, len(view), self._request_size):
-                    writes.append(self._pipe.send_write(file.handle, start, view[start : start + self._request_size]))
+                writes += [self._pipe.send_write(file.handle, start, piece) for start, piece in self._pieces(data)]
                 closing.append(self._pipe.send_sync_and_close(file, self._sync))
             take_also = also(self._pipe) if also is not None else None
         try:
