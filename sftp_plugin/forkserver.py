@@ -74,6 +74,11 @@ FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SI
 # Calls that may wait to be accepted: gpbackup starts one per segment at
 # once, and a connection beyond the backlog waits (up to START_TIMEOUT).
 LISTEN_BACKLOG = 128
+# The environment variable by which start_server tells the server which of its fds is its lock, held already.
+LOCK_FD_VARIABLE = "GPBACKUP_SFTP_PLUGIN_SERVER_LOCK_FD"
+# How long stop-fork-server waits for a server it stopped to exit (it ends at once, between calls; calls in
+# flight go on in their workers), and for a server that holds its lock but has not written its pid yet.
+STOP_WAIT = 5.0
 # Request framing version: a client and a server of different code never talk
 # anyway (the socket name carries a digest of the code), this guards the rest.
 MAGIC = b"GSFP2"
@@ -518,7 +523,20 @@ def start_server(log_dir: str, entry: tuple[str, str], caps: dict[bytes, int] | 
     lock = _take_lock(path)
     if lock is None:
         return  # a server holds it (serving or starting): no interpreter started for nothing
-    os.close(lock)  # the server takes it for good
+    try:
+        _spawn_server(path, log_dir, entry, caps, lock)
+    finally:
+        os.close(lock)  # the server's copy holds it from here on
+
+
+def _spawn_server(path: str, log_dir: str, entry: tuple[str, str], caps: dict[bytes, int] | None, lock: int) -> None:
+    """Start the server process of start_server, handing it `lock` (held) and writing its pid there.
+
+    The lock is never free between our check and the server's start: were it,
+    stop-fork-server would take it for a leftover, and a server still starting
+    would run on past the stop (and recreate its log directory after whoever
+    stopped it had removed it).
+    """
     import subprocess
 
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -529,12 +547,12 @@ def start_server(log_dir: str, entry: tuple[str, str], caps: dict[bytes, int] | 
         f"import sys; sys.path.insert(0, {package_parent!r}); from {module} import {function}; "
         f"{function}(sys.argv[1], sys.argv[2], sys.argv[3:])"
     )
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), LOCK_FD_VARIABLE: str(lock)}
     for name in ("LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE"):
         if name in os.environ:
             env[name] = os.environ[name]
     hints = [f"{route.hex()}={cap}" for route, cap in (caps or {}).items()]
-    subprocess.Popen(
+    server = subprocess.Popen(
         [sys.executable, "-I", "-c", bootstrap, path, os.path.expanduser(log_dir), *hints],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -543,7 +561,10 @@ def start_server(log_dir: str, entry: tuple[str, str], caps: dict[bytes, int] | 
         env=env,
         start_new_session=True,
         close_fds=True,
+        pass_fds=(lock,),
     )
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{server.pid}\n".encode(), 0)  # the server writes the same once it runs (serve)
 
 
 def parse_caps(hints: list[str]) -> dict[bytes, int]:
@@ -556,6 +577,29 @@ def parse_caps(hints: list[str]) -> dict[bytes, int]:
         except ValueError:
             continue
     return {route: cap for route, cap in caps.items() if len(route) == _ROUTE.size and cap > 0}
+
+
+def _inherited_lock(path: str) -> int | None:
+    """The lock of `path` that start_server took and passed on to this process (LOCK_FD_VARIABLE), held and
+    still the lock file's; None if none was passed or it is no longer that (removed meanwhile)."""
+    import fcntl
+
+    text = os.environ.pop(LOCK_FD_VARIABLE, "")
+    if not text.isdigit():
+        return None
+    lock = int(text)
+    try:
+        os.set_inheritable(lock, False)  # nothing the server or its workers start gets it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: this only checks that it still is
+        if os.fstat(lock).st_ino != os.stat(path + ".lock").st_ino:
+            raise FileNotFoundError(path + ".lock")
+    except OSError:
+        try:
+            os.close(lock)
+        except OSError:
+            pass
+        return None
+    return lock
 
 
 def _take_lock(path: str) -> int | None:
@@ -644,7 +688,9 @@ def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECO
 
     from sftp_plugin.log import setup_logging
 
-    lock = _take_lock(path)
+    lock = _inherited_lock(path)
+    if lock is None:
+        lock = _take_lock(path)
     if lock is None:
         return  # another server for this code already runs (or is starting)
     os.ftruncate(lock, 0)
@@ -1192,23 +1238,45 @@ def _stop(signum: int, _frame: object) -> None:
     raise _Stopped(signum)
 
 
-def stop_servers() -> list[int]:
-    """Stop this user's fork servers (every version) in the current socket directory; their pids.
+def stop_servers() -> tuple[list[int], list[int]]:
+    """Stop this user's fork servers (every version) in the current socket directory: the pids of those that
+    exited, and of those still running STOP_WAIT seconds after they were told to.
 
     For an admin after an upgrade or while troubleshooting, and for the demo
     and the benchmark, which must leave nothing running. Calls in flight are
     not touched; a lock nobody holds is a leftover and is removed.
     """
-    stopped = []
+    import time
+
+    told = []
     for _sock, pid, _this_code in running_servers(tidy=True):
-        os.kill(pid, _signal.SIGTERM)
-        stopped.append(pid)
-    return stopped
+        try:
+            os.kill(pid, _signal.SIGTERM)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+        told.append(pid)
+    deadline = time.monotonic() + STOP_WAIT
+    running = [pid for pid in told if _alive(pid)]
+    while running and time.monotonic() < deadline:
+        time.sleep(0.02)
+        running = [pid for pid in running if _alive(pid)]
+    return [pid for pid in told if pid not in running], running
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, which only waits for its parent to reap it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def running_servers(tidy: bool = False) -> list[tuple[str, int, bool]]:
     """This user's fork servers in the current socket directory: (socket path, pid, whether it runs this code).
     With `tidy`, the lock files and sockets no server holds are removed on the way (_lock_holder)."""
+    import time
+
     directory = runtime_dir()
     if directory is None:
         return []
@@ -1218,6 +1286,10 @@ def running_servers(tidy: bool = False) -> list[tuple[str, int, bool]]:
         if name.endswith(".sock.lock"):
             sock = os.path.join(directory, name[: -len(".lock")])
             pid = _lock_holder(sock + ".lock", tidy)
+            deadline = time.monotonic() + STOP_WAIT
+            while pid == 0 and time.monotonic() < deadline:  # held by a server being started: its pid comes
+                time.sleep(0.01)
+                pid = _lock_holder(sock + ".lock", tidy)
             if pid:
                 servers.append((sock, pid, sock == ours))
     return servers

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from devtools.gpbackup import LocalBackup
-from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_failed, assert_ok
-from sftp_plugin import forkserver
+from devtools.harness import RUN_TIMEOUT, Plugin, SiteConfig, assert_failed, assert_ok, socket_dir_env
+from sftp_plugin import cli, forkserver
 from sftp_plugin.errors import CallerGone
 from tests.helpers import alive, fork_server_pids, own_fork_server, sha256, start_under_a_parent, wait_until
 
@@ -645,6 +645,23 @@ def test_stop_fork_server_stops_it_and_the_next_call_runs_in_process(served: Ser
     served.setup(backup)
     assert served.served_lines() == []
     assert wait_until(lambda: len(served.server_pids()) == 2)  # and it started the next one
+
+
+def test_a_server_stopped_while_it_starts_ends_before_stop_servers_returns_and_never_serves(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in socket_dir_env(served.tmpdir).items():
+        monkeypatch.setenv(name, value)
+    # As a call that ran in its own process does at its end; it returns once the server's process exists,
+    # well before that process has started Python.
+    forkserver.start_server(str(served.config.log_dir), cli.ENTRY_POINT)
+
+    stopped, running = forkserver.stop_servers()
+
+    assert running == []
+    assert len(stopped) == 1, "the server being started was not seen"
+    assert not alive(stopped[0])  # already: stop_servers waited for it
+    assert served.sockets() == []
+    assert "serving" not in served.config.log_text()
 
 
 def test_stop_fork_server_says_so_when_none_runs(served: Served) -> None:

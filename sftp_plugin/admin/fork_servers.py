@@ -44,19 +44,29 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], action: Callable[[arg
 
     try:
         action(args)
+    except _StillRunning as err:
+        return fail(parser.prog.split()[-1], str(err), 1)
     except OSError as err:
         return fail(parser.prog.split()[-1], f"{err}; check the permissions of {forkserver.runtime_dir()}", 1)
     return 0
 
 
+class _StillRunning(Exception):
+    """A fork server told to stop had not ended when stop-fork-server stopped waiting."""
+
+
 def _stop() -> None:
     from sftp_plugin import forkserver
 
-    stopped = forkserver.stop_servers()
+    stopped, running = forkserver.stop_servers()
     for pid in stopped:
         print(f"stopped fork server pid {pid}")
-    if not stopped:
+    if not stopped and not running:
         print("no fork server was running")
+    if running:
+        pids = ", ".join(str(pid) for pid in running)
+        raise _StillRunning(f"fork server pid {pids} still runs {forkserver.STOP_WAIT:g} s after SIGTERM; "
+                            f"see its log, and end it with kill -KILL {pids.replace(', ', ' ')}")
 
 
 # What a server said when asked (_servers): its report; it refused this process; it did not answer; it runs other
