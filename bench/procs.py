@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
 
-from devtools.harness import Plugin, socket_dir_env
+from devtools.harness import Plugin, signals_held, socket_dir_env
 
 T = TypeVar("T")
 
@@ -229,8 +229,10 @@ class Runner:
             # Where no fork server listens, so that a target with fork_server: no runs the call in the client's
             # own process: served by a worker, only the compiled client would be measured.
             env = {**env, **socket_dir_env(self._no_server_dir)}
-        return self._track(Child(argv, env, self._scratch("err"), stdin_path=stdin_path,
-                                 hash_stdout=hash_stdout, rss_file=self._scratch("rss") if peak_rss else None))
+        stderr, rss_file = self._scratch("err"), self._scratch("rss") if peak_rss else None
+        with signals_held():  # started and tracked, or neither: kill_all must see every child
+            return self._track(Child(argv, env, stderr, stdin_path=stdin_path, hash_stdout=hash_stdout,
+                                     rss_file=rss_file))
 
     def sftp_batch(self, lines: list[str]) -> Path:
         """Write an sftp batch file (before timing starts)."""
@@ -250,8 +252,9 @@ class Runner:
             "-i", str(target.identity_file),
             f"{target.user}@{target.host}",
         ]
-        rss_file = self._scratch("rss") if peak_rss else None
-        return self._track(Child(argv, self.env, self._scratch("err"), rss_file=rss_file))
+        stderr, rss_file = self._scratch("err"), self._scratch("rss") if peak_rss else None
+        with signals_held():
+            return self._track(Child(argv, self.env, stderr, rss_file=rss_file))
 
     def _track(self, child: Child) -> Child:
         self._live.add(child)

@@ -17,15 +17,14 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from devtools.harness import PLUGIN_NAME, RUN_TIMEOUT, Plugin
+from devtools.harness import PLUGIN_NAME, RUN_TIMEOUT, Plugin, signals_held
 
 
 def random_timestamp(start: datetime = datetime(2001, 1, 1), end: datetime = datetime(2037, 12, 31)) -> str:
@@ -136,33 +135,6 @@ def write_greenplum_path(gphome: Path) -> None:
     )
 
 
-# The signals a caller of GpbackupCaller may turn into an exception (the demo's Ctrl-C, say): see _signals_held.
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """In the main thread (where Python runs signal handlers), a HELD_SIGNALS signal that comes during the block is
-    handled after it, as it would have been: its handler must not raise in the middle of subprocess.Popen, after
-    the child exists and before anyone has its pid. Elsewhere nothing changes: no handler runs in other threads."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in HELD_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for signum in came:
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
-
-
 class GpbackupCaller:
     """Runs plugin commands as gpbackup does: through bash -c, per host, with the host's config copy, the hosts and
     segments of a scope at once (on `pool`). Every call runs in a process group of its own, so `kill_all` ends
@@ -193,7 +165,7 @@ class GpbackupCaller:
     def run(self, what: str, line: str, stdin: bytes | None = None, timeout: float = RUN_TIMEOUT) -> Call:
         """One bash -c call; success is exit 0 with an empty stderr."""
         started = time.monotonic()
-        with self.lock, _signals_held():  # a call started but not yet in self.running would escape kill_all
+        with self.lock, signals_held():  # a call started but not yet in self.running would escape kill_all
             if self.stopped:
                 raise CallFailed(f"{what}: not started, the run is stopping")
             # Its own process group, so kill_all can end bash and the plugin together.

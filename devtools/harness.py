@@ -13,8 +13,12 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,34 @@ def plugin_env(home: Path | None = None, socket_dir: str | Path | None = None,
         env.update(socket_dir_env(socket_dir))
     env.update(extra or {})
     return env
+
+
+# The signals a driver of plugin calls may turn into an exception (the demo's Ctrl-C, the bench's SIGTERM).
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """In the main thread (where Python runs signal handlers), a HELD_SIGNALS signal that comes during the block is
+    handled after it, as it would have been. For starting a child and recording it for a later kill_all: a
+    handler that raised inside subprocess.Popen, after the child existed and before anyone had its pid, would
+    leave it running. Elsewhere nothing changes: no handler runs in other threads."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in came:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def assert_ok(result: subprocess.CompletedProcess[Any]) -> subprocess.CompletedProcess[Any]:
