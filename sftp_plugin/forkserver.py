@@ -513,9 +513,9 @@ def start_server(log_dir: str, entry: tuple[str, str], caps: dict[bytes, int] | 
     them has ended: the data calls that follow gpbackup's setup.
 
     Called after a successful call that ran in-process. The server inherits
-    nothing of ours: no fds (gpbackup waits for EOF on our stdout), a new
-    session, and an environment holding only what the interpreter needs to
-    start; every call brings its own environment.
+    nothing of ours but its lock (_spawn_server): no other fd (gpbackup waits
+    for EOF on our stdout), a new session, and an environment holding only
+    what the interpreter needs to start; every call brings its own environment.
     """
     path = socket_path()
     if path is None:
