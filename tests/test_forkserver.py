@@ -668,6 +668,33 @@ def test_stop_fork_server_says_so_when_none_runs(served: Served) -> None:
     assert assert_ok(served.plugin.run("stop-fork-server")).stdout == b"no fork server was running\n"
 
 
+def test_stop_fork_server_fails_in_one_line_when_a_server_outlives_its_sigterm(served: Served) -> None:
+    # A process holding a server's lock, as a server does, that ignores SIGTERM (as a server stuck in the kernel
+    # would not end on it either).
+    served.socket_dir.mkdir(mode=0o700)
+    lock = served.socket_dir / "0.0.0-stuck.sock.lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, b"%d\\n" % os.getpid())
+print("held", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+
+        line = assert_failed(served.plugin.run("stop-fork-server"))
+
+        assert f"fork server pid {holder.pid} still runs {forkserver.STOP_WAIT:g} s after SIGTERM" in line
+        assert f"kill -KILL {holder.pid}" in line
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_the_server_and_its_workers_are_named_for_ps_and_top(served: Served, backup: LocalBackup) -> None:
     upload = _start_served_upload(served, backup, "gpbackup_0_named")
     try:
