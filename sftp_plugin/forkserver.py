@@ -582,37 +582,33 @@ def parse_caps(hints: list[str]) -> dict[bytes, int]:
 def _inherited_lock(path: str) -> int | None:
     """The lock of `path` that start_server took and passed on to this process (LOCK_FD_VARIABLE), held and
     still the lock file's; None if none was passed or it is no longer that (removed meanwhile)."""
-    import fcntl
-
     text = os.environ.pop(LOCK_FD_VARIABLE, "")
     if not text.isdigit():
         return None
     lock = int(text)
     try:
         os.set_inheritable(lock, False)  # nothing the server or its workers start gets it
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: this only checks that it still is
-        if os.fstat(lock).st_ino != os.stat(path + ".lock").st_ino:
-            raise FileNotFoundError(path + ".lock")
     except OSError:
-        try:
-            os.close(lock)
-        except OSError:
-            pass
-        return None
-    return lock
+        return None  # not an open fd after all
+    return _locked_if_current(lock, path)  # ours already: the flock only checks that it still is
 
 
 def _take_lock(path: str) -> int | None:
     """The server's lock file for `path`, locked, as an open fd; None when another holds it."""
-    import fcntl
-
     try:
         lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
         return None
+    return _locked_if_current(lock, path)
+
+
+def _locked_if_current(lock: int, path: str) -> int | None:
+    """`lock`, an open lock file of `path`, flocked and still the file named `path`.lock; else None, closed."""
+    import fcntl
+
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # A lock file removed as stale (see remove_stale) between our open and
+        # A lock file removed as stale (see remove_stale) between its open and
         # our flock locks nothing: another process may create and take it anew.
         if os.fstat(lock).st_ino != os.stat(path + ".lock").st_ino:
             raise FileNotFoundError(path + ".lock")

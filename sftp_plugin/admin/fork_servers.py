@@ -64,9 +64,9 @@ def _stop() -> None:
     if not stopped and not running:
         print("no fork server was running")
     if running:
-        pids = ", ".join(str(pid) for pid in running)
-        raise _StillRunning(f"fork server pid {pids} still runs {forkserver.STOP_WAIT:g} s after SIGTERM; "
-                            f"see its log, and end it with kill -KILL {pids.replace(', ', ' ')}")
+        pids = [str(pid) for pid in running]
+        raise _StillRunning(f"fork server pid {', '.join(pids)} still runs {forkserver.STOP_WAIT:g} s after "
+                            f"SIGTERM; see its log, and end it with kill -KILL {' '.join(pids)}")
 
 
 # What a server said when asked (_servers): its report; it refused this process; it did not answer; it runs other
