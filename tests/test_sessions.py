@@ -155,6 +155,18 @@ def warm_logged(plugin: Plugin, tmp_path: Path, request: pytest.FixtureRequest) 
             yield Warm(plugin, config, server, tmpdir), log
 
 
+@pytest.fixture
+def warm_client_alive(plugin: Plugin, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Warm]:
+    """A Warm whose backup host checks that its clients are alive as hardened sshd configs do, only faster:
+    a keepalive request after 1 s of silence, and the connection dropped when one goes unanswered."""
+    workdir = tmp_path / "sshd_client_alive"
+    workdir.mkdir()
+    with SshServer(workdir, extra_config="ClientAliveInterval 1\nClientAliveCountMax 1\n") as server:
+        config = SiteConfig.create(server, tmp_path, request.node.name)
+        with own_fork_server(config, "gpsftp-ca.") as tmpdir:
+            yield Warm(plugin, config, server, tmpdir)
+
+
 def spare_files(directory: Path) -> list[Path]:
     """The files a warm worker holds open in `directory` for its next upload there."""
     return sorted(p for p in directory.iterdir() if paths.is_spare_name(p.name)) if directory.is_dir() else []
@@ -240,6 +252,20 @@ def test_an_idle_session_closes_after_session_idle(warm: Warm, backup: LocalBack
     before = warm.logins()
     warm.store(backup, "gpbackup_0_after_idle", b"y" * 1000, config=path)
     assert warm.logins() == before + 1
+
+
+def test_a_kept_session_answers_the_backup_hosts_keepalives_and_is_reused_after_them(
+        warm_client_alive: Warm, backup: LocalBackup) -> None:
+    warm = warm_client_alive
+    warm.start_server(backup)
+    warm.store(backup, "gpbackup_0_before_keepalives", b"a" * 1000)
+    logins = warm.logins()
+    time.sleep(4)  # several of the backup host's keepalives, each dropping a session that leaves it unanswered
+    data = os.urandom(300_000)
+    key = warm.store(backup, "gpbackup_0_after_keepalives", data)
+    assert sha256(warm.restored(key)) == sha256(data)
+    assert warm.logins() == logins
+    assert "not responding" not in warm.server.log_text()
 
 
 def test_session_idle_0_and_fork_server_no_keep_no_session(warm: Warm, backup: LocalBackup) -> None:
