@@ -1,8 +1,9 @@
 #!/bin/bash
 # Per-table gpbackup and gprestore of one database on a real cluster (../shared/greenplum-lab), three
 # ways per round: to a local --backup-dir, through the floor plugin (floor_plugin.sh: cat to local disk,
-# what any plugin costs), and through ours. Prints each time and its ratio to the local one; every
-# restored database is compared with the source, table by table (rows and md5), or the round fails.
+# what any plugin costs), and through ours. Prints each time and its ratio to the local one, and at the
+# end the median of each ratio over the rounds; every restored database is compared with the source,
+# table by table (rows and md5), or the round fails.
 #
 #   . /opt/gplab/env.sh   # as the cluster user
 #   bash bench/lab/rounds.sh <our plugin config.yaml> <database> [rounds, default 3]
@@ -32,6 +33,14 @@ timestamp() { grep -o 'Backup Timestamp = [0-9]*' "$LOG" | grep -o '[0-9]*$'; }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
 
+# Each round's times, for the medians at the end: one round moves by tenths of a second on a small VM.
+RATIOS=$WORK/rounds-times
+: > "$RATIOS"
+# median <awk expression of $1..$6>: the median of that ratio over the rounds so far.
+median() {
+    awk "{ print $1 }" "$RATIOS" | sort -g | awk '{ v[NR] = $1 } END { printf "%.3fx", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 source_print=$(fingerprint "$DB")
 echo "database $DB: $(echo "$source_print" | wc -l) tables; plugin $PLUGIN; $ROUNDS rounds"
 for round in $(seq "$ROUNDS"); do
@@ -54,9 +63,12 @@ for round in $(seq "$ROUNDS"); do
     for who in local "${order[@]}"; do
         [ "$(fingerprint "${DB}_lab_$who")" = "$source_print" ] || { echo "round $round: ${DB}_lab_$who differs from $DB" >&2; exit 1; }
     done
+    echo "${b[floor]} ${b[ours]} $b_local ${r[floor]} ${r[ours]} $r_local" >> "$RATIOS"
     echo "round $round: gpbackup local ${b_local}s, floor ${b[floor]}s ($(ratio "${b[floor]}" "$b_local")), ours ${b[ours]}s ($(ratio "${b[ours]}" "$b_local"))" \
          "| gprestore local ${r_local}s, floor ${r[floor]}s ($(ratio "${r[floor]}" "$r_local")), ours ${r[ours]}s ($(ratio "${r[ours]}" "$r_local"))" \
          "| restored tables identical"
     rm -rf "$WORK/local"/* "$WORK/floor-store"
     "$PLUGIN" delete_backup "$CFG" "${ts[ours]}"
 done
+echo "medians of $ROUNDS rounds (each ratio to its round's local time): gpbackup floor $(median '$1 / $3'), ours $(median '$2 / $3')" \
+     "| gprestore floor $(median '$4 / $6'), ours $(median '$5 / $6')"
