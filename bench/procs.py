@@ -229,10 +229,9 @@ class Runner:
             # Where no fork server listens, so that a target with fork_server: no runs the call in the client's
             # own process: served by a worker, only the compiled client would be measured.
             env = {**env, **socket_dir_env(self._no_server_dir)}
-        stderr, rss_file = self._scratch("err"), self._scratch("rss") if peak_rss else None
-        with signals_held():  # started and tracked, or neither: kill_all must see every child
-            return self._track(Child(argv, env, stderr, stdin_path=stdin_path, hash_stdout=hash_stdout,
-                                     rss_file=rss_file))
+        rss_file = self._scratch("rss") if peak_rss else None
+        return self._start(lambda: Child(argv, env, self._scratch("err"), stdin_path=stdin_path,
+                                         hash_stdout=hash_stdout, rss_file=rss_file))
 
     def sftp_batch(self, lines: list[str]) -> Path:
         """Write an sftp batch file (before timing starts)."""
@@ -252,12 +251,15 @@ class Runner:
             "-i", str(target.identity_file),
             f"{target.user}@{target.host}",
         ]
-        stderr, rss_file = self._scratch("err"), self._scratch("rss") if peak_rss else None
-        with signals_held():
-            return self._track(Child(argv, self.env, stderr, rss_file=rss_file))
+        rss_file = self._scratch("rss") if peak_rss else None
+        return self._start(lambda: Child(argv, self.env, self._scratch("err"), rss_file=rss_file))
 
-    def _track(self, child: Child) -> Child:
-        self._live.add(child)
+    def _start(self, start: Callable[[], Child]) -> Child:
+        """Start a child (`start` runs its Popen) and track it for kill_all, with the driver's signals held:
+        started and tracked, or neither (a SIGTERM raised inside Popen would leave it running untracked)."""
+        with signals_held():
+            child = start()
+            self._live.add(child)
         child.on_exit = self._live.discard
         return child
 

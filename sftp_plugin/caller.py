@@ -44,18 +44,24 @@ def add_guard(check: Callable[[], None]) -> None:
         _guards.append(check)
 
 
-def parent_of(pid: int) -> int | None:
-    """The parent pid of ``pid`` now; None when it cannot be read (no /proc, or gone)."""
-    if pid == os.getpid():
-        return os.getppid()
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, ...); None when it cannot be read
+    (no /proc, or gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read()
     except OSError:
         return None
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return int(fields[1]) if len(fields) > 1 else None
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` now; None when it cannot be read (no /proc, or gone)."""
+    if pid == os.getpid():
+        return os.getppid()
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields is not None and len(fields) > 1 else None
 
 
 def confirm_before_commit() -> None:

@@ -563,8 +563,7 @@ def _spawn_server(path: str, log_dir: str, entry: tuple[str, str], caps: dict[by
         close_fds=True,
         pass_fds=(lock,),
     )
-    os.ftruncate(lock, 0)
-    os.pwrite(lock, f"{server.pid}\n".encode(), 0)  # the server writes the same once it runs (serve)
+    _write_holder(lock, server.pid)  # the server writes the same once it runs (serve)
 
 
 def parse_caps(hints: list[str]) -> dict[bytes, int]:
@@ -577,6 +576,12 @@ def parse_caps(hints: list[str]) -> dict[bytes, int]:
         except ValueError:
             continue
     return {route: cap for route, cap in caps.items() if len(route) == _ROUTE.size and cap > 0}
+
+
+def _write_holder(lock: int, pid: int) -> None:
+    """Write `pid` into the lock file `lock` (held): the holder _lock_holder reads."""
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{pid}\n".encode(), 0)
 
 
 def _inherited_lock(path: str) -> int | None:
@@ -689,8 +694,7 @@ def serve(path: str, log_dir: str, calls: Calls, idle_seconds: float = IDLE_SECO
         lock = _take_lock(path)
     if lock is None:
         return  # another server for this code already runs (or is starting)
-    os.ftruncate(lock, 0)
-    os.write(lock, f"{os.getpid()}\n".encode())  # who holds it, for whoever wants to stop us
+    _write_holder(lock, os.getpid())  # who holds it, for whoever wants to stop us
     setup_logging(log_dir, "info", "fork-server", [])
     _name_process("server")
     log = logging.getLogger("gpbackup_sftp_plugin.forkserver")
@@ -1261,11 +1265,10 @@ def stop_servers() -> tuple[list[int], list[int]]:
 
 def _alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, which only waits for its parent to reap it, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+    from sftp_plugin.caller import stat_fields
+
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] != b"Z"
 
 
 def running_servers(tidy: bool = False) -> list[tuple[str, int, bool]]:

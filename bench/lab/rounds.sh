@@ -34,11 +34,11 @@ timestamp() { grep -o 'Backup Timestamp = [0-9]*' "$LOG" | grep -o '[0-9]*$'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
 
 # Each round's times, for the medians at the end: one round moves by tenths of a second on a small VM.
-RATIOS=$WORK/rounds-times
-: > "$RATIOS"
+TIMES=$WORK/rounds-times
+: > "$TIMES"
 # median <awk expression of $1..$6>: the median of that ratio over the rounds so far.
 median() {
-    awk "{ print $1 }" "$RATIOS" | sort -g | awk '{ v[NR] = $1 } END { printf "%.3fx", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    awk "{ print $1 }" "$TIMES" | sort -g | awk '{ v[NR] = $1 } END { printf "%.3fx", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 source_print=$(fingerprint "$DB")
@@ -63,7 +63,7 @@ for round in $(seq "$ROUNDS"); do
     for who in local "${order[@]}"; do
         [ "$(fingerprint "${DB}_lab_$who")" = "$source_print" ] || { echo "round $round: ${DB}_lab_$who differs from $DB" >&2; exit 1; }
     done
-    echo "${b[floor]} ${b[ours]} $b_local ${r[floor]} ${r[ours]} $r_local" >> "$RATIOS"
+    echo "${b[floor]} ${b[ours]} $b_local ${r[floor]} ${r[ours]} $r_local" >> "$TIMES"
     echo "round $round: gpbackup local ${b_local}s, floor ${b[floor]}s ($(ratio "${b[floor]}" "$b_local")), ours ${b[ours]}s ($(ratio "${b[ours]}" "$b_local"))" \
          "| gprestore local ${r_local}s, floor ${r[floor]}s ($(ratio "${r[floor]}" "$r_local")), ours ${r[ours]}s ($(ratio "${r[ours]}" "$r_local"))" \
          "| restored tables identical"
