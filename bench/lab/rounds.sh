@@ -25,18 +25,18 @@ LOG=$WORK/last.log
 # busy_ticks: the CPU time the machine has spent so far, all cores (user nice system irq softirq steal), in ticks.
 busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
 TICKS=$(getconf CLK_TCK)
-# seconds <command...>: run it, its output to $LOG; print the wall time in seconds, and write the
-# machine's CPU seconds meanwhile to $WORK/last-cpu (cpu_of reads it: `seconds` runs in a subshell).
+# seconds <command...>: run it, its output to $LOG; print its wall time and the CPU time the machine spent
+# meanwhile, in seconds: "<wall> <cpu>" (wall_of and cpu_of take them apart).
 seconds() {
     local start end busy
     busy=$(busy_ticks)
     start=$(date +%s%N)
     "$@" > "$LOG" 2>&1 || { echo "FAILED: $* (tail of $LOG below)" >&2; tail -5 "$LOG" >&2; exit 1; }
     end=$(date +%s%N)
-    awk -v t=$(($(busy_ticks) - busy)) -v hz="$TICKS" 'BEGIN { printf "%.2f", t / hz }' > "$WORK/last-cpu"
-    awk -v ns=$((end - start)) 'BEGIN { printf "%.2f", ns / 1e9 }'
+    awk -v ns=$((end - start)) -v t=$(($(busy_ticks) - busy)) -v hz="$TICKS" 'BEGIN { printf "%.2f %.2f", ns / 1e9, t / hz }'
 }
-cpu_of() { cat "$WORK/last-cpu"; }
+wall_of() { echo "${1% *}"; }
+cpu_of() { echo "${1#* }"; }
 timestamp() { grep -o 'Backup Timestamp = [0-9]*' "$LOG" | grep -o '[0-9]*$'; }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
@@ -52,21 +52,25 @@ median() {
 source_print=$(fingerprint "$DB")
 echo "database $DB: $(echo "$source_print" | wc -l) tables; plugin $PLUGIN; $ROUNDS rounds"
 for round in $(seq "$ROUNDS"); do
-    b_local=$(seconds gpbackup --dbname "$DB" --backup-dir "$WORK/local"); ts_local=$(timestamp); c_local=$(cpu_of)
+    took=$(seconds gpbackup --dbname "$DB" --backup-dir "$WORK/local"); ts_local=$(timestamp)
+    b_local=$(wall_of "$took"); c_local=$(cpu_of "$took")
     # Alternate which plugin goes first: the second finds the caches the first warmed.
     order=(floor ours); [ $((round % 2)) = 0 ] && order=(ours floor)
     declare -A b r ts c
     for who in "${order[@]}"; do
         config=$CFG; [ "$who" = floor ] && config=$WORK/floor.yaml
-        b[$who]=$(seconds gpbackup --dbname "$DB" --plugin-config "$config"); ts[$who]=$(timestamp); c[$who]=$(cpu_of)
+        took=$(seconds gpbackup --dbname "$DB" --plugin-config "$config"); ts[$who]=$(timestamp)
+        b[$who]=$(wall_of "$took"); c[$who]=$(cpu_of "$took")
     done
     for who in local "${order[@]}"; do
         PGOPTIONS="-c client_min_messages=warning" dropdb --if-exists "${DB}_lab_$who"
     done
-    r_local=$(seconds gprestore --timestamp "$ts_local" --backup-dir "$WORK/local" --redirect-db "${DB}_lab_local" --create-db)
+    took=$(seconds gprestore --timestamp "$ts_local" --backup-dir "$WORK/local" --redirect-db "${DB}_lab_local" --create-db)
+    r_local=$(wall_of "$took")
     for who in "${order[@]}"; do
         config=$CFG; [ "$who" = floor ] && config=$WORK/floor.yaml
-        r[$who]=$(seconds gprestore --timestamp "${ts[$who]}" --plugin-config "$config" --redirect-db "${DB}_lab_$who" --create-db)
+        took=$(seconds gprestore --timestamp "${ts[$who]}" --plugin-config "$config" --redirect-db "${DB}_lab_$who" --create-db)
+        r[$who]=$(wall_of "$took")
     done
     for who in local "${order[@]}"; do
         [ "$(fingerprint "${DB}_lab_$who")" = "$source_print" ] || { echo "round $round: ${DB}_lab_$who differs from $DB" >&2; exit 1; }
