@@ -11,8 +11,9 @@
 #   sftp.yaml     the default config: 127.0.0.1 as the cluster user, with the lab's key and known_hosts
 #   sftp-store/   its remote_dir; sftp-logs/ its log_dir
 #   bench-lab/    these scripts, where the cluster user can read them
-# and the database gplab_pt: 100 tables x 2,000 rows (~22 KB of gzip per table and segment), the one the
-# rounds of "The lab's 1.5x" in bench/RESULTS.md back up table by table.
+# and two databases for rounds.sh: gplab_pt, 100 tables x 2,000 rows (~22 KB of gzip per table and
+# segment), the one the rounds of "The lab's 1.5x" in bench/RESULTS.md back up table by table, and
+# gplab_big, 40 tables x 50,000 rows (~0.5 MB of gzip per table and segment), larger table files.
 set -euo pipefail
 LAB=${1:-/opt/gplab}
 SOURCE=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -57,18 +58,23 @@ EOF
 fi
 echo "config: $WORK/sftp.yaml"
 
-if [ "$(as_gp "psql -At -d postgres -c \"select count(*) from pg_database where datname = 'gplab_pt'\"")" = 0 ]; then
-    as_gp "createdb gplab_pt && psql -q -d gplab_pt" <<'EOF'
-DO $$
+# database <name> <tables> <rows>: created with that many tables of that many rows each, where missing.
+database() {
+    if [ "$(as_gp "psql -At -d postgres -c \"select count(*) from pg_database where datname = '$1'\"")" = 0 ]; then
+        as_gp "createdb $1 && psql -q -d $1" <<EOF
+DO \$\$
 BEGIN
-  FOR i IN 1..100 LOOP
+  FOR i IN 1..$2 LOOP
     EXECUTE format('CREATE TABLE t%s (id int, name text, amount numeric, created timestamp) DISTRIBUTED BY (id)', i);
-    EXECUTE format('INSERT INTO t%s SELECT g, md5(g::text || %s), g * 1.5, now() FROM generate_series(1, 2000) g', i, i);
+    EXECUTE format('INSERT INTO t%s SELECT g, md5(g::text || %s), g * 1.5, now() FROM generate_series(1, $3) g', i, i);
   END LOOP;
-END $$;
+END \$\$;
 EOF
-fi
-echo "database gplab_pt: $(as_gp "psql -At -d gplab_pt -c \"select count(*) from pg_tables where schemaname = 'public'\"") tables"
+    fi
+    echo "database $1: $(as_gp "psql -At -d $1 -c \"select count(*) from pg_tables where schemaname = 'public'\"") tables"
+}
+database gplab_pt 100 2000
+database gplab_big 40 50000
 rm -rf "$WORK/bench-lab"
 cp -r "$SOURCE/bench/lab" "$WORK/bench-lab"
 chmod -R a+rX "$WORK/bench-lab"
