@@ -13,7 +13,7 @@
 #   bench-lab/    these scripts, where the cluster user can read them
 # and two databases for rounds.sh: gplab_pt, 100 tables x 2,000 rows (~22 KB of gzip per table and
 # segment), the one the rounds of "The lab's 1.5x" in bench/RESULTS.md back up table by table, and
-# gplab_big, 40 tables x 50,000 rows (~0.5 MB of gzip per table and segment), larger table files.
+# gplab_big, 40 tables x 50,000 rows (~0.7 MB of gzip per table and segment), larger table files.
 set -euo pipefail
 LAB=${1:-/opt/gplab}
 SOURCE=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
