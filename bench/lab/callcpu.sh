@@ -29,7 +29,6 @@ mkdir -p "$DIR"
 "$PLUGIN" setup_plugin_for_backup "$CFG" "$DIR" master 0 > /dev/null
 "$WORK/floor_plugin.sh" setup_plugin_for_backup "$WORK/floor.yaml" "$DIR" master 0
 
-ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }  # user nice system irq softirq
 # CHILDREN_MS: the CPU of this shell's ended children (bash's `times`, second line), whole ms. `times` must
 # run in this shell, not in a $(...) subshell (which has no children): its output goes through a file.
 children_ms() {
@@ -54,7 +53,7 @@ kept() {
 run() {
     local label=$1 config=$2 exe="" start end t0 t1 c0 i
     [ "$config" = - ] || exe=$(executable_of "$config")
-    children_ms; c0=$CHILDREN_MS; t0=$(ticks); start=$(date +%s%N)
+    children_ms; c0=$CHILDREN_MS; t0=$(busy_ticks); start=$(date +%s%N)
     for i in $(seq 1 "$N"); do
         if [ -z "$exe" ]; then
             gzip -1 < "$SOURCE" > /dev/null
@@ -62,7 +61,7 @@ run() {
             gzip -1 < "$SOURCE" | "$exe" backup_data "$config" "$DIR/gpbackup_0_${TS}_${label}_$i.gz"
         fi
     done
-    end=$(date +%s%N); t1=$(ticks); children_ms
+    end=$(date +%s%N); t1=$(busy_ticks); children_ms
     awk -v l="$label" -v w=$((end - start)) -v t=$((t1 - t0)) -v c=$((CHILDREN_MS - c0)) -v n="$N" \
         -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%-6s wall %.2f ms, machine CPU %.2f ms, callers %.2f ms per call\n",
         l, w / 1e6 / n, t * 1000 / hz / n, c / n }'

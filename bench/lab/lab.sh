@@ -1,5 +1,9 @@
 # Sourced by the lab scripts (rounds.sh, chaos.sh, callcpu.sh): what more than one of them needs.
 
+# busy_ticks: the CPU time the machine's processes have spent so far, all cores (user nice system irq
+# softirq; not steal, the hypervisor's), in clock ticks (getconf CLK_TCK a second).
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+
 # executable_of <plugin config>: its executablepath.
 executable_of() { awk '/^executablepath:/ { print $2 }' "$1"; }
 

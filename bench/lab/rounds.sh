@@ -22,8 +22,6 @@ mkdir -p "$WORK/local"
 floor_in "$WORK"
 LOG=$WORK/last.log
 
-# busy_ticks: the CPU time the machine has spent so far, all cores (user nice system irq softirq steal), in ticks.
-busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
 TICKS=$(getconf CLK_TCK)
 # seconds <command...>: run it, its output to $LOG; print its wall time and the CPU time the machine spent
 # meanwhile, in seconds: "<wall> <cpu>" (wall_of and cpu_of take them apart).
